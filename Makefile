@@ -1,0 +1,29 @@
+# amproxy: make run | make test | make bench | make install
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PREFIX ?= /usr/local
+DESTDIR ?=
+
+.PHONY: all venv run test bench install clean
+
+all: venv
+
+# One virtualenv with amproxy (editable), the test tools and a real carbon-cache.
+# GRAPHITE_NO_PREFIX keeps carbon inside the virtualenv instead of /opt/graphite.
+$(VENV)/.installed: setup.cfg setup.py requirements-test.txt
+	$(PYTHON) -m venv $(VENV)
+	GRAPHITE_NO_PREFIX=True $(BIN)/pip install --quiet --disable-pip-version-check \
+		-e . -r requirements-test.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(BIN)/python tools/demo.py
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) run build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,110 @@
+"""A client that signs data points and sends them to amproxy.
+
+    from amproxy.client import Client
+    with Client("proxy.example.com:2005", "my_public_key", "my_secret_key") as c:
+        c.send("home.temp.living_room", 21.5)
+"""
+
+import collections
+import logging
+import random
+import socket
+import time
+
+from .protocol import Signer
+
+log = logging.getLogger(__name__)
+
+
+def _parse_address(address):
+    if isinstance(address, tuple):
+        return address
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Client:
+    """Signs lines with one key and sends them over one connection.
+
+    Lines are queued by ``send`` and written in batches by ``flush`` (at the
+    latest when ``batch_size`` lines are queued).  If the server cannot be
+    reached the lines stay queued, up to ``max_queued`` (the oldest go first
+    beyond that), and are sent by the next successful ``flush``.
+    """
+
+    def __init__(self, address, public_key, secret_key, batch_size=500,
+                 max_queued=100000, timeout=10.0):
+        self.address = _parse_address(address)
+        self.public_key = public_key
+        self._signer = Signer(secret_key)
+        self.batch_size = batch_size
+        self.timeout = timeout
+        self._queue = collections.deque(maxlen=max_queued)
+        self._sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def sign_line(self, metric, value, timestamp=None):
+        """The wire line (bytes) for one data point."""
+        if timestamp is None:
+            timestamp = time.time()
+        text = ("%s %s %d %s" % (metric, value, int(timestamp), self.public_key)).encode()
+        return text + b" " + self._signer.signature(text) + b"\n"
+
+    def send(self, metric, value, timestamp=None):
+        self._queue.append(self.sign_line(metric, value, timestamp))
+        if len(self._queue) >= self.batch_size:
+            self.flush()
+
+    @property
+    def queued(self):
+        return len(self._queue)
+
+    def flush(self):
+        """Send every queued line; return True if the queue is now empty."""
+        if not self._queue:
+            return True
+        batch = list(self._queue)
+        try:
+            if self._sock is None:
+                self._sock = socket.create_connection(self.address, timeout=self.timeout)
+            self._sock.sendall(b"".join(batch))
+        except OSError as e:
+            log.warning("cannot send to %s:%d (%s); %d lines kept for later",
+                        self.address[0], self.address[1], e, len(self._queue))
+            self._drop_connection()
+            return False
+        for _ in batch:
+            self._queue.popleft()
+        return True
+
+    def _drop_connection(self):
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self):
+        """Flush what is queued and close the connection."""
+        try:
+            self.flush()
+        finally:
+            self._drop_connection()
+
+
+def run_test_client(address, public_key, secret_key, metric, interval, count=None):
+    """Send one random value from 30 to 100 every ``interval`` s, each over a new connection."""
+    sent = 0
+    while count is None or sent < count:
+        if sent:
+            time.sleep(interval)
+        value = random.randint(30, 100)
+        with Client(address, public_key, secret_key) as client:
+            client.send(metric, value)
+            ok = client.flush()
+        sent += 1
+        log.info("sent a data point" if ok else "could not send a data point",
+                 extra={"metric": metric, "value": value, "server": address})

@@ -1,0 +1,204 @@
+"""Every option, declared once: flag, environment variable, config key, default, help.
+
+The config file uses configargparse's ``key = value`` syntax, with the long
+flag name as the key (``auth-file = /etc/amproxy/auth_file.yaml``).
+Precedence: command line > environment > config file > default.
+"""
+
+import os
+import re
+
+import configargparse
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "/etc/amproxy/amproxy.conf"
+LOG_LEVELS = ("all", "debug", "info", "warn", "err")
+LOG_FORMATS = ("logfmt", "json")
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "ms": 1e-3,
+                   "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|ms|s|m|h)")
+
+
+def parse_duration(text):
+    """Parse a Go duration (``5m0s``, ``90s``, ``1h30m``, ``250ms``) into seconds.
+
+    A bare number is taken as seconds, which Go would refuse but operators expect.
+    """
+    text = str(text).strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = None
+    if seconds is None:
+        pos, seconds = 0, 0.0
+        for match in _DURATION_PART.finditer(text):
+            if match.start() != pos:
+                break
+            seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+            pos = match.end()
+        if pos != len(text) or not text:
+            raise ValueError("%r is not a duration such as 90s, 5m0s or 1h30m" % text)
+    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError("%r is not a duration such as 90s, 5m0s or 1h30m" % text)
+    return seconds
+
+
+def parse_address(text):
+    """Parse ``host:port`` (or ``[v6]:port``) into a (host, port) tuple."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("%r is not an address such as 127.0.0.1:2003" % text)
+    return host.strip("[]"), int(port)
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text):
+    """Parse a byte count with an optional K, M or G suffix (``512M``)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError("%r is not a size such as 1048576, 512M or 2G" % text)
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError("%r must be at least 1" % text)
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError("%r must not be negative" % text)
+    return value
+
+
+def _named(func, name):
+    """argparse prints a type function's __name__ in its errors."""
+    func.__name__ = name
+    return func
+
+
+duration = _named(parse_duration, "duration")
+address = _named(parse_address, "address")
+size = _named(parse_size, "size")
+
+
+class Option:
+    """One option: everything about it, in one place."""
+
+    def __init__(self, flag, default, help, env=None, type=str, choices=None,
+                 **extra):
+        self.flag = flag
+        self.default = default
+        self.help = help
+        self.env = env
+        self.type = type
+        self.choices = choices
+        self.extra = extra
+
+    @property
+    def dest(self):
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def add_to(self, parser):
+        kwargs = dict(self.extra)
+        if self.env:
+            kwargs["env_var"] = self.env
+        if self.type is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = self.type
+            if self.choices:
+                kwargs["choices"] = self.choices
+        help_text = self.help
+        if self.default not in (None, False):
+            help_text += " (default: %(default)s)"
+        parser.add_argument(self.flag, default=self.default, help=help_text, **kwargs)
+
+
+SERVER_OPTIONS = [
+    # The original's options: same flags, variables and defaults.
+    Option("--addr", "127.0.0.1:2005", "the interface and port to listen on",
+           env="ADDR", type=address),
+    Option("--auth-file", "/etc/amproxy/auth_file.yaml", "the YAML file of keys",
+           env="AUTH_FILE"),
+    Option("--carbon-addr", "127.0.0.1:2003", "Carbon's plaintext receiver",
+           env="CARBON_ADDR", type=address),
+    Option("--skew", "5m0s", "how far a line's timestamp may be from now, either way",
+           env="MAX_SKEW", type=duration),
+    Option("--log-format", "logfmt", "the format of log lines", env="AMPROXY_LOG_FORMAT",
+           choices=LOG_FORMATS),
+    Option("--log-level", "info", "the lowest level logged", env="AMPROXY_LOG_LEVEL",
+           choices=LOG_LEVELS),
+    # New in this implementation.
+    Option("--workers", os.cpu_count() or 1, "how many worker processes to run",
+           env="WORKERS", type=positive_int),
+    Option("--auth-reload-interval", "1s",
+           "how often workers check whether the auth file changed", env="AMPROXY_AUTH_RELOAD_INTERVAL",
+           type=duration),
+    Option("--max-line-length", 16384,
+           "the longest line accepted, in bytes; a client sending a longer one is "
+           "disconnected", env="AMPROXY_MAX_LINE_LENGTH", type=positive_int),
+    Option("--idle-timeout", "120s", "close a client connection idle this long",
+           env="AMPROXY_IDLE_TIMEOUT", type=duration),
+    Option("--max-connections", 1024,
+           "client connections per worker; beyond that new connections are closed at once",
+           env="AMPROXY_MAX_CONNECTIONS", type=positive_int),
+    Option("--buffer-size", 200000,
+           "lines each worker holds in memory while Carbon is unreachable",
+           env="AMPROXY_BUFFER_SIZE", type=positive_int),
+    Option("--graceful-timeout", "30s",
+           "on TERM, how long workers may finish reading clients and flushing to Carbon",
+           env="AMPROXY_GRACEFUL_TIMEOUT", type=duration),
+    Option("--worker-timeout", "30s",
+           "kill and replace a worker that shows no sign of life for this long",
+           env="AMPROXY_WORKER_TIMEOUT", type=duration),
+    Option("--log-rejections", 10,
+           "log at most this many rejected lines per reason per second; 0 logs none",
+           env="AMPROXY_LOG_REJECTIONS", type=non_negative_int),
+]
+
+CONFIG_OPTION = Option("--config", None,
+                       "a config file of 'option = value' lines; %s is read when it exists"
+                       % DEFAULT_CONFIG_FILE, env="AMPROXY_CONFIG", is_config_file=True)
+
+
+KEY_PRIVATE = Option("--key-private", None, "the secret key to sign with",
+                     env="KEY_PRIVATE")
+KEY_PUBLIC = Option("--key-public", None, "the public key to send", env="KEY_PUBLIC")
+SERVER_ADDR = Option("--server-addr", "127.0.0.1:2005", "amproxy's address",
+                     env="SERVER_ADDR", type=address)
+TEST_CLIENT_OPTIONS = [
+    KEY_PUBLIC, KEY_PRIVATE,
+    Option("--metric", "metric1", "the metric to send", env="METRIC_NAME"),
+    SERVER_ADDR,
+    Option("--interval", "1m", "the time between data points", env="INTERVAL",
+           type=duration),
+    Option("--count", None, "stop after this many data points (default: never)",
+           env="AMPROXY_COUNT", type=positive_int),
+]
+
+
+def build_parser(prog, description, options, **kwargs):
+    parser = configargparse.ArgumentParser(prog=prog, description=description, **kwargs)
+    for option in options:
+        option.add_to(parser)
+    return parser
+
+
+def server_parser():
+    return build_parser(
+        "amproxy server", "Accept signed Carbon lines, verify them and forward the "
+        "good ones to Carbon.", [CONFIG_OPTION] + SERVER_OPTIONS,
+        default_config_files=[DEFAULT_CONFIG_FILE])
+
+
+def parse_server_args(argv):
+    """Parse ``amproxy server`` options; argparse exits with status 2 on a bad one."""
+    return server_parser().parse_args(argv)

@@ -1,0 +1,170 @@
+"""Logging: logfmt or JSON lines, the original's level names, reopenable files."""
+
+import logging
+import sys
+import time
+
+try:  # python-json-logger 3.1 and newer
+    from pythonjsonlogger.json import JsonFormatter
+except ImportError:  # pragma: no cover - older python-json-logger
+    from pythonjsonlogger.jsonlogger import JsonFormatter
+
+LEVELS = {"all": 1, "debug": logging.DEBUG, "info": logging.INFO,
+          "warn": logging.WARNING, "err": logging.ERROR}
+_LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn",
+                logging.ERROR: "err", logging.CRITICAL: "crit"}
+
+# Attributes every LogRecord has; anything else came from ``extra=``.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "taskName"}
+
+MAX_FIELD_LENGTH = 200
+
+
+def _timestamp(record):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + (
+        ".%03dZ" % record.msecs)
+
+
+def _extra_fields(record):
+    return [(k, v) for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS]
+
+
+def _logfmt_value(value):
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    text = str(value)
+    if len(text) > MAX_FIELD_LENGTH:
+        text = text[:MAX_FIELD_LENGTH] + "..."
+    if text and not any(c in text for c in ' ="\\') and text.isprintable():
+        return text
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in escaped)
+    return '"%s"' % escaped
+
+
+class LogfmtFormatter(logging.Formatter):
+    """``ts=... level=info pid=123 msg="..." key=value`` on one line."""
+
+    def format(self, record):
+        parts = [("ts", _timestamp(record)),
+                 ("level", _LEVEL_NAMES.get(record.levelno, record.levelname.lower())),
+                 ("pid", record.process),
+                 ("msg", record.getMessage())]
+        parts.extend(_extra_fields(record))
+        if record.exc_info:
+            parts.append(("error", self.formatException(record.exc_info)))
+        return " ".join("%s=%s" % (k, _logfmt_value(v)) for k, v in parts)
+
+
+class JsonLineFormatter(JsonFormatter):
+    def add_fields(self, log_record, record, message_dict):
+        super().add_fields(log_record, record, message_dict)
+        log_record["ts"] = _timestamp(record)
+        log_record["level"] = _LEVEL_NAMES.get(record.levelno, record.levelname.lower())
+        log_record["pid"] = record.process
+        for key, value in list(log_record.items()):
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "backslashreplace")
+            if isinstance(value, str) and len(value) > MAX_FIELD_LENGTH:
+                value = value[:MAX_FIELD_LENGTH] + "..."
+            log_record[key] = value
+
+
+class ReopenableFileHandler(logging.StreamHandler):
+    """A log file that ``reopen()`` opens again by name, after logrotate moved it."""
+
+    def __init__(self, path):
+        self.path = path
+        super().__init__(self._open())
+
+    def _open(self):
+        return open(self.path, "a", encoding="utf-8", buffering=1)
+
+    def reopen(self):
+        self.acquire()
+        try:
+            old, self.stream = self.stream, self._open()
+            old.close()
+        finally:
+            self.release()
+
+    def close(self):
+        self.acquire()
+        try:
+            if self.stream:
+                self.stream.close()
+        finally:
+            self.release()
+        super().close()
+
+
+def setup_logging(log_format="logfmt", level="info", log_file=None):
+    """Configure the root logger; return its handler."""
+    if log_file:
+        handler = ReopenableFileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLineFormatter("%(message)s", rename_fields={
+            "message": "msg"}))
+    else:
+        handler.setFormatter(LogfmtFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    set_level(level)
+    return handler
+
+
+def set_level(level):
+    logging.getLogger().setLevel(LEVELS[level])
+
+
+def reopen_log_files():
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ReopenableFileHandler):
+            handler.reopen()
+
+
+class RejectionLog:
+    """Logs rejected lines, at most ``per_second`` per reason per second.
+
+    When a second had more, the first log line of the next second says how
+    many were left out, so a flood cannot fill the disk but is never hidden.
+    """
+
+    def __init__(self, logger, per_second):
+        self.logger = logger
+        self.per_second = per_second
+        self._second = 0
+        self._logged = {}
+        self._suppressed = {}
+
+    def __call__(self, now, reason, remote, public_key, metric):
+        if now != self._second:
+            self._roll(now)
+        logged = self._logged.get(reason, 0)
+        if logged >= self.per_second:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        self._logged[reason] = logged + 1
+        fields = {"reason": reason, "remote": remote}
+        if public_key is not None:
+            fields["public_key"] = public_key
+        if metric is not None:
+            fields["metric"] = metric
+        self.logger.warning("line rejected", extra=fields)
+
+    def _roll(self, now):
+        for reason, count in self._suppressed.items():
+            self.logger.warning("rejection log lines suppressed", extra={
+                "reason": reason, "suppressed": count, "limit_per_second": self.per_second})
+        self._second = now
+        self._logged = {}
+        self._suppressed = {}
+
+    def flush(self):
+        self._roll(self._second)

@@ -1,0 +1,274 @@
+"""The master ("arbiter"): bind, fork workers, supervise them, handle signals.
+
+Signal handlers only queue the signal and wake the loop through a pipe.
+The loop takes signals off the queue and calls ``handle_<name>``; between
+signals it reaps dead workers, kills hung ones and starts missing ones.
+"""
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+
+from .auth import AuthFile, warn_if_world_readable
+from .errors import AmproxyError
+from .logs import reopen_log_files
+from .worker import WORKER_BOOT_ERROR, Heartbeat, Worker
+
+log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 1024
+SIGNALS = [getattr(signal, "SIG%s" % name) for name in
+           "HUP QUIT INT TERM TTIN TTOU USR1 CHLD".split()]
+SIGNAL_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
+# How long workers may take to exit after the graceful timeout, before SIGKILL.
+KILL_GRACE = 5.0
+
+
+class HaltServer(AmproxyError):
+    def __init__(self, reason, exit_status=1):
+        super().__init__(reason)
+        self.reason = reason
+        self.exit_status = exit_status
+
+
+def bind_listener(address):
+    host, port = address
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        raise AmproxyError("cannot listen on %s:%d: %s" % (host, port, e.strerror or e)) from None
+    # Workers share this socket; whoever loses the race to accept must not block.
+    sock.setblocking(False)
+    return sock
+
+
+class Master:
+    def __init__(self, options):
+        self.options = options
+        self.num_workers = options.workers
+        self.workers = {}  # pid -> Worker
+        self.listener = None
+        self.auth_file = None
+        self._signal_queue = []
+        self._pipe = None
+        self._worker_age = 0
+        self.pid = os.getpid()
+
+    # -- start-up --------------------------------------------------------------
+
+    def start(self):
+        self.auth_file = AuthFile(self.options.auth_file)
+        db = self.auth_file.load()
+        warn_if_world_readable(self.options.auth_file)
+        self.listener = bind_listener(self.options.addr)
+        self._pipe = os.pipe()
+        for fd in self._pipe:
+            os.set_blocking(fd, False)
+        for sig in SIGNALS:
+            signal.signal(sig, self._record_signal)
+        log.info("amproxy started", extra={
+            "addr": "%s:%d" % self.listener.getsockname()[:2],
+            "carbon": "%s:%d" % self.options.carbon_addr, "workers": self.num_workers,
+            "keys": len(db), "auth_file": self.options.auth_file})
+
+    def _record_signal(self, signum, frame):
+        if len(self._signal_queue) < 5:
+            self._signal_queue.append(signum)
+        try:
+            os.write(self._pipe[1], b".")
+        except OSError:
+            pass
+
+    # -- the loop ----------------------------------------------------------------
+
+    def run(self):
+        """Run until told to stop; return the exit status."""
+        self.start()
+        try:
+            self.manage_workers()
+            while True:
+                sig = self._signal_queue.pop(0) if self._signal_queue else None
+                if sig is None:
+                    self.sleep()
+                    self.reap_workers()
+                    self.murder_workers()
+                    self.manage_workers()
+                    continue
+                if sig != signal.SIGCHLD:
+                    log.info("received SIG%s", SIGNAL_NAMES[sig].upper())
+                getattr(self, "handle_" + SIGNAL_NAMES[sig])()
+        except StopIteration as stop:
+            return stop.value or 0
+        except HaltServer as halt:
+            log.error(halt.reason)
+            self.stop(graceful=False)
+            return halt.exit_status
+
+    def sleep(self, timeout=1.0):
+        """Wait for a signal, or ``timeout`` seconds."""
+        try:
+            ready = select.select([self._pipe[0]], [], [], timeout)[0]
+            if ready:
+                while os.read(self._pipe[0], 64):
+                    pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # -- signals ---------------------------------------------------------------------
+
+    def handle_chld(self):
+        self.reap_workers()
+
+    def handle_hup(self):
+        """Reload the auth file, in every worker at once."""
+        self.auth_file.reload("SIGHUP")
+        self.kill_workers(signal.SIGHUP)
+
+    def handle_term(self):
+        self.stop(graceful=True)
+        raise StopIteration(0)
+
+    handle_int = handle_term
+
+    def handle_quit(self):
+        self.stop(graceful=False)
+        raise StopIteration(0)
+
+    def handle_ttin(self):
+        self.num_workers += 1
+        self.manage_workers()
+
+    def handle_ttou(self):
+        self.num_workers = max(1, self.num_workers - 1)
+        self.manage_workers()
+
+    def handle_usr1(self):
+        """Reopen log files after logrotate moved them."""
+        reopen_log_files()
+        self.kill_workers(signal.SIGUSR1)
+
+    # -- workers ---------------------------------------------------------------------
+
+    def manage_workers(self):
+        while len(self.workers) < self.num_workers:
+            self.spawn_worker()
+        if len(self.workers) > self.num_workers:
+            oldest = sorted(self.workers.items(), key=lambda item: item[1].age)
+            for pid, _ in oldest[:len(self.workers) - self.num_workers]:
+                self.kill_worker(pid, signal.SIGTERM)
+
+    def spawn_worker(self):
+        self._worker_age += 1
+        worker = Worker(self._worker_age, self.listener, self.options, self.auth_file,
+                        Heartbeat())
+        pid = os.fork()
+        if pid:
+            worker.pid = pid
+            worker.spawned_at = time.monotonic()
+            self.workers[pid] = worker
+            log.debug("worker started", extra={"worker_pid": pid})
+            return pid
+        os._exit(self._run_worker(worker))
+
+    def _run_worker(self, worker):
+        """In the child: never return into the master's code."""
+        try:
+            os.close(self._pipe[0])
+            os.close(self._pipe[1])
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            try:
+                worker.init_process()
+            except Exception as e:
+                log.error("worker failed to start: %s", e)
+                return WORKER_BOOT_ERROR
+            worker.run()
+            return 0
+        except Exception:
+            log.exception("worker crashed")
+            return 1
+        finally:
+            logging.shutdown()
+
+    def reap_workers(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            worker.heartbeat.close()
+            code = os.waitstatus_to_exitcode(status)
+            if code == WORKER_BOOT_ERROR:
+                raise HaltServer("a worker failed to start (see its error above); "
+                                 "stopping instead of respawning it", WORKER_BOOT_ERROR)
+            if code < 0:
+                log.error("worker killed by signal %s; starting a new one",
+                          signal.Signals(-code).name, extra={"worker_pid": pid})
+            elif code != 0:
+                log.error("worker exited with status %d; starting a new one", code,
+                          extra={"worker_pid": pid})
+
+    def murder_workers(self):
+        """Kill workers whose heartbeat stopped: they are hung."""
+        timeout = self.options.worker_timeout
+        if not timeout:
+            return
+        now = time.time()
+        for pid, worker in list(self.workers.items()):
+            try:
+                silent = now - worker.heartbeat.last_update()
+            except OSError:
+                continue
+            if silent > timeout:
+                log.error("worker hung (no heartbeat for %.0f s); killing it", silent,
+                          extra={"worker_pid": pid})
+                self.kill_worker(pid, signal.SIGKILL)
+
+    def kill_workers(self, sig):
+        for pid in list(self.workers):
+            self.kill_worker(pid, sig)
+
+    def kill_worker(self, pid, sig):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, graceful=True):
+        """Stop accepting, ask every worker to stop, wait, then kill stragglers."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        self.kill_workers(signal.SIGTERM if graceful else signal.SIGQUIT)
+        limit = (self.options.graceful_timeout if graceful else 0) + KILL_GRACE
+        deadline = time.monotonic() + limit
+        while self.workers and time.monotonic() < deadline:
+            self._reap_quietly()
+            self.sleep(0.1)
+        if self.workers:
+            log.error("workers did not stop in time; killing them",
+                      extra={"workers": len(self.workers)})
+            self.kill_workers(signal.SIGKILL)
+            while self.workers:
+                self._reap_quietly()
+                self.sleep(0.1)
+        log.info("amproxy stopped")
+
+    def _reap_quietly(self):
+        try:
+            self.reap_workers()
+        except HaltServer:
+            pass

@@ -1,0 +1,295 @@
+"""A worker process: accept clients, verify their lines, forward them to Carbon.
+
+One thread, one selector: the shared listening socket, the client
+connections, the Carbon connection and a wakeup pipe for signals.
+"""
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import tempfile
+import time
+
+from .auth import AuthFile
+from .carbon import CarbonSender
+from .logs import RejectionLog, reopen_log_files
+from .protocol import LINE_TOO_LONG, REJECTION_REASONS, filter_lines
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 256 * 1024
+TICK = 0.5  # the longest the loop sleeps, so it notices a dead master quickly
+# Exit status of a worker that could not start; the master stops instead of
+# respawning it forever.
+WORKER_BOOT_ERROR = 3
+
+
+class Heartbeat:
+    """An unlinked temp file whose mtime the worker refreshes; the master watches it."""
+
+    def __init__(self, directory=None):
+        fd, name = tempfile.mkstemp(prefix="amproxy-worker-", dir=directory)
+        os.unlink(name)
+        self.fd = fd
+
+    def notify(self):
+        os.utime(self.fd)
+
+    def last_update(self):
+        return os.fstat(self.fd).st_mtime
+
+    def close(self):
+        os.close(self.fd)
+
+
+class Connection:
+    """One client connection and the partial line it has sent so far."""
+
+    __slots__ = ("sock", "remote", "partial", "last_active")
+
+    def __init__(self, sock, remote, now):
+        self.sock = sock
+        self.remote = remote
+        self.partial = b""
+        self.last_active = now
+
+
+def _remote_text(address):
+    if isinstance(address, tuple):
+        return "%s:%d" % address[:2]
+    return str(address) or "unix"
+
+
+class Worker:
+    """Built by the master before the fork; ``run`` is called in the child."""
+
+    def __init__(self, age, listener, options, auth_file, heartbeat):
+        self.age = age
+        self.listener = listener
+        self.options = options
+        self.auth_file = auth_file
+        self.heartbeat = heartbeat
+        self.ppid = os.getpid()  # built in the master, before the fork
+        self.pid = None
+        self.alive = True
+        self.stopping_since = None
+        self.connections = {}
+        self.forwarded = 0
+        self.connections_opened = 0
+        self.connections_refused = 0
+        self.rejected = dict.fromkeys(REJECTION_REASONS, 0)
+        self._signals = []
+
+    # -- start-up (after fork) ---------------------------------------------
+
+    def init_process(self):
+        """Process-wide set-up in the child; an exception here is a boot error."""
+        self.pid = os.getpid()
+        self.clock = time.monotonic
+        self.selector = selectors.DefaultSelector()
+        self._wakeup_r, self._wakeup_w = os.pipe()
+        os.set_blocking(self._wakeup_r, False)
+        os.set_blocking(self._wakeup_w, False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, self._record_signal)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
+        self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+        self.auth_file.reload_if_changed()
+        self.sender = CarbonSender(self.options.carbon_addr, self.selector,
+                                   self.options.buffer_size, self.clock)
+        self.reject_log = RejectionLog(log, self.options.log_rejections)
+        self.sender.flush()
+        self.heartbeat.notify()
+
+    def _record_signal(self, signum, frame):
+        self._signals.append(signum)
+
+    def _on_wakeup(self, mask):
+        try:
+            while os.read(self._wakeup_r, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # -- the loop ------------------------------------------------------------
+
+    def run(self):
+        next_housekeeping = 0.0
+        next_auth_check = self.clock() + self.options.auth_reload_interval
+        while self.alive:
+            timeout = TICK
+            retry = self.sender.seconds_to_next_attempt(self.clock())
+            if retry is not None:
+                timeout = min(timeout, retry)
+            for key, mask in self.selector.select(timeout):
+                key.data(mask)
+            self.sender.flush()
+            if self._signals:
+                self._handle_signals()
+            now = self.clock()
+            if now >= next_housekeeping:
+                next_housekeeping = now + TICK
+                self._housekeeping(now)
+            if now >= next_auth_check:
+                next_auth_check = now + self.options.auth_reload_interval
+                self.auth_file.reload_if_changed()
+        self._shutdown()
+
+    def _housekeeping(self, now):
+        self.heartbeat.notify()
+        if os.getppid() != self.ppid:
+            log.warning("master process is gone; worker stopping",
+                        extra={"master_pid": self.ppid})
+            self.begin_stop(graceful=True)
+        idle_limit = self.options.idle_timeout
+        for conn in list(self.connections.values()):
+            if now - conn.last_active > idle_limit:
+                log.info("closing idle client connection", extra={
+                    "remote": conn.remote, "idle_seconds": round(now - conn.last_active)})
+                self._close(conn)
+        if self.stopping_since is not None:
+            self._check_stop_done(now)
+
+    def _handle_signals(self):
+        signals, self._signals = self._signals, []
+        for signum in signals:
+            if signum == signal.SIGTERM or signum == signal.SIGINT:
+                self.begin_stop(graceful=True)
+            elif signum == signal.SIGQUIT:
+                self.begin_stop(graceful=False)
+            elif signum == signal.SIGHUP:
+                self.auth_file.reload("SIGHUP")
+            elif signum == signal.SIGUSR1:
+                reopen_log_files()
+            # TTIN and TTOU are for the master; a worker ignores them.
+
+    # -- clients -------------------------------------------------------------
+
+    def _on_accept(self, mask):
+        try:
+            sock, address = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return  # another worker took it
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("cannot accept a connection: %s", e.strerror)
+                return
+            raise
+        if len(self.connections) >= self.options.max_connections:
+            self.connections_refused += 1
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = Connection(sock, _remote_text(address), self.clock())
+        self.connections[sock.fileno()] = conn
+        self.connections_opened += 1
+        self.selector.register(sock, selectors.EVENT_READ,
+                               lambda mask, conn=conn: self._on_readable(conn))
+
+    def _close(self, conn):
+        self.selector.unregister(conn.sock)
+        del self.connections[conn.sock.fileno()]
+        conn.sock.close()
+
+    def _on_readable(self, conn):
+        """The hot path: read a chunk, split it into lines, verify, queue for Carbon."""
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            conn.last_active = self.clock()
+            if conn.partial:
+                data = conn.partial + data
+            lines = data.split(b"\n")
+            conn.partial = lines.pop()
+            max_length = self.options.max_line_length
+            if len(conn.partial) > max_length or (
+                    len(data) > max_length and max(map(len, lines)) > max_length):
+                self._line_too_long(conn)
+                return
+        else:
+            # The client closed: its last line counts even without a newline.
+            lines = [conn.partial]
+            conn.partial = b""
+            self._close(conn)
+        keys = self.auth_file.db.keys
+        now = int(time.time())
+        remote = conn.remote
+        reject_log = self.reject_log
+        rejected = self.rejected
+
+        def reject(reason, public_key, metric):
+            rejected[reason] += 1
+            reject_log(now, reason, remote, public_key, metric)
+
+        accepted = filter_lines(lines, keys, now, self.options.skew, reject)
+        if accepted:
+            self.forwarded += len(accepted)
+            self.sender.enqueue(b"".join(accepted), len(accepted))
+        if (self.stopping_since is not None and data and len(data) < RECV_SIZE
+                and not conn.partial):
+            self._close(conn)  # stopping, and everything the client sent is read
+
+    def _line_too_long(self, conn):
+        self.rejected[LINE_TOO_LONG] += 1
+        self.reject_log(int(time.time()), LINE_TOO_LONG, conn.remote, None, None)
+        log.warning("closing client connection: line longer than --max-line-length",
+                    extra={"remote": conn.remote,
+                           "max_line_length": self.options.max_line_length})
+        self._close(conn)
+
+    # -- stopping --------------------------------------------------------------
+
+    def begin_stop(self, graceful):
+        """Stop accepting; a graceful stop also drains clients and Carbon first."""
+        if self.stopping_since is None:
+            self.stopping_since = self.clock()
+            self.selector.unregister(self.listener)
+            self.listener.close()
+        if not graceful:
+            self.alive = False
+            return
+        # Clients stay open until what they already sent has been read.
+        self._check_stop_done(self.stopping_since)
+
+    def _check_stop_done(self, now):
+        for conn in list(self.connections.values()):
+            if not conn.partial:
+                self._close_if_drained(conn)
+        deadline_passed = now - self.stopping_since >= self.options.graceful_timeout
+        if deadline_passed or (not self.connections and self.sender.idle):
+            self.alive = False
+
+    def _close_if_drained(self, conn):
+        """Close a client once nothing it sent is left unread (it reconnects later)."""
+        try:
+            pending = conn.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pending = None
+        except OSError:
+            pending = b""
+        if pending == b"":
+            self._on_readable(conn)  # reads the end of the stream and closes
+        elif pending is None:
+            self._close(conn)
+
+    def _shutdown(self):
+        for conn in list(self.connections.values()):
+            self._close(conn)
+        self.reject_log.flush()
+        left = len(self.sender.buffer)
+        if left:
+            log.error("worker stopping with lines Carbon has not taken", extra={
+                "lines": left, "carbon": "%s:%d" % self.options.carbon_addr})
+        self.sender.close()
+        log.info("worker stopped", extra={"forwarded": self.forwarded,
+                                          "rejected": sum(self.rejected.values())})
