@@ -1,0 +1,203 @@
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from devcarbon import CarbonCache, free_port, port_open, wait_for  # noqa: E402
+
+from amproxy.protocol import signed_line  # noqa: E402
+
+AMPROXY = os.path.join(os.path.dirname(sys.executable), "amproxy")
+
+KEYS = {
+    "alpha": ("alpha-secret", ["e2e.alpha.temp", "e2e.alpha.humidity"]),
+    "beta": ("beta-secret", ["e2e.beta.temp"]),
+}
+
+
+def auth_yaml(keys):
+    lines = ["apikeys:"]
+    for name, (secret, metrics) in keys.items():
+        lines.append("  %s:" % name)
+        lines.append("    secret_key: %s" % secret)
+        lines.append("    metrics:")
+        lines.extend("      - %s" % m for m in metrics)
+    return "\n".join(lines) + "\n"
+
+
+def write_auth(path, keys, atomic=True):
+    text = auth_yaml(keys)
+    if atomic:
+        tmp = str(path) + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, path)
+    else:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def line_for(keys, public_key, metric, value, timestamp=None):
+    return signed_line(keys[public_key][0], metric, value,
+                       int(time.time()) if timestamp is None else timestamp, public_key)
+
+
+def children_of(pid):
+    """The pids whose parent is ``pid``, read from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return sorted(found)
+
+
+def pid_alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+class Proxy:
+    """A real ``amproxy server`` process in its own session, logging to a file."""
+
+    def __init__(self, tmp_path, carbon_address, auth_file, args=(), env=None, workers=2):
+        self.port = free_port()
+        self.log_path = os.path.join(str(tmp_path), "amproxy-%d.log" % self.port)
+        self.args = [AMPROXY, "server", "--addr", "127.0.0.1:%d" % self.port,
+                     "--carbon-addr", carbon_address, "--auth-file", str(auth_file),
+                     "--workers", str(workers), "--log-level", "debug"] + list(args)
+        self.env = dict(os.environ, **(env or {}))
+        self.env.pop("AMPROXY_CONFIG", None)
+        self.process = None
+
+    def start(self, wait=True):
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.args, stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL, env=self.env,
+                                            start_new_session=True)
+        if wait:
+            wait_for(lambda: self.process.poll() is not None or port_open(self.port), 15,
+                     what="amproxy to listen")
+            assert self.process.poll() is None, self.log()
+            self.wait_workers(int(self.args[self.args.index("--workers") + 1]))
+        return self
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    @property
+    def address(self):
+        return ("127.0.0.1", self.port)
+
+    def workers(self):
+        return children_of(self.pid)
+
+    def wait_workers(self, count, timeout=10):
+        return wait_for(lambda: len(self.workers()) == count and self.workers(), timeout,
+                        what="%d workers" % count)
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def wait_log(self, pattern, count=1, timeout=10):
+        regex = re.compile(pattern)
+        return wait_for(lambda: len(regex.findall(self.log())) >= count, timeout,
+                        what="%d log lines matching %r" % (count, pattern))
+
+    def connect(self):
+        return socket.create_connection(self.address, timeout=5)
+
+    def send(self, data):
+        with self.connect() as sock:
+            sock.sendall(data)
+
+    def signal(self, sig):
+        os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout=60):
+        return self.process.wait(timeout)
+
+    def stop(self):
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(40)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def carbon(tmp_path_factory):
+    cache = CarbonCache(str(tmp_path_factory.mktemp("carbon"))).start()
+    yield cache
+    cache.stop()
+
+
+@pytest.fixture
+def own_carbon(tmp_path):
+    """A carbon-cache for tests that stop and start it."""
+    cache = CarbonCache(str(tmp_path / "carbon"))
+    yield cache
+    cache.stop()
+
+
+@pytest.fixture
+def auth_file(tmp_path):
+    path = tmp_path / "auth_file.yaml"
+    write_auth(path, KEYS)
+    return path
+
+
+@pytest.fixture
+def make_proxy(tmp_path):
+    """Build (and by default start) amproxy servers; all are stopped at teardown."""
+    made = []
+
+    def make(carbon_address, auth_file, args=(), env=None, workers=2, start=True):
+        proxy = Proxy(tmp_path, carbon_address, auth_file, args, env, workers)
+        made.append(proxy)
+        return proxy.start() if start else proxy
+
+    yield make
+    for proxy in made:
+        proxy.stop()
+
+
+def wait_points(carbon, metric, expected, since, timeout=15):
+    """Wait until whisper holds every (timestamp -> value) in ``expected``."""
+    def done():
+        points = carbon.points(metric, since)
+        return all(points.get(ts) == value for ts, value in expected.items())
+    try:
+        wait_for(done, timeout, interval=0.2, what="points of %s" % metric)
+    except TimeoutError:
+        got = carbon.points(metric, since)
+        missing = {ts: v for ts, v in expected.items() if got.get(ts) != v}
+        raise AssertionError("%s: %d of %d points missing, e.g. %r" % (
+            metric, len(missing), len(expected), list(missing.items())[:5])) from None

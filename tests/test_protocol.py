@@ -1,0 +1,162 @@
+import base64
+import hashlib
+import hmac
+import json
+import os
+
+import pytest
+
+from amproxy.protocol import (BAD_SIGNATURE, BAD_VALUE, MALFORMED, METRIC_NOT_ALLOWED, SKEW,
+                              UNKNOWN_KEY, Signer, check_line, filter_lines, sign,
+                              signed_line)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED_VECTORS = os.path.join(HERE, os.pardir, os.pardir, "shared", "reference",
+                              "signature-vectors.json")
+VECTORS_COPY = os.path.join(HERE, "data", "signature-vectors.json")
+
+
+def load_vectors():
+    path = SHARED_VECTORS if os.path.exists(SHARED_VECTORS) else VECTORS_COPY
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+VECTORS = load_vectors()
+
+
+def test_vector_copy_matches_the_contract():
+    if not os.path.exists(SHARED_VECTORS):
+        pytest.skip("the shared reference directory is not beside this checkout")
+    with open(VECTORS_COPY, encoding="utf-8") as f:
+        assert json.load(f) == VECTORS
+
+
+def test_there_are_vectors():
+    assert len(VECTORS) >= 7
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=[v["note"] for v in VECTORS])
+def test_sign_reproduces_vector(vector):
+    assert sign(vector["secret_key"], vector["signed_text"]) == vector["signature"]
+    signer = Signer(vector["secret_key"])
+    assert signer.signature(vector["signed_text"].encode()) == vector["signature"].encode()
+    assert vector["wire_line"] == vector["signed_text"] + " " + vector["signature"]
+
+
+class Key:
+    def __init__(self, secret, metrics):
+        self.signer = Signer(secret)
+        self.metrics = {m.encode() for m in metrics}
+
+    def allows(self, metric):
+        return metric in self.metrics
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=[v["note"] for v in VECTORS])
+def test_vector_wire_lines_are_accepted(vector):
+    metric, value, timestamp, public_key = vector["signed_text"].split(" ")
+    keys = {public_key.encode(): Key(vector["secret_key"], [metric])}
+    line = vector["wire_line"].encode()
+    assert check_line(line, keys, int(timestamp), 300) is None
+    assert filter_lines([line], keys, int(timestamp), 300, None) == [
+        ("%s %s %s\n" % (metric, value, timestamp)).encode()]
+
+
+NOW = 1764201600
+KEYS = {b"pub": Key("sekrit", ["a.b", "c"]), b"other": Key("x", ["a.b"])}
+
+
+def line(metric="a.b", value="1", timestamp=NOW, key="pub", secret="sekrit"):
+    return signed_line(secret, metric, value, timestamp, key).rstrip(b"\n")
+
+
+def reasons(*lines, now=NOW, skew=300):
+    got = []
+    accepted = filter_lines(lines, KEYS, now, skew, lambda r, k, m: got.append((r, k, m)))
+    return accepted, got
+
+
+def test_good_line_becomes_plain_carbon_line():
+    assert reasons(line(value="42.5")) == ([b"a.b 42.5 %d\n" % NOW], [])
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"a.b 1 %d pub" % NOW, MALFORMED),                       # 4 fields
+    (b"a.b 1 %d pub sig extra" % NOW, MALFORMED),             # 6 fields
+    (b"a.b  1 %d pub sig" % NOW, MALFORMED),                  # double space
+    (b"a.b 1 12.5 pub sig", MALFORMED),                        # float timestamp
+    (b"a.b 1 -5 pub sig", MALFORMED),                          # negative timestamp
+    (b"a.b 1 1_000 pub sig", MALFORMED),                       # Python-only int syntax
+    (b"a.b 1 %d nobody sig" % NOW, UNKNOWN_KEY),
+    (b"a.b 1 %d pub AAAA" % NOW, BAD_SIGNATURE),
+    (b"a.b 1 %d pub " % NOW, MALFORMED),                       # trailing space trimmed
+])
+def test_rejections_before_the_signature(raw, reason):
+    accepted, got = reasons(raw)
+    assert accepted == []
+    assert [r for r, _, _ in got] == [reason]
+
+
+def test_signature_of_another_key_is_bad():
+    assert reasons(line(key="pub", secret="x"))[1][0][0] == BAD_SIGNATURE
+
+
+def test_signature_covers_every_field():
+    good = line(value="1")
+    tampered = good.replace(b"a.b 1 ", b"a.b 2 ", 1)
+    assert reasons(tampered)[1][0][0] == BAD_SIGNATURE
+
+
+def test_skew_in_both_directions_with_inclusive_limit():
+    assert reasons(line(timestamp=NOW - 300))[1] == []
+    assert reasons(line(timestamp=NOW + 300))[1] == []
+    assert reasons(line(timestamp=NOW - 301))[1][0][0] == SKEW
+    assert reasons(line(timestamp=NOW + 301))[1][0][0] == SKEW
+
+
+def test_metric_must_be_listed_exactly():
+    assert reasons(line(metric="a.b.c"))[1][0][0] == METRIC_NOT_ALLOWED
+    assert reasons(line(metric="a"))[1][0][0] == METRIC_NOT_ALLOWED
+    assert reasons(line(metric="c"))[1] == []
+    assert reasons(line(metric="c", key="other", secret="x"))[1][0][0] == METRIC_NOT_ALLOWED
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999", "abc", "",
+                                   "0x10", "\u0661", "1,5"])
+def test_non_finite_or_non_numeric_values_are_rejected(value):
+    accepted, got = reasons(line(value=value))
+    assert accepted == []
+    assert got[0][0] == BAD_VALUE
+
+
+@pytest.mark.parametrize("value", ["0", "-12.25", "1.5e3", "3", ".5", "1E-3"])
+def test_finite_values_pass(value):
+    assert reasons(line(value=value))[1] == []
+
+
+def test_crlf_whitespace_and_empty_lines():
+    accepted, got = reasons(line() + b"\r", b"", b"\r", b"   ", b"  " + line() + b" \t")
+    assert got == []
+    assert len(accepted) == 2
+
+
+def test_rejection_reports_key_and_metric_not_secrets():
+    _, got = reasons(line(metric="zzz"))
+    assert got == [(METRIC_NOT_ALLOWED, b"pub", b"zzz")]
+
+
+def test_signed_text_is_the_bytes_before_the_last_space():
+    # Non-ASCII bytes in the metric are signed as received.
+    text = "m\u00e9trique 1 %d pub" % NOW
+    raw = text.encode() + b" " + sign("sekrit", text).encode()
+    assert reasons(raw)[1][0][0] == METRIC_NOT_ALLOWED
+
+
+def test_signer_matches_hmac_for_all_key_lengths():
+    for length in (0, 1, 63, 64, 65, 200):
+        secret = bytes(range(length % 256)) * (length // 256 + 1)
+        secret = secret[:length]
+        msg = b"a 1 2 k"
+        want = base64.b64encode(hmac.new(secret, msg, hashlib.sha256).digest())
+        assert Signer(secret).signature(msg) == want
