@@ -98,6 +98,8 @@ class Master:
                 sig = self._signal_queue.pop(0) if self._signal_queue else None
                 if sig is None:
                     self.sleep()
+                    if self._signal_queue:
+                        continue  # a TERM must win over respawning
                     self.reap_workers()
                     self.murder_workers()
                     self.manage_workers()
@@ -126,6 +128,7 @@ class Master:
 
     def handle_chld(self):
         self.reap_workers()
+        self.manage_workers()
 
     def handle_hup(self):
         """Reload the auth file, in every worker at once."""
@@ -169,16 +172,20 @@ class Master:
         self._worker_age += 1
         worker = Worker(self._worker_age, self.listener, self.options, self.auth_file,
                         Heartbeat())
+        # Signals stay blocked across the fork until the child has its own
+        # handlers, so none is lost to the master's handler in the child.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         pid = os.fork()
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             worker.pid = pid
             worker.spawned_at = time.monotonic()
             self.workers[pid] = worker
             log.debug("worker started", extra={"worker_pid": pid})
             return pid
-        os._exit(self._run_worker(worker))
+        os._exit(self._run_worker(worker, old_mask))
 
-    def _run_worker(self, worker):
+    def _run_worker(self, worker, signal_mask):
         """In the child: never return into the master's code."""
         try:
             os.close(self._pipe[0])
@@ -190,6 +197,7 @@ class Master:
             except Exception as e:
                 log.error("worker failed to start: %s", e)
                 return WORKER_BOOT_ERROR
+            signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
             worker.run()
             return 0
         except Exception:
