@@ -1,20 +1,30 @@
-"""The lines a worker has accepted but Carbon has not yet taken."""
+"""Where accepted lines wait for Carbon: a bounded memory buffer and a disk spool.
+
+Both hold whole Carbon lines (``metric value timestamp\\n``) in chunks, oldest
+first.  The spool always holds older lines than the memory buffer: when the
+buffer is full its whole content is appended to the spool, so replaying the
+spool and then the buffer keeps arrival order.
+"""
 
 import collections
+import errno
+import fcntl
+import logging
+import os
+
+log = logging.getLogger(__name__)
 
 
 class LineBuffer:
-    """A FIFO of byte chunks, each holding whole Carbon lines, bounded in lines.
+    """A FIFO of byte chunks of whole lines, bounded in lines.
 
     Chunks are kept as they were batched (one per read cycle), so buffering
-    costs no per-line work.  ``consume`` removes bytes from the front after a
-    partial ``send``.
+    costs no per-line work.
     """
 
     def __init__(self, max_lines):
         self.max_lines = max_lines
-        self._chunks = collections.deque()  # [data, line_count]
-        self._offset = 0  # bytes of the first chunk already sent
+        self._chunks = collections.deque()  # (data, line_count)
         self.lines = 0
 
     def __len__(self):
@@ -23,41 +33,204 @@ class LineBuffer:
     def __bool__(self):
         return bool(self._chunks)
 
-    def room(self):
-        return self.max_lines - self.lines
+    def has_room(self, line_count=1):
+        return self.lines + line_count <= self.max_lines
 
     def append(self, data, line_count):
-        """Add a chunk; return False (and keep nothing) if it does not fit."""
-        if line_count > self.max_lines - self.lines:
-            return False
-        self._chunks.append([data, line_count])
+        self._chunks.append((data, line_count))
         self.lines += line_count
-        return True
 
-    def head(self):
-        """The unsent bytes of the oldest chunk, as a memoryview."""
-        return memoryview(self._chunks[0][0])[self._offset:]
+    def appendleft(self, data, line_count):
+        self._chunks.appendleft((data, line_count))
+        self.lines += line_count
 
-    def consume(self, nbytes):
-        """Drop ``nbytes`` sent bytes from the front; whole chunks only leave the count."""
-        while nbytes:
-            data, line_count = self._chunks[0]
-            left = len(data) - self._offset
-            if nbytes < left:
-                self._offset += nbytes
-                return
-            nbytes -= left
-            self._chunks.popleft()
-            self._offset = 0
-            self.lines -= line_count
+    def popleft(self):
+        data, line_count = self._chunks.popleft()
+        self.lines -= line_count
+        return data, line_count
 
     def pop_all(self):
-        """Remove and return every unsent byte, oldest first, with the line count."""
-        if not self._chunks:
-            return b"", 0
-        parts = [self.head()] + [c[0] for c in list(self._chunks)[1:]]
-        data, lines = b"".join(parts), self.lines
+        """Remove and return everything as one chunk, oldest first."""
+        data = b"".join(chunk for chunk, _ in self._chunks)
+        lines = self.lines
         self._chunks.clear()
-        self._offset = 0
         self.lines = 0
         return data, lines
+
+
+class SpoolError(Exception):
+    pass
+
+
+SEGMENT_BYTES = 8 << 20
+# Each worker's spool is <spool-dir>/worker-<slot>.
+SPOOL_PREFIX = "worker-"
+READ_BYTES = 256 << 10
+_SUFFIX = ".spool"
+
+
+class Spool:
+    """Append-only segment files in one directory, read back sequentially.
+
+    The directory is locked (``flock``) while a worker owns it.  At open, the
+    spools of other directories beside it that nobody holds (left by a killed
+    worker, or a previous run with more workers) are adopted.  A segment is
+    deleted once it has been read to its end and handed to Carbon; a worker
+    that dies mid-segment leaves it whole, so its successor sends it again
+    (at least once, never lost).
+    """
+
+    def __init__(self, directory, max_bytes):
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._segments = []  # sequence numbers, oldest first
+        self._sizes = {}
+        self._read_offset = 0  # into self._segments[0]
+        self._writer = None
+        self._lock_fd = None
+        self.bytes = 0  # not yet read
+
+    # -- opening -------------------------------------------------------------
+
+    def open(self):
+        try:
+            os.makedirs(self.directory, mode=0o750, exist_ok=True)
+            self._lock_fd = self._lock(self.directory, blocking=True)
+            for seq in self._scan(self.directory):
+                self._add_segment(seq, os.path.getsize(self._path(seq)))
+            self._adopt_orphans()
+        except OSError as e:
+            raise SpoolError("cannot use spool directory %s: %s" % (
+                self.directory, e.strerror or e)) from None
+        if self.bytes:
+            log.warning("found spooled lines from an earlier worker; they will be sent "
+                        "to Carbon", extra={"spool": self.directory, "bytes": self.bytes})
+        return self
+
+    @staticmethod
+    def _lock(directory, blocking):
+        fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _scan(directory):
+        return sorted(int(name[:-len(_SUFFIX)]) for name in os.listdir(directory)
+                      if name.endswith(_SUFFIX) and name[:-len(_SUFFIX)].isdigit())
+
+    def _path(self, seq, directory=None):
+        return os.path.join(directory or self.directory, "%016d%s" % (seq, _SUFFIX))
+
+    def _add_segment(self, seq, size):
+        self._segments.append(seq)
+        self._sizes[seq] = size
+        self.bytes += size
+
+    def _next_seq(self):
+        return self._segments[-1] + 1 if self._segments else 1
+
+    def _adopt_orphans(self):
+        parent = os.path.dirname(os.path.abspath(self.directory))
+        mine = os.path.basename(os.path.abspath(self.directory))
+        for name in sorted(os.listdir(parent)):
+            other = os.path.join(parent, name)
+            if name == mine or not name.startswith(SPOOL_PREFIX) or not os.path.isdir(other):
+                continue
+            try:
+                fd = self._lock(other, blocking=False)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    continue  # a live worker owns it
+                raise
+            try:
+                for seq in self._scan(other):
+                    new = self._next_seq()
+                    os.rename(self._path(seq, other), self._path(new))
+                    self._add_segment(new, os.path.getsize(self._path(new)))
+            finally:
+                os.close(fd)
+
+    # -- writing ---------------------------------------------------------------
+
+    def has_room(self, nbytes):
+        return self.bytes + nbytes <= self.max_bytes
+
+    def append(self, data):
+        """Append whole lines; raise SpoolError if the disk refuses them."""
+        try:
+            if self._writer is None or self._sizes[self._segments[-1]] >= SEGMENT_BYTES:
+                self._start_segment()
+            self._writer.write(data)
+            self._writer.flush()
+        except OSError as e:
+            raise SpoolError("cannot write to spool %s: %s" % (
+                self.directory, e.strerror or e)) from None
+        self._sizes[self._segments[-1]] += len(data)
+        self.bytes += len(data)
+
+    def _start_segment(self):
+        if self._writer is not None:
+            self._writer.close()
+        seq = self._next_seq()
+        self._writer = open(self._path(seq), "ab")
+        self._add_segment(seq, 0)
+
+    def sync(self):
+        if self._writer is not None:
+            self._writer.flush()
+            os.fsync(self._writer.fileno())
+
+    # -- reading ---------------------------------------------------------------
+
+    def __bool__(self):
+        return self.bytes > 0
+
+    def read_chunk(self, limit=READ_BYTES):
+        """The next whole lines, up to ``limit`` bytes, and their count; None if empty.
+
+        The lines leave the spool: a segment is deleted once read to its end.
+        """
+        while self._segments:
+            seq = self._segments[0]
+            size = self._sizes[seq]
+            if self._read_offset >= size:
+                self._drop_first_segment()
+                continue
+            with open(self._path(seq), "rb") as f:
+                f.seek(self._read_offset)
+                data = f.read(min(limit, size - self._read_offset))
+            # Lines are far shorter than ``limit``; no newline at all means a
+            # torn write, which goes out as it is and Carbon drops.
+            end = data.rfind(b"\n") + 1 or len(data)
+            data = data[:end]
+            self._read_offset += end
+            self.bytes -= end
+            if self._read_offset >= size:
+                self._drop_first_segment()
+            return data, data.count(b"\n") or 1
+        return None
+
+    def _drop_first_segment(self):
+        seq = self._segments.pop(0)
+        self.bytes -= self._sizes.pop(seq) - self._read_offset
+        self._read_offset = 0
+        if self._writer is not None and not self._segments:
+            self._writer.close()  # it was writing the segment just read
+            self._writer = None
+        try:
+            os.unlink(self._path(seq))
+        except FileNotFoundError:
+            pass
+
+    def close(self):
+        if self._writer is not None:
+            self.sync()
+            self._writer.close()
+            self._writer = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

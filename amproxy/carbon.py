@@ -1,17 +1,27 @@
-"""The per-worker connection to Carbon: non-blocking, buffered, reconnecting.
+"""The per-worker connection to Carbon: non-blocking, buffered, lossless.
 
 The worker's read cycle hands over one chunk of Carbon lines; the sender
 writes as much as the socket takes and keeps the rest, so a slow or absent
-Carbon never blocks the reading of clients.  While Carbon is unreachable it
-reconnects with capped exponential backoff.
+Carbon never blocks the reading of clients.
+
+Where lines wait, oldest first: the disk spool, then the memory buffer.  When
+the buffer is full it is appended to the spool; when the spool is full too
+(or there is none) the sender says so with ``full`` and the worker stops
+reading its clients, so TCP holds the data on the devices.  No line is
+dropped while the worker runs.
+
+Carbon acknowledges nothing, and carbon-cache loses the points it holds in
+memory when it dies.  So lines sent in the last ``resend_window`` seconds are
+kept, and sent again after the connection breaks: delivery is at least once.
 """
 
+import collections
 import errno
 import logging
 import selectors
 import socket
 
-from .buffer import LineBuffer
+from .buffer import LineBuffer, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -22,30 +32,72 @@ _DRAIN_SIZE = 4096
 
 
 class CarbonSender:
-    def __init__(self, address, selector, buffer_lines, clock):
+    def __init__(self, address, selector, clock, buffer_lines, spool=None,
+                 replay_rate=0, resend_window=0.0):
         self.address = address
         self.selector = selector
-        self.buffer = LineBuffer(buffer_lines)
         self.clock = clock
+        self.buffer = LineBuffer(buffer_lines)
+        self.spool = spool
+        self.replay_rate = replay_rate
+        self.resend_window = resend_window
         self.sock = None
         self.connected = False
         self._events = 0
         self._backoff = INITIAL_BACKOFF
         self._next_attempt = 0.0
         self._down_since = None
+        self._current = None  # (data, line_count) being written
+        self._offset = 0
+        self._recent = collections.deque()  # (sent_at, data, line_count)
+        self._recent_lines = 0
+        self._replaying = False  # sending a backlog: the replay rate applies
+        self._tokens = 0.0
+        self._tokens_at = 0.0
+        self._spilling = False
+        self.full = False
         self.reconnects = 0
         self.dropped_lines = 0
-        self.sent_lines = 0
 
     # -- the worker's side -------------------------------------------------
 
+    @property
+    def queued_lines(self):
+        """Lines in memory, waiting or being written (the spool is not counted)."""
+        return self.buffer.lines + (self._current[1] if self._current else 0)
+
+    @property
+    def spooled_bytes(self):
+        return self.spool.bytes if self.spool is not None else 0
+
+    @property
+    def memory_empty(self):
+        return not self.buffer and self._current is None
+
     def enqueue(self, data, line_count):
-        """Queue a chunk of Carbon lines; count them as dropped if the buffer is full."""
-        if not self.buffer.append(data, line_count):
-            if not self.dropped_lines:
-                log.error("Carbon buffer full, dropping lines", extra={
-                    "carbon": self._where(), "buffer_lines": self.buffer.max_lines})
-            self.dropped_lines += line_count
+        """Queue a chunk of Carbon lines.  Never drops: may set ``full``."""
+        if not self.buffer.has_room(line_count) and self.buffer:
+            self._spill()
+        self.buffer.append(data, line_count)
+        self.full = not self.buffer.has_room()
+
+    def _spill(self):
+        """Move the memory buffer to the end of the spool, if it fits."""
+        if self.spool is None:
+            return
+        data, lines = self.buffer.pop_all()
+        if self.spool.has_room(len(data)):
+            try:
+                self.spool.append(data)
+                if not self._spilling:
+                    self._spilling = True
+                    log.warning("memory buffer full; spilling lines to the spool",
+                                extra={"spool": self.spool.directory,
+                                       "buffer_lines": self.buffer.max_lines})
+                return
+            except SpoolError as e:
+                log.error(str(e))
+        self.buffer.append(data, lines)
 
     def flush(self):
         """Write what the socket takes now; connect first if it is time to."""
@@ -53,28 +105,110 @@ class CarbonSender:
             if self.sock is None and self.clock() >= self._next_attempt:
                 self._connect()
             return
-        buffer = self.buffer
         try:
-            while buffer:
-                before = buffer.lines
-                buffer.consume(self.sock.send(buffer.head()))
-                self.sent_lines += before - buffer.lines
+            while self._next_chunk():
+                data, line_count = self._current
+                sent = self.sock.send(memoryview(data)[self._offset:])
+                self._offset += sent
+                if self._offset < len(data):
+                    break
+                self._sent(data, line_count)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:
             self._lost(e.strerror or str(e))
             return
-        self._watch(selectors.EVENT_READ | (selectors.EVENT_WRITE if buffer else 0))
+        waiting = self._current is not None
+        self._watch(selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0))
+        if self.full:
+            self._spill()  # the spool may have room again
+            self.full = not self.buffer.has_room()
 
-    @property
-    def idle(self):
-        return not self.buffer
+    def _next_chunk(self):
+        """Make sure ``_current`` holds the next chunk to write; False if none may go now."""
+        if self._current is not None:
+            return True
+        if self._replaying and self.replay_rate:
+            if not self._take_tokens():
+                return False
+        if self.spool:
+            self._current = self.spool.read_chunk()
+        elif self.buffer:
+            self._current = self.buffer.popleft()
+        else:
+            if self._replaying:
+                self._replaying = False
+                self._spilling = False
+                log.info("backlog delivered to Carbon", extra={"carbon": self._where()})
+            return False
+        self._offset = 0
+        if self._replaying and self.replay_rate:
+            self._tokens -= self._current[1]
+        return True
 
-    def seconds_to_next_attempt(self, now):
-        """How long the worker may sleep before ``flush`` has a reconnect to make."""
-        if self.sock is not None:
-            return None
-        return max(0.0, self._next_attempt - now)
+    def _take_tokens(self):
+        now = self.clock()
+        self._tokens = min(self._tokens + (now - self._tokens_at) * self.replay_rate,
+                           float(self.replay_rate))
+        self._tokens_at = now
+        return self._tokens > 0
+
+    def seconds_to_next_write(self, now):
+        """How long the worker may sleep before ``flush`` has work it cannot get by event."""
+        if self.sock is None:
+            return max(0.0, self._next_attempt - now)
+        if self._replaying and self.replay_rate and self._current is None and (
+                self.spool or self.buffer):
+            return max(0.0, -self._tokens / self.replay_rate) + 0.001
+        return None
+
+    def _sent(self, data, line_count):
+        self._current = None
+        if not self.resend_window:
+            return
+        now = self.clock()
+        self._recent.append((now, data, line_count))
+        self._recent_lines += line_count
+        horizon = now - self.resend_window
+        recent = self._recent
+        # Kept sent lines count against the buffer's bound, oldest go first.
+        while recent and (recent[0][0] < horizon or
+                          self._recent_lines > self.buffer.max_lines):
+            self._recent_lines -= recent.popleft()[2]
+
+    def _requeue_recent(self):
+        """After a break: what Carbon may have lost goes to the front of the queue."""
+        if self._current is not None:
+            self.buffer.appendleft(*self._current)
+            self._current = None
+        lines = 0
+        while self._recent:
+            _, data, line_count = self._recent.pop()
+            self.buffer.appendleft(data, line_count)
+            lines += line_count
+        self._recent_lines = 0
+        return lines
+
+    def save_to_spool(self):
+        """On the way out: put everything not yet sent into the spool.
+
+        Returns the number of lines that could not be kept (no spool, or it failed).
+        """
+        if self._current is not None:
+            self.buffer.appendleft(*self._current)
+            self._current = None
+        data, lines = self.buffer.pop_all()
+        if not lines:
+            return 0
+        if self.spool is not None:
+            try:
+                self.spool.append(data)
+                self.spool.sync()
+                return 0
+            except SpoolError as e:
+                log.error(str(e))
+        self.dropped_lines += lines
+        return lines
 
     def close(self):
         if self.sock is not None:
@@ -115,18 +249,17 @@ class CarbonSender:
 
     def _connect(self):
         try:
-            infos = socket.getaddrinfo(self.address[0], self.address[1],
-                                       type=socket.SOCK_STREAM)
-            family, _, _, _, sockaddr = infos[0]
+            family, _, _, _, sockaddr = socket.getaddrinfo(
+                self.address[0], self.address[1], type=socket.SOCK_STREAM)[0]
         except OSError as e:
-            self._failed("cannot resolve: %s" % e)
+            self._down("cannot resolve Carbon's address", str(e))
             return
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         err = sock.connect_ex(sockaddr)
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             sock.close()
-            self._failed(errno.errorcode.get(err, str(err)))
+            self._down("cannot reach Carbon", errno.errorcode.get(err, str(err)))
             return
         self.sock = sock
         self._events = selectors.EVENT_WRITE
@@ -136,36 +269,34 @@ class CarbonSender:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self.close()
-            self._failed(errno.errorcode.get(err, str(err)))
+            self._down("cannot reach Carbon", errno.errorcode.get(err, str(err)))
             return
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.connected = True
         self._backoff = INITIAL_BACKOFF
         if self._down_since is not None:
-            log.warning("Carbon connection restored", extra={
-                "carbon": self._where(), "buffered_lines": len(self.buffer),
+            self._replaying = True
+            self._tokens, self._tokens_at = 0.0, self.clock()
+            log.warning("Carbon connection restored; sending the backlog", extra={
+                "carbon": self._where(), "buffered_lines": self.queued_lines,
+                "spooled_bytes": self.spooled_bytes,
                 "down_seconds": round(self.clock() - self._down_since, 1)})
             self._down_since = None
         else:
             log.debug("connected to Carbon", extra={"carbon": self._where()})
         self.flush()
 
-    def _failed(self, why):
-        """A connection attempt failed: try again after the backoff."""
-        if self._down_since is None:
-            self._down_since = self.clock()
-            log.error("cannot reach Carbon; buffering lines and retrying", extra={
-                "carbon": self._where(), "error": why})
-        self._next_attempt = self.clock() + self._backoff
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF)
-
     def _lost(self, why):
-        """An established connection broke: reconnect at once, then back off."""
+        """An established connection broke."""
         self.close()
         self.reconnects += 1
+        resent = self._requeue_recent()
+        self._down("lost the connection to Carbon", why, resent_lines=resent)
+
+    def _down(self, what, why, **extra):
+        """Log the outage once, and try again after the backoff."""
         if self._down_since is None:
             self._down_since = self.clock()
-            log.error("lost the connection to Carbon; buffering lines and reconnecting",
-                      extra={"carbon": self._where(), "error": why})
+            log.error("%s; keeping lines until it is back", what,
+                      extra=dict(carbon=self._where(), error=why, **extra))
         self._next_attempt = self.clock() + self._backoff
         self._backoff = min(self._backoff * 2, MAX_BACKOFF)

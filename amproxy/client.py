@@ -107,4 +107,5 @@ def run_test_client(address, public_key, secret_key, metric, interval, count=Non
             ok = client.flush()
         sent += 1
         log.info("sent a data point" if ok else "could not send a data point",
-                 extra={"metric": metric, "value": value, "server": address})
+                 extra={"metric": metric, "value": value,
+                        "server": "%s:%s" % _parse_address(address)})

@@ -170,8 +170,10 @@ class Master:
 
     def spawn_worker(self):
         self._worker_age += 1
-        worker = Worker(self._worker_age, self.listener, self.options, self.auth_file,
-                        Heartbeat())
+        used = {w.slot for w in self.workers.values()}
+        slot = min(set(range(len(self.workers) + 1)) - used)
+        worker = Worker(slot, self._worker_age, self.listener, self.options,
+                        self.auth_file, Heartbeat())
         # Signals stay blocked across the fork until the child has its own
         # handlers, so none is lost to the master's handler in the child.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)

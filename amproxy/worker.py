@@ -13,7 +13,7 @@ import socket
 import tempfile
 import time
 
-from .auth import AuthFile
+from .buffer import SPOOL_PREFIX, Spool
 from .carbon import CarbonSender
 from .logs import RejectionLog, reopen_log_files
 from .protocol import LINE_TOO_LONG, REJECTION_REASONS, filter_lines
@@ -25,6 +25,8 @@ TICK = 0.5  # the longest the loop sleeps, so it notices a dead master quickly
 # Exit status of a worker that could not start; the master stops instead of
 # respawning it forever.
 WORKER_BOOT_ERROR = 3
+# When the master dies there is no one to wait for: leave quickly.
+ORPHAN_STOP_SECONDS = 1.0
 
 
 class Heartbeat:
@@ -66,7 +68,8 @@ def _remote_text(address):
 class Worker:
     """Built by the master before the fork; ``run`` is called in the child."""
 
-    def __init__(self, age, listener, options, auth_file, heartbeat):
+    def __init__(self, slot, age, listener, options, auth_file, heartbeat):
+        self.slot = slot
         self.age = age
         self.listener = listener
         self.options = options
@@ -76,6 +79,8 @@ class Worker:
         self.pid = None
         self.alive = True
         self.stopping_since = None
+        self.stop_deadline = None
+        self.paused = False
         self.connections = {}
         self.forwarded = 0
         self.connections_opened = 0
@@ -101,8 +106,14 @@ class Worker:
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
         self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
         self.auth_file.reload_if_changed()
-        self.sender = CarbonSender(self.options.carbon_addr, self.selector,
-                                   self.options.buffer_size, self.clock)
+        options = self.options
+        spool = None
+        if options.spool_dir:
+            spool = Spool(os.path.join(options.spool_dir, "%s%d" % (SPOOL_PREFIX, self.slot)),
+                          options.spool_max_bytes).open()
+        self.sender = CarbonSender(options.carbon_addr, self.selector, self.clock,
+                                   options.buffer_size, spool, options.replay_rate,
+                                   options.resend_window)
         self.reject_log = RejectionLog(log, self.options.log_rejections)
         self.sender.flush()
         self.heartbeat.notify()
@@ -124,12 +135,14 @@ class Worker:
         next_auth_check = self.clock() + self.options.auth_reload_interval
         while self.alive:
             timeout = TICK
-            retry = self.sender.seconds_to_next_attempt(self.clock())
+            retry = self.sender.seconds_to_next_write(self.clock())
             if retry is not None:
                 timeout = min(timeout, retry)
             for key, mask in self.selector.select(timeout):
                 key.data(mask)
             self.sender.flush()
+            if self.paused != self.sender.full:
+                self._set_paused(self.sender.full)
             if self._signals:
                 self._handle_signals()
             now = self.clock()
@@ -143,13 +156,13 @@ class Worker:
 
     def _housekeeping(self, now):
         self.heartbeat.notify()
-        if os.getppid() != self.ppid:
+        if os.getppid() != self.ppid and self.stop_deadline != ORPHAN_STOP_SECONDS:
             log.warning("master process is gone; worker stopping",
                         extra={"master_pid": self.ppid})
-            self.begin_stop(graceful=True)
+            self.begin_stop(graceful=True, seconds=ORPHAN_STOP_SECONDS)
         idle_limit = self.options.idle_timeout
         for conn in list(self.connections.values()):
-            if now - conn.last_active > idle_limit:
+            if now - conn.last_active > idle_limit and not self.paused:
                 log.info("closing idle client connection", extra={
                     "remote": conn.remote, "idle_seconds": round(now - conn.last_active)})
                 self._close(conn)
@@ -193,9 +206,33 @@ class Worker:
                                lambda mask, conn=conn: self._on_readable(conn))
 
     def _close(self, conn):
-        self.selector.unregister(conn.sock)
+        if not self.paused:
+            self.selector.unregister(conn.sock)
         del self.connections[conn.sock.fileno()]
         conn.sock.close()
+
+    def _set_paused(self, paused):
+        """Stop or resume reading clients: back-pressure while Carbon cannot keep up."""
+        self.paused = paused
+        socks = [conn.sock for conn in self.connections.values()]
+        if self.stopping_since is None:
+            socks.append(self.listener)
+        for sock in socks:
+            if paused:
+                self.selector.unregister(sock)
+            elif sock is self.listener:
+                self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
+            else:
+                conn = self.connections[sock.fileno()]
+                conn.last_active = self.clock()
+                self.selector.register(sock, selectors.EVENT_READ,
+                                       lambda mask, conn=conn: self._on_readable(conn))
+        if paused:
+            log.warning("Carbon backlog is full (memory and spool); pausing reads from "
+                        "clients", extra={"buffered_lines": self.sender.queued_lines,
+                                          "spooled_bytes": self.sender.spooled_bytes})
+        else:
+            log.warning("Carbon backlog has room again; reading clients")
 
     def _on_readable(self, conn):
         """The hot path: read a chunk, split it into lines, verify, queue for Carbon."""
@@ -249,15 +286,17 @@ class Worker:
 
     # -- stopping --------------------------------------------------------------
 
-    def begin_stop(self, graceful):
+    def begin_stop(self, graceful, seconds=None):
         """Stop accepting; a graceful stop also drains clients and Carbon first."""
         if self.stopping_since is None:
             self.stopping_since = self.clock()
-            self.selector.unregister(self.listener)
+            if not self.paused:
+                self.selector.unregister(self.listener)
             self.listener.close()
         if not graceful:
             self.alive = False
             return
+        self.stop_deadline = self.options.graceful_timeout if seconds is None else seconds
         # Clients stay open until what they already sent has been read.
         self._check_stop_done(self.stopping_since)
 
@@ -265,8 +304,10 @@ class Worker:
         for conn in list(self.connections.values()):
             if not conn.partial:
                 self._close_if_drained(conn)
-        deadline_passed = now - self.stopping_since >= self.options.graceful_timeout
-        if deadline_passed or (not self.connections and self.sender.idle):
+        deadline_passed = now - self.stopping_since >= self.stop_deadline
+        # What Carbon cannot take now waits in the spool for the next worker.
+        carbon_done = self.sender.memory_empty or not self.sender.connected
+        if deadline_passed or (not self.connections and carbon_done):
             self.alive = False
 
     def _close_if_drained(self, conn):
@@ -286,10 +327,14 @@ class Worker:
         for conn in list(self.connections.values()):
             self._close(conn)
         self.reject_log.flush()
-        left = len(self.sender.buffer)
-        if left:
-            log.error("worker stopping with lines Carbon has not taken", extra={
-                "lines": left, "carbon": "%s:%d" % self.options.carbon_addr})
+        self.sender.flush()
+        lost = self.sender.save_to_spool()
+        if lost:
+            log.error("worker stopping with lines that Carbon has not taken and no spool "
+                      "to keep them in; they are lost", extra={
+                          "lines": lost, "carbon": "%s:%d" % self.options.carbon_addr})
         self.sender.close()
+        if self.sender.spool is not None:
+            self.sender.spool.close()
         log.info("worker stopped", extra={"forwarded": self.forwarded,
                                           "rejected": sum(self.rejected.values())})

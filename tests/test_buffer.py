@@ -1,35 +1,97 @@
-from amproxy.buffer import LineBuffer
+import fcntl
+import os
+
+from amproxy.buffer import LineBuffer, Spool
 
 
-def test_fifo_with_partial_sends():
-    buf = LineBuffer(10)
-    assert buf.append(b"a 1 1\nb 2 2\n", 2)
-    assert buf.append(b"c 3 3\n", 1)
-    assert len(buf) == 3 and buf.room() == 7
-    assert bytes(buf.head()) == b"a 1 1\nb 2 2\n"
-    buf.consume(4)
-    assert bytes(buf.head()) == b"1\nb 2 2\n"
-    assert len(buf) == 3  # a chunk leaves the count once it is fully sent
-    buf.consume(8 + 4)
-    assert bytes(buf.head()) == b"3\n"
-    assert len(buf) == 1
-    buf.consume(2)
-    assert not buf and len(buf) == 0
-
-
-def test_bounded_in_lines():
+def test_line_buffer_fifo_bounded_in_lines():
     buf = LineBuffer(3)
-    assert buf.append(b"x\ny\n", 2)
-    assert not buf.append(b"z\nw\n", 2)
-    assert len(buf) == 2
-    assert buf.append(b"z\n", 1)
-    assert buf.room() == 0
+    assert buf.has_room(3) and not buf.has_room(4)
+    buf.append(b"a 1 1\nb 2 2\n", 2)
+    buf.append(b"c 3 3\n", 1)
+    assert len(buf) == 3 and not buf.has_room()
+    assert buf.popleft() == (b"a 1 1\nb 2 2\n", 2)
+    buf.appendleft(b"z 0 0\n", 1)
+    assert buf.pop_all() == (b"z 0 0\nc 3 3\n", 2)
+    assert not buf and len(buf) == 0 and buf.pop_all() == (b"", 0)
 
 
-def test_pop_all_keeps_order_and_skips_sent_bytes():
-    buf = LineBuffer(10)
-    buf.append(b"aa\nbb\n", 2)
-    buf.append(b"cc\n", 1)
-    buf.consume(3)
-    assert buf.pop_all() == (b"bb\ncc\n", 3)
-    assert not buf and buf.pop_all() == (b"", 0)
+def lines(start, count):
+    return b"".join(b"m.%d %d 1700000000\n" % (i, i) for i in range(start, start + count))
+
+
+def read_all(spool, limit=1 << 18):
+    out = []
+    while True:
+        chunk = spool.read_chunk(limit)
+        if chunk is None:
+            return b"".join(out)
+        data, count = chunk
+        assert data.endswith(b"\n") and data.count(b"\n") == count
+        out.append(data)
+
+
+def test_spool_keeps_order_across_segments(tmp_path, monkeypatch):
+    monkeypatch.setattr("amproxy.buffer.SEGMENT_BYTES", 1000)
+    spool = Spool(str(tmp_path / "worker-0"), 10 << 20).open()
+    written = b""
+    for n in range(20):
+        data = lines(n * 50, 50)
+        spool.append(data)
+        written += data
+    assert spool.bytes == len(written)
+    assert len([f for f in os.listdir(tmp_path / "worker-0") if f.endswith(".spool")]) > 5
+    assert read_all(spool, limit=777) == written
+    assert spool.bytes == 0 and not spool
+    assert not [f for f in os.listdir(tmp_path / "worker-0") if f.endswith(".spool")]
+    # Usable again after being emptied.
+    spool.append(lines(0, 3))
+    assert read_all(spool) == lines(0, 3)
+    spool.close()
+
+
+def test_spool_is_bounded(tmp_path):
+    spool = Spool(str(tmp_path / "worker-0"), 100).open()
+    assert spool.has_room(100) and not spool.has_room(101)
+    spool.append(b"x" * 60 + b"\n")
+    assert not spool.has_room(40)
+
+
+def test_spool_survives_its_worker(tmp_path):
+    spool = Spool(str(tmp_path / "worker-0"), 1 << 20).open()
+    spool.append(lines(0, 100))
+    first = spool.read_chunk(200)  # read but the worker dies before the rest
+    spool._lock_fd and os.close(spool._lock_fd)  # as a SIGKILL would release it
+    successor = Spool(str(tmp_path / "worker-0"), 1 << 20).open()
+    data = read_all(successor)
+    # The unfinished segment is sent again whole: at least once.
+    assert data == lines(0, 100)
+    assert first[0] in data
+
+
+def test_orphaned_spools_are_adopted_but_live_ones_are_not(tmp_path):
+    live = Spool(str(tmp_path / "worker-1"), 1 << 20).open()
+    live.append(lines(100, 10))
+    orphan = Spool(str(tmp_path / "worker-3"), 1 << 20).open()
+    orphan.append(lines(0, 10))
+    orphan.close()
+    (tmp_path / "not-a-spool").mkdir()
+    spool = Spool(str(tmp_path / "worker-0"), 1 << 20).open()
+    assert read_all(spool) == lines(0, 10)
+    assert read_all(live) == lines(100, 10)
+    live.close()
+    spool.close()
+
+
+def test_spool_directory_is_locked(tmp_path):
+    Spool(str(tmp_path / "worker-0"), 1 << 20).open()
+    fd = os.open(str(tmp_path / "worker-0" / "lock"), os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = False
+        except BlockingIOError:
+            locked = True
+        assert locked
+    finally:
+        os.close(fd)
