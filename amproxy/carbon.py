@@ -76,10 +76,10 @@ class CarbonSender:
 
     def enqueue(self, data, line_count):
         """Queue a chunk of Carbon lines.  Never drops: may set ``full``."""
-        if not self.buffer.has_room(line_count) and self.buffer:
-            self._spill()
         self.buffer.append(data, line_count)
-        self.full = not self.buffer.has_room()
+        if not self.buffer.has_room(0):
+            self._spill()
+            self.full = not self.buffer.has_room()
 
     def _spill(self):
         """Move the memory buffer to the end of the spool, if it fits."""

@@ -141,8 +141,10 @@ class Worker:
             for key, mask in self.selector.select(timeout):
                 key.data(mask)
             self.sender.flush()
-            if self.paused != self.sender.full:
-                self._set_paused(self.sender.full)
+            # Back-pressure, except when stopping: then clients are read to the end.
+            pause = self.sender.full and self.stopping_since is None
+            if self.paused != pause:
+                self._set_paused(pause)
             if self._signals:
                 self._handle_signals()
             now = self.clock()

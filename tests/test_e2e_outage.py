@@ -1,0 +1,186 @@
+"""No valid line is lost: Carbon outages, restarts and crashes, with a real carbon-cache."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import line_for, pid_alive, wait_for, write_auth
+
+METRICS = ["outage.m%02d" % i for i in range(20)]
+KEYS = {"dev": ("dev-secret", METRICS)}
+
+
+@pytest.fixture
+def outage_auth(tmp_path):
+    path = tmp_path / "outage.yaml"
+    write_auth(path, KEYS)
+    return path
+
+
+def make_points(count, start):
+    """``count`` distinct (metric, timestamp, value) points, spread over METRICS."""
+    per_metric = count // len(METRICS)
+    return [(metric, start + i, float(n * 100000 + i))
+            for n, metric in enumerate(METRICS) for i in range(per_metric)]
+
+
+def send_steadily(proxy, points, seconds, connections=4):
+    """Send ``points`` over ``connections`` at an even rate for ``seconds``."""
+    socks = [proxy.connect() for _ in range(connections)]
+    batches = 100
+    per_batch = (len(points) + batches - 1) // batches
+    started = time.monotonic()
+    for b in range(batches):
+        chunk = points[b * per_batch:(b + 1) * per_batch]
+        data = b"".join(line_for(KEYS, "dev", m, v, ts) for m, ts, v in chunk)
+        socks[b % connections].sendall(data)
+        pause = started + seconds * (b + 1) / batches - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)  # pacing the load, not waiting for a result
+    return socks
+
+
+def missing_points(carbon, points, since):
+    stored = {m: carbon.points(m, since) for m in METRICS}
+    return [(m, ts, v) for m, ts, v in points if stored[m].get(ts) != v]
+
+
+def wait_all_stored(carbon, points, since, timeout=60):
+    try:
+        wait_for(lambda: not missing_points(carbon, points, since), timeout, interval=0.5,
+                 what="every point in whisper")
+    except TimeoutError:
+        missing = missing_points(carbon, points, since)
+        raise AssertionError("%d of %d points never reached whisper, e.g. %r" % (
+            len(missing), len(points), missing[:3])) from None
+
+
+def run_outage(own_carbon, proxy, points, seconds=10.0, outage=(2.0, 12.0)):
+    """Stream ``points`` for ``seconds`` while Carbon is down during ``outage``."""
+    def cycle_carbon():
+        time.sleep(outage[0])
+        own_carbon.stop()
+        time.sleep(outage[1] - outage[0])
+        own_carbon.start()
+    cycler = threading.Thread(target=cycle_carbon)
+    cycler.start()
+    socks = send_steadily(proxy, points, seconds)
+    cycler.join(60)
+    for sock in socks:
+        sock.close()
+
+
+def test_carbon_down_for_ten_seconds_loses_nothing(own_carbon, outage_auth, make_proxy,
+                                                   tmp_path):
+    own_carbon.start()
+    proxy = make_proxy(own_carbon.address, outage_auth, args=["--skew", "2h"])
+    start = int(time.time()) - 3000
+    points = make_points(20000, start)
+    run_outage(own_carbon, proxy, points)
+    wait_all_stored(own_carbon, points, start)
+    log = proxy.log()
+    assert "lost the connection to Carbon" in log
+    assert "Carbon connection restored" in log
+    # The outage is logged once per worker, not once per line.
+    assert log.count("keeping lines until it is back") <= 2
+
+
+def test_long_outage_overflows_into_the_spool(own_carbon, outage_auth, make_proxy,
+                                              tmp_path):
+    own_carbon.start()
+    spool = tmp_path / "spool"
+    proxy = make_proxy(own_carbon.address, outage_auth,
+                       args=["--skew", "2h", "--buffer-size", "500",
+                             "--spool-dir", str(spool), "--replay-rate", "20000"])
+    start = int(time.time()) - 3000
+    points = make_points(20000, start)
+    run_outage(own_carbon, proxy, points)
+    wait_all_stored(own_carbon, points, start)
+    log = proxy.log()
+    assert "spilling lines to the spool" in log
+    assert "backlog delivered to Carbon" in log
+    wait_for(lambda: not any(f.endswith(".spool") for _, _, files in os.walk(spool)
+                             for f in files), 10, what="the spool to empty")
+
+
+def test_sigterm_while_carbon_is_down_then_restart_delivers_everything(
+        own_carbon, outage_auth, make_proxy, tmp_path):
+    spool = tmp_path / "spool"
+    args = ["--skew", "2h", "--spool-dir", str(spool)]
+    first = make_proxy(own_carbon.address, outage_auth, args=args)  # Carbon is not running
+    start = int(time.time()) - 3000
+    points = make_points(10000, start)
+    socks = send_steadily(first, points, 2.0)
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit(40) == 0
+    for sock in socks:
+        sock.close()
+    spooled = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(spool)
+                  for f in files if f.endswith(".spool"))
+    assert spooled > 0
+    assert "they are lost" not in first.log()
+    own_carbon.start()
+    second = make_proxy(own_carbon.address, outage_auth, args=args)
+    wait_all_stored(own_carbon, points, start)
+    assert "found spooled lines" in second.log()
+
+
+def spooled_lines(spool):
+    found = []
+    for directory, _, files in os.walk(spool):
+        for name in sorted(files):
+            if name.endswith(".spool"):
+                with open(os.path.join(directory, name), "rb") as f:
+                    found.extend(f.read().splitlines())
+    return found
+
+
+def test_killed_worker_spool_is_delivered_by_its_successor(own_carbon, outage_auth,
+                                                           make_proxy, tmp_path):
+    spool = tmp_path / "spool"
+    proxy = make_proxy(own_carbon.address, outage_auth, workers=1,
+                       args=["--skew", "2h", "--spool-dir", str(spool),
+                             "--buffer-size", "100"])
+    start = int(time.time()) - 3000
+    points = make_points(4000, start)
+    with proxy.connect() as sock:
+        sock.sendall(b"".join(line_for(KEYS, "dev", m, v, ts) for m, ts, v in points))
+        wait_for(lambda: len(spooled_lines(spool)) >= 3800, 10, what="lines in the spool")
+    worker = proxy.workers()[0]
+    os.kill(worker, signal.SIGKILL)
+    in_spool = spooled_lines(spool)
+    # What was in the killed worker's memory is lost; what it had spooled is not.
+    assert len(in_spool) >= 3800
+    proxy.wait_workers(1)
+    own_carbon.start()
+    expected = []
+    for line in in_spool:
+        metric, value, ts = line.decode().split()
+        expected.append((metric, int(ts), float(value)))
+    wait_all_stored(own_carbon, expected, start)
+
+
+def test_workers_exit_within_two_seconds_of_the_master_dying(carbon, outage_auth,
+                                                             make_proxy):
+    proxy = make_proxy(carbon.address, outage_auth)
+    workers = proxy.workers()
+    client = proxy.connect()  # an open client must not keep them alive
+    os.kill(proxy.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: not any(pid_alive(pid) for pid in workers), 2.0, interval=0.02,
+             what="the workers to exit")
+    elapsed = time.monotonic() - killed
+    client.close()
+    print("workers exited %.2f s after the master was killed" % elapsed)
+    assert elapsed < 2.0
+
+
+def test_hung_worker_is_killed_and_replaced(carbon, outage_auth, make_proxy):
+    proxy = make_proxy(carbon.address, outage_auth, args=["--worker-timeout", "2s"])
+    hung = proxy.workers()[0]
+    os.kill(hung, signal.SIGSTOP)
+    wait_for(lambda: hung not in proxy.workers() and len(proxy.workers()) == 2, 6,
+             what="the hung worker to be replaced")
+    assert "worker hung" in proxy.log()
