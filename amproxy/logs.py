@@ -166,5 +166,10 @@ class RejectionLog:
         self._logged = {}
         self._suppressed = {}
 
+    def tick(self, now):
+        """Called every so often, so a count of suppressed lines is not held back."""
+        if now != self._second:
+            self._roll(now)
+
     def flush(self):
         self._roll(self._second)

@@ -7,6 +7,7 @@ signals it reaps dead workers, kills hung ones and starts missing ones.
 
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -69,6 +70,7 @@ class Master:
         db = self.auth_file.load()
         warn_if_world_readable(self.options.auth_file)
         self.listener = bind_listener(self.options.addr)
+        self._raise_file_limit()
         self._pipe = os.pipe()
         for fd in self._pipe:
             os.set_blocking(fd, False)
@@ -78,6 +80,17 @@ class Master:
             "addr": "%s:%d" % self.listener.getsockname()[:2],
             "carbon": "%s:%d" % self.options.carbon_addr, "workers": self.num_workers,
             "keys": len(db), "auth_file": self.options.auth_file})
+
+    def _raise_file_limit(self):
+        """Each worker needs a descriptor per client; 1024 is a common soft limit."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = self.options.max_connections + 64
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            if new < wanted:
+                log.warning("the open-file limit (%d) is below --max-connections; raise "
+                            "LimitNOFILE or ulimit -n", new)
 
     def _record_signal(self, signum, frame):
         if len(self._signal_queue) < 5:

@@ -158,6 +158,7 @@ class Worker:
 
     def _housekeeping(self, now):
         self.heartbeat.notify()
+        self.reject_log.tick(int(time.time()))
         if os.getppid() != self.ppid and self.stop_deadline != ORPHAN_STOP_SECONDS:
             log.warning("master process is gone; worker stopping",
                         extra={"master_pid": self.ppid})

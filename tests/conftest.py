@@ -34,6 +34,7 @@ def auth_yaml(keys):
 
 
 def write_auth(path, keys, atomic=True):
+    SECRETS_USED.update(secret for secret, _ in keys.values())
     text = auth_yaml(keys)
     if atomic:
         tmp = str(path) + ".tmp"
@@ -46,9 +47,24 @@ def write_auth(path, keys, atomic=True):
             f.write(text)
 
 
+# Every secret the tests sign with; no amproxy log may ever contain one.
+SECRETS_USED = set()
+# A base64 HMAC-SHA256: 43 characters and one "=". No log line may hold one,
+# whether a client's signature or one the proxy computed.
+SIGNATURE_SHAPE = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=")
+
+
 def line_for(keys, public_key, metric, value, timestamp=None):
+    SECRETS_USED.add(keys[public_key][0])
     return signed_line(keys[public_key][0], metric, value,
                        int(time.time()) if timestamp is None else timestamp, public_key)
+
+
+def assert_log_leaks_nothing(text, where):
+    for secret in SECRETS_USED:
+        assert secret not in text, "a secret key appears in %s" % where
+    match = SIGNATURE_SHAPE.search(text)
+    assert match is None, "a signature (%s) appears in %s" % (match.group(0), where)
 
 
 def children_of(pid):
@@ -140,6 +156,12 @@ class Proxy:
         return self.process.wait(timeout)
 
     def stop(self):
+        """Stop the server (if running) and check its whole log for leaks."""
+        self._terminate()
+        if self.process is not None:
+            assert_log_leaks_nothing(self.log(), self.log_path)
+
+    def _terminate(self):
         if self.process is None or self.process.poll() is not None:
             return
         try:

@@ -1,0 +1,175 @@
+"""Hostile input changes nothing: each attack runs while a valid client is served."""
+import os
+import random
+import socket
+import time
+
+import pytest
+
+from conftest import KEYS, line_for, wait_for, wait_points
+
+MB = 1 << 20
+
+
+def rss_bytes(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS for %d" % pid)
+
+
+def assert_valid_client_served(carbon, proxy, metric="e2e.alpha.temp", value=None):
+    """A fresh, well-behaved client gets a point through."""
+    now = int(time.time())
+    value = float(random.randint(1, 10 ** 6)) if value is None else value
+    ts = now - random.randint(0, 250)
+    proxy.send(line_for(KEYS, "alpha", metric, value, ts))
+    wait_points(carbon, metric, {ts: value}, ts)
+
+
+@pytest.fixture
+def hostile_proxy(carbon, auth_file, make_proxy):
+    def make(*args, workers=2):
+        proxy = make_proxy(carbon.address, auth_file, args=list(args), workers=workers)
+        proxy.initial_workers = proxy.workers()
+        return proxy
+    return make
+
+
+def assert_no_worker_crashed(proxy):
+    assert proxy.workers() == proxy.initial_workers, proxy.log()[-2000:]
+    assert "worker crashed" not in proxy.log()
+
+
+def test_ten_megabytes_without_newline(carbon, hostile_proxy):
+    proxy = hostile_proxy()
+    before = {pid: rss_bytes(pid) for pid in proxy.workers()}
+    attacker = proxy.connect()
+    sent = 0
+    chunk = b"A" * 65536
+    try:
+        while sent < 10 * MB:
+            attacker.sendall(chunk)
+            sent += len(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # closed by the proxy once the line passed --max-line-length
+    attacker.close()
+    proxy.wait_log(r"reason=lineTooLong")
+    after = {pid: rss_bytes(pid) for pid in proxy.workers()}
+    for pid in before:
+        print("worker %d RSS %.1f MB -> %.1f MB" % (pid, before[pid] / MB, after[pid] / MB))
+        assert after[pid] - before[pid] < 20 * MB
+    assert sent < 10 * MB  # the connection was cut long before 10 MB
+    assert "closing client connection: line longer than --max-line-length" in proxy.log()
+    assert_valid_client_served(carbon, proxy)
+    assert_no_worker_crashed(proxy)
+
+
+def test_idle_connections_are_closed(carbon, hostile_proxy):
+    proxy = hostile_proxy("--idle-timeout", "1s")
+    idle = proxy.connect()
+    idle.settimeout(5)
+    started = time.monotonic()
+    assert idle.recv(1) == b""  # closed by the proxy
+    assert 0.9 <= time.monotonic() - started < 4
+    assert "closing idle client connection" in proxy.log()
+    assert_valid_client_served(carbon, proxy)
+
+
+def test_connection_cap_refuses_new_but_serves_existing(carbon, hostile_proxy):
+    proxy = hostile_proxy("--max-connections", "5", workers=1)
+    held = [proxy.connect() for _ in range(5)]
+    # Each held connection is known to the worker once it has been served.
+    now = int(time.time())
+    for i, sock in enumerate(held):
+        sock.sendall(line_for(KEYS, "beta", "e2e.beta.temp", 500 + i, now - 280 + i))
+    wait_points(carbon, "e2e.beta.temp", {now - 280 + i: 500.0 + i for i in range(5)},
+                now - 280)
+    extra = proxy.connect()
+    extra.settimeout(5)
+    assert extra.recv(1) == b""  # closed at once
+    extra.close()
+    held[0].sendall(line_for(KEYS, "beta", "e2e.beta.temp", 999, now - 200))
+    wait_points(carbon, "e2e.beta.temp", {now - 200: 999.0}, now - 200)
+    for sock in held:
+        sock.close()
+    assert_no_worker_crashed(proxy)
+
+
+def test_binary_garbage_nul_bytes_and_invalid_utf8(carbon, hostile_proxy):
+    proxy = hostile_proxy()
+    rng = random.Random(7)
+    junk = [bytes(rng.getrandbits(8) for _ in range(4096)) for _ in range(64)]
+    junk += [b"\x00" * 1000 + b"\n", b"\xff\xfe\xfd metric 1 2 3\n",
+             b"m\xc3\x28 1 %d alpha AAAA\n" % int(time.time()), b"\r\n" * 500]
+    with proxy.connect() as sock:
+        for blob in junk:
+            sock.sendall(blob.replace(b"\n", b"\n")[:4000] + b"\n")
+    proxy.wait_log(r"reason=malformed")
+    assert_valid_client_served(carbon, proxy)
+    assert_no_worker_crashed(proxy)
+
+
+def test_slow_client_does_not_block_others(carbon, hostile_proxy):
+    proxy = hostile_proxy(workers=1)  # one worker: the slow client shares it
+    now = int(time.time())
+    slow_line = line_for(KEYS, "beta", "e2e.beta.temp", 4242, now - 150)
+    slow = proxy.connect()
+    for i in range(4):
+        slow.sendall(slow_line[i:i + 1])
+        assert_valid_client_served(carbon, proxy, value=float(i + 1))
+        time.sleep(1.0)  # the attack is one byte per second
+    slow.sendall(slow_line[4:])
+    slow.close()
+    wait_points(carbon, "e2e.beta.temp", {now - 150: 4242.0}, now - 150)
+    assert_no_worker_crashed(proxy)
+
+
+def test_thousand_connections_at_once(carbon, hostile_proxy):
+    proxy = hostile_proxy()
+    before = {pid: rss_bytes(pid) for pid in proxy.workers()}
+    socks = []
+    try:
+        for _ in range(1000):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(proxy.address)
+            socks.append(sock)
+        assert_valid_client_served(carbon, proxy)
+        after = {pid: rss_bytes(pid) for pid in proxy.workers()}
+        for pid in before:
+            assert after[pid] - before[pid] < 20 * MB
+    finally:
+        for sock in socks:
+            sock.close()
+    assert_valid_client_served(carbon, proxy)
+    assert_no_worker_crashed(proxy)
+
+
+def test_rejection_flood_is_rate_limited_in_the_log(carbon, hostile_proxy):
+    proxy = hostile_proxy("--log-rejections", "5", workers=1)
+    now = int(time.time())
+    bad = line_for({"alpha": ("wrong-secret", [])}, "alpha", "e2e.alpha.temp", 1, now)
+    with proxy.connect() as sock:
+        sock.sendall(bad * 20000)
+    proxy.wait_log(r"rejection log lines suppressed", timeout=10)
+    assert_valid_client_served(carbon, proxy)
+    log = proxy.log()
+    started = time.monotonic()
+    logged = log.count('msg="line rejected"')
+    # 5 per reason per second, over the few seconds the flood and this test took.
+    assert logged <= 5 * (int(time.monotonic() - started) + 10)
+    suppressed = sum(int(part.split("=")[1]) for line in log.splitlines()
+                     if "suppressed=" in line for part in line.split()
+                     if part.startswith("suppressed="))
+    assert logged + suppressed == 20000
+
+
+def test_world_readable_auth_file_warns(carbon, auth_file, make_proxy):
+    os.chmod(auth_file, 0o644)
+    proxy = make_proxy(carbon.address, auth_file)
+    assert "can be read by every user" in proxy.log()
+    os.chmod(auth_file, 0o600)
+    quiet = make_proxy(carbon.address, auth_file)
+    assert "can be read by every user" not in quiet.log()
