@@ -32,19 +32,21 @@ def assert_valid_client_served(carbon, proxy, metric="e2e.alpha.temp", value=Non
 def hostile_proxy(carbon, auth_file, make_proxy):
     def make(*args, workers=2):
         proxy = make_proxy(carbon.address, auth_file, args=list(args), workers=workers)
-        proxy.initial_workers = proxy.workers()
+        proxy.initial_rss = {pid: rss_bytes(pid) for pid in proxy.workers()}
         return proxy
     return make
 
 
-def assert_no_worker_crashed(proxy):
-    assert proxy.workers() == proxy.initial_workers, proxy.log()[-2000:]
+def assert_workers_healthy(proxy):
+    """The same workers as at start (none crashed), each within 20 MB of its idle RSS."""
+    assert proxy.workers() == sorted(proxy.initial_rss), proxy.log()[-2000:]
     assert "worker crashed" not in proxy.log()
+    for pid, idle in proxy.initial_rss.items():
+        assert rss_bytes(pid) - idle < 20 * MB
 
 
 def test_ten_megabytes_without_newline(carbon, hostile_proxy):
     proxy = hostile_proxy()
-    before = {pid: rss_bytes(pid) for pid in proxy.workers()}
     attacker = proxy.connect()
     sent = 0
     chunk = b"A" * 65536
@@ -56,14 +58,12 @@ def test_ten_megabytes_without_newline(carbon, hostile_proxy):
         pass  # closed by the proxy once the line passed --max-line-length
     attacker.close()
     proxy.wait_log(r"reason=lineTooLong")
-    after = {pid: rss_bytes(pid) for pid in proxy.workers()}
-    for pid in before:
-        print("worker %d RSS %.1f MB -> %.1f MB" % (pid, before[pid] / MB, after[pid] / MB))
-        assert after[pid] - before[pid] < 20 * MB
+    for pid, idle in proxy.initial_rss.items():
+        print("worker %d RSS %.1f MB -> %.1f MB" % (pid, idle / MB, rss_bytes(pid) / MB))
     assert sent < 10 * MB  # the connection was cut long before 10 MB
     assert "closing client connection: line longer than --max-line-length" in proxy.log()
     assert_valid_client_served(carbon, proxy)
-    assert_no_worker_crashed(proxy)
+    assert_workers_healthy(proxy)
 
 
 def test_idle_connections_are_closed(carbon, hostile_proxy):
@@ -75,6 +75,7 @@ def test_idle_connections_are_closed(carbon, hostile_proxy):
     assert 0.9 <= time.monotonic() - started < 4
     assert "closing idle client connection" in proxy.log()
     assert_valid_client_served(carbon, proxy)
+    assert_workers_healthy(proxy)
 
 
 def test_connection_cap_refuses_new_but_serves_existing(carbon, hostile_proxy):
@@ -94,7 +95,7 @@ def test_connection_cap_refuses_new_but_serves_existing(carbon, hostile_proxy):
     wait_points(carbon, "e2e.beta.temp", {now - 200: 999.0}, now - 200)
     for sock in held:
         sock.close()
-    assert_no_worker_crashed(proxy)
+    assert_workers_healthy(proxy)
 
 
 def test_binary_garbage_nul_bytes_and_invalid_utf8(carbon, hostile_proxy):
@@ -105,10 +106,10 @@ def test_binary_garbage_nul_bytes_and_invalid_utf8(carbon, hostile_proxy):
              b"m\xc3\x28 1 %d alpha AAAA\n" % int(time.time()), b"\r\n" * 500]
     with proxy.connect() as sock:
         for blob in junk:
-            sock.sendall(blob.replace(b"\n", b"\n")[:4000] + b"\n")
+            sock.sendall(blob[:4000] + b"\n")
     proxy.wait_log(r"reason=malformed")
     assert_valid_client_served(carbon, proxy)
-    assert_no_worker_crashed(proxy)
+    assert_workers_healthy(proxy)
 
 
 def test_slow_client_does_not_block_others(carbon, hostile_proxy):
@@ -123,12 +124,11 @@ def test_slow_client_does_not_block_others(carbon, hostile_proxy):
     slow.sendall(slow_line[4:])
     slow.close()
     wait_points(carbon, "e2e.beta.temp", {now - 150: 4242.0}, now - 150)
-    assert_no_worker_crashed(proxy)
+    assert_workers_healthy(proxy)
 
 
 def test_thousand_connections_at_once(carbon, hostile_proxy):
     proxy = hostile_proxy()
-    before = {pid: rss_bytes(pid) for pid in proxy.workers()}
     socks = []
     try:
         for _ in range(1000):
@@ -137,14 +137,12 @@ def test_thousand_connections_at_once(carbon, hostile_proxy):
             sock.connect_ex(proxy.address)
             socks.append(sock)
         assert_valid_client_served(carbon, proxy)
-        after = {pid: rss_bytes(pid) for pid in proxy.workers()}
-        for pid in before:
-            assert after[pid] - before[pid] < 20 * MB
+        assert_workers_healthy(proxy)
     finally:
         for sock in socks:
             sock.close()
     assert_valid_client_served(carbon, proxy)
-    assert_no_worker_crashed(proxy)
+    assert_workers_healthy(proxy)
 
 
 def test_rejection_flood_is_rate_limited_in_the_log(carbon, hostile_proxy):
@@ -164,6 +162,7 @@ def test_rejection_flood_is_rate_limited_in_the_log(carbon, hostile_proxy):
                      if "suppressed=" in line for part in line.split()
                      if part.startswith("suppressed="))
     assert logged + suppressed == 20000
+    assert_workers_healthy(proxy)
 
 
 def test_world_readable_auth_file_warns(carbon, auth_file, make_proxy):

@@ -1,0 +1,447 @@
+#!/usr/bin/env python3
+"""Throughput benchmark: signed lines -> amproxy -> a counting sink in place of Carbon.
+
+Each run generates signed lines with fresh timestamps, starts a sink and
+``amproxy server``, sends the lines over several connections as fast as it
+can, and waits until the sink has counted every valid line.  It prints one
+JSON line per run and, at the end, the medians as JSON and as a table.
+
+    python bench/bench.py --lines 1000000 --connections 4 --workers 2 --repeats 3
+
+A baseline (the same bytes sent straight into the sink, no proxy) runs in the
+same session, so results can be read as ratios on a noisy shared machine.
+``--compare NAME=COMMAND`` runs another proxy the same way; COMMAND may use
+{addr}, {port}, {carbon_addr} and {auth_file}.
+"""
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import multiprocessing
+import os
+import platform
+import selectors
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout, what, interval=0.005):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("timed out after %.0f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# -- the sink -------------------------------------------------------------------
+
+class Sink:
+    """A process that counts the lines it receives and when they arrive."""
+
+    def __init__(self):
+        self.port = free_port()
+        ctx = multiprocessing.get_context("fork")
+        self.count = ctx.Value("q", 0, lock=False)
+        self.last = ctx.Value("d", 0.0, lock=False)
+        self.max_gap = ctx.Value("d", 0.0, lock=False)
+        self.watch_gaps = ctx.Value("b", 0, lock=False)
+        ready = ctx.Event()
+        self.process = ctx.Process(target=self._serve, args=(ready,), daemon=True)
+        self.process.start()
+        ready.wait(10)
+
+    def _serve(self, ready):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        listener.setblocking(False)
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
+        buf = bytearray(1 << 20)
+        count, last = self.count, self.last
+        ready.set()
+        while True:
+            for key, _ in sel.select(0.5):
+                if key.fileobj is listener:
+                    try:
+                        conn, _ = listener.accept()
+                    except BlockingIOError:
+                        continue
+                    conn.setblocking(False)
+                    sel.register(conn, selectors.EVENT_READ)
+                    continue
+                try:
+                    n = key.fileobj.recv_into(buf)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    n = 0
+                if not n:
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()
+                    continue
+                now = time.monotonic()
+                if self.watch_gaps.value and last.value and now - last.value > self.max_gap.value:
+                    self.max_gap.value = now - last.value
+                count.value += buf.count(b"\n", 0, n)
+                last.value = now
+
+    def reset(self):
+        self.count.value = 0
+        self.last.value = 0.0
+        self.max_gap.value = 0.0
+
+    def stop(self):
+        self.process.kill()
+        self.process.join(5)
+
+
+# -- load -------------------------------------------------------------------------
+
+def make_keys(count, metrics_per_key):
+    return [("bench%d" % k, "secret-%d-%s" % (k, "x" * 20),
+             ["bench.k%d.m%d" % (k, m) for m in range(metrics_per_key)]) for k in range(count)]
+
+
+def write_auth(path, keys):
+    with open(path, "w") as f:
+        f.write("apikeys:\n")
+        for name, secret, metrics in keys:
+            f.write("  %s:\n    secret_key: %s\n    metrics:\n" % (name, secret))
+            f.writelines("      - %s\n" % m for m in metrics)
+    os.chmod(path, 0o600)
+
+
+def generate(keys, lines, connections, bad_fraction):
+    """Signed lines with timestamps of now, split into one blob per connection."""
+    now = int(time.time())
+    states = [(name.encode(), hmac.new(secret.encode(), digestmod=hashlib.sha256),
+               [m.encode() for m in metrics]) for name, secret, metrics in keys]
+    bad_every = int(round(1 / bad_fraction)) if bad_fraction else 0
+    parts = [[] for _ in range(connections)]
+    good = 0
+    for i in range(lines):
+        name, mac, metrics = states[i % len(states)]
+        text = b"%s %d %d %s" % (metrics[(i // len(states)) % len(metrics)], i % 1000, now,
+                                 name)
+        m = mac.copy()
+        m.update(text)
+        sig = base64.b64encode(m.digest())
+        if bad_every and i % bad_every == 0:
+            sig = sig[:-3] + (b"AA=" if sig[-3:] != b"AA=" else b"BB=")
+        else:
+            good += 1
+        parts[i % connections].append(text + b" " + sig + b"\n")
+    return [b"".join(p) for p in parts], good
+
+
+def send_all(port, blobs):
+    """Send each blob over its own connection, in parallel; return when all are sent."""
+    errors = []
+
+    def send(blob):
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                view = memoryview(blob)
+                for start in range(0, len(blob), 1 << 20):
+                    s.sendall(view[start:start + (1 << 20)])
+        except OSError as e:
+            errors.append(e)
+    threads = [threading.Thread(target=send, args=(b,)) for b in blobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+# -- the proxy under test ---------------------------------------------------------
+
+def proc_children(pid):
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def cpu_seconds(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+    except OSError:
+        return 0.0
+
+
+def peak_rss_mb(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class Proxy:
+    def __init__(self, command, sink, auth_file, workers, extra=()):
+        self.port = free_port()
+        fields = {"addr": "127.0.0.1:%d" % self.port, "port": self.port,
+                  "carbon_addr": "127.0.0.1:%d" % sink.port, "auth_file": auth_file}
+        if command is None:
+            amproxy = os.path.join(os.path.dirname(sys.executable), "amproxy")
+            self.argv = [amproxy, "server", "--addr", fields["addr"], "--carbon-addr",
+                         fields["carbon_addr"], "--auth-file", auth_file, "--workers",
+                         str(workers), "--skew", "1h", "--log-level", "err"] + list(extra)
+        else:
+            self.argv = shlex.split(command.format(**fields))
+        self.workers = workers if command is None else None
+        self.log = tempfile.TemporaryFile()
+        started = time.monotonic()
+        self.process = subprocess.Popen(self.argv, stdout=self.log, stderr=self.log,
+                                        start_new_session=True,
+                                        env=dict(os.environ, AMPROXY_CONFIG="/dev/null"))
+        wait_for(lambda: self.process.poll() is not None or port_open(self.port), 120,
+                 "the proxy to listen")
+        self.startup_seconds = time.monotonic() - started
+        if self.process.poll() is not None:
+            self.log.seek(0)
+            raise RuntimeError("proxy exited: %s" % self.log.read().decode()[-2000:])
+        if self.workers:
+            wait_for(lambda: len(proc_children(self.process.pid)) >= self.workers, 30,
+                     "the workers")
+
+    def pids(self):
+        return [self.process.pid] + proc_children(self.process.pid)
+
+    def cpu(self):
+        return sum(cpu_seconds(pid) for pid in self.pids())
+
+    def stop(self):
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+def settle(sink, expected, timeout):
+    """Wait until the sink has ``expected`` lines, then a moment more for strays."""
+    try:
+        wait_for(lambda: sink.count.value >= expected, timeout, "the sink to count %d lines"
+                 % expected, interval=0.002)
+    except TimeoutError:
+        pass
+    end = sink.last.value
+    time.sleep(0.2)  # catch duplicates or late lines before counting losses
+    return end, sink.count.value
+
+
+def run_once(name, command, args, sink, auth_file, keys, workers):
+    blobs, good = generate(keys, args.lines, args.connections, args.bad_fraction)
+    proxy = Proxy(command, sink, auth_file, workers) if name != "no-proxy" else None
+    port = proxy.port if proxy else sink.port
+    try:
+        sink.reset()
+        cpu_before = proxy.cpu() if proxy else 0.0
+        started = time.monotonic()
+        send_all(port, blobs)
+        end, counted = settle(sink, good, args.timeout)
+        elapsed = max(end - started, 1e-9)
+        result = {"proxy": name, "workers": workers if proxy and proxy.workers else None,
+                  "lines": args.lines, "valid_lines": good, "connections": args.connections,
+                  "bad_fraction": args.bad_fraction,
+                  "lines_per_s": round(good / elapsed),
+                  "lost": max(0, good - counted), "extra": max(0, counted - good)}
+        if proxy:
+            cpu = proxy.cpu() - cpu_before
+            result["cpu_us_per_line"] = round(cpu / args.lines * 1e6, 3)
+            result["peak_rss_mb_per_worker"] = [round(peak_rss_mb(p), 1)
+                                                for p in proxy.pids()[1:]]
+        return result
+    finally:
+        if proxy:
+            proxy.stop()
+
+
+def latency(command, sink, auth_file, keys, workers, samples=50):
+    """Median time from a client's send to the sink's receive, one line at a time, idle."""
+    proxy = Proxy(command, sink, auth_file, workers)
+    try:
+        name, secret, metrics = keys[0]
+        times = []
+        with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+            for i in range(samples):
+                text = b"%s %d %d %s" % (metrics[0].encode(), i, time.time(), name.encode())
+                sig = base64.b64encode(hmac.new(secret.encode(), text, "sha256").digest())
+                before = sink.count.value
+                sent = time.monotonic()
+                s.sendall(text + b" " + sig + b"\n")
+                wait_for(lambda: sink.count.value > before, 5, "one line", interval=0.0001)
+                times.append(sink.last.value - sent)
+                time.sleep(0.01)  # idle between samples
+        return round(statistics.median(times) * 1000, 3)
+    finally:
+        proxy.stop()
+
+
+def big_auth_file(args, sink, directory, workers):
+    """Start-up time with a large auth file, and the longest forwarding gap around a HUP."""
+    keys = make_keys(args.big_auth_keys, 10)
+    path = os.path.join(directory, "big-auth.yaml")
+    write_auth(path, keys)
+    proxy = Proxy(None, sink, path, workers)
+    try:
+        rate, seconds = 20000, 4.0
+        blobs, _ = generate(keys[:10], int(rate * seconds), 4, 0)
+        sink.reset()
+        sink.watch_gaps.value = 1
+        socks = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in blobs]
+        started = time.monotonic()
+        hup_at, hup_sent = started + seconds / 3, False
+        steps = 200
+        for step in range(steps):
+            for sock, blob in zip(socks, blobs):
+                part = len(blob) // steps
+                piece = blob[step * part:(step + 1) * part]
+                if step == steps - 1:
+                    piece = blob[step * part:]
+                sock.sendall(piece)
+            if not hup_sent and time.monotonic() >= hup_at:
+                os.kill(proxy.process.pid, signal.SIGHUP)
+                hup_sent = True
+            pause = started + seconds * (step + 1) / steps - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+        for sock in socks:
+            sock.close()
+        time.sleep(0.5)
+        sink.watch_gaps.value = 0
+        return {"auth_keys": args.big_auth_keys, "auth_metrics": args.big_auth_keys * 10,
+                "startup_seconds": round(proxy.startup_seconds, 2),
+                "max_forwarding_gap_during_hup_s": round(sink.max_gap.value, 3)}
+    finally:
+        proxy.stop()
+
+
+def median_of(runs, field):
+    values = [r[field] for r in runs if r.get(field) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(runs):
+    summary = dict(runs[0])
+    for field in ("lines_per_s", "cpu_us_per_line", "lost", "extra"):
+        if field in summary:
+            summary[field] = median_of(runs, field)
+    if "peak_rss_mb_per_worker" in summary:
+        summary["peak_rss_mb_per_worker"] = max(max(r["peak_rss_mb_per_worker"] or [0])
+                                                for r in runs)
+    summary["repeats"] = len(runs)
+    return summary
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lines", type=int, default=1000000)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--keys", type=int, default=10)
+    parser.add_argument("--metrics-per-key", type=int, default=100)
+    parser.add_argument("--workers", type=int, nargs="+", default=[2],
+                        help="one or more worker counts to compare")
+    parser.add_argument("--bad-fraction", type=float, default=0.0,
+                        help="the fraction of lines with a bad signature")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=COMMAND")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--latency", action="store_true", help="measure idle latency")
+    parser.add_argument("--big-auth-keys", type=int, default=0,
+                        help="also time start-up and a HUP with an auth file this large")
+    parser.add_argument("--timeout", type=float, default=120)
+    args = parser.parse_args()
+
+    directory = tempfile.mkdtemp(prefix="amproxy-bench-")
+    keys = make_keys(args.keys, args.metrics_per_key)
+    auth_file = os.path.join(directory, "auth.yaml")
+    write_auth(auth_file, keys)
+    sink = Sink()
+    contenders = [] if args.no_baseline else [("no-proxy", None, None)]
+    contenders += [("amproxy", None, w) for w in args.workers]
+    for spec in args.compare:
+        name, _, command = spec.partition("=")
+        contenders.append((name, command, None))
+    results = {}
+    try:
+        for repeat in range(args.repeats):
+            for name, command, workers in contenders:
+                result = run_once(name, command, args, sink, auth_file, keys, workers)
+                result["repeat"] = repeat + 1
+                print(json.dumps(result), flush=True)
+                results.setdefault((name, workers), []).append(result)
+        summaries = [summarize(runs) for runs in results.values()]
+        baseline = next((s for s in summaries if s["proxy"] == "no-proxy"), None)
+        for s in summaries:
+            if baseline and s is not baseline:
+                s["ratio_to_no_proxy"] = round(s["lines_per_s"] / baseline["lines_per_s"], 4)
+        extra = {}
+        if args.latency:
+            extra["idle_latency_ms_median"] = latency(None, sink, auth_file, keys,
+                                                      args.workers[0])
+        if args.big_auth_keys:
+            extra.update(big_auth_file(args, sink, directory, args.workers[0]))
+        print(json.dumps({"summary": summaries, **extra,
+                          "machine": "%s, %d CPUs, Python %s" % (
+                              platform.platform(), os.cpu_count(),
+                              platform.python_version())}), flush=True)
+        print_table(summaries, extra)
+        return 1 if any(s["lost"] for s in summaries) else 0
+    finally:
+        sink.stop()
+
+
+def print_table(summaries, extra):
+    print("\n| proxy | workers | lines/s (median) | ratio to no proxy | CPU us/line | "
+          "peak RSS/worker MB | lost |", file=sys.stderr)
+    print("|---|---|---|---|---|---|---|", file=sys.stderr)
+    for s in summaries:
+        print("| %s | %s | %s | %s | %s | %s | %s |" % (
+            s["proxy"], s.get("workers") or "-", "{:,}".format(int(s["lines_per_s"])),
+            s.get("ratio_to_no_proxy", "-"), s.get("cpu_us_per_line", "-"),
+            s.get("peak_rss_mb_per_worker", "-"), s["lost"]), file=sys.stderr)
+    for key, value in extra.items():
+        print("%s: %s" % (key, value), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
