@@ -18,18 +18,21 @@ log = logging.getLogger(__name__)
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class AuthKey:
+class AuthKey(Signer):
     """One device key: how to check its signatures and which metrics it may write."""
 
-    __slots__ = ("name", "signer", "metrics")
+    __slots__ = ("name", "metrics")
 
     def __init__(self, name, secret, metrics):
+        super().__init__(secret)
         self.name = name
-        self.signer = Signer(secret)
         self.metrics = frozenset(m.encode("utf-8") for m in metrics)
 
+    def allows_pattern(self, metric):
+        return False
+
     def allows(self, metric):
-        return metric in self.metrics
+        return metric in self.metrics or self.allows_pattern(metric)
 
 
 class AuthDB:

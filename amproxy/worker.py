@@ -16,7 +16,7 @@ import time
 from .buffer import SPOOL_PREFIX, Spool
 from .carbon import CarbonSender
 from .logs import RejectionLog, reopen_log_files
-from .protocol import LINE_TOO_LONG, REJECTION_REASONS, filter_lines
+from .protocol import LINE_TOO_LONG, REJECTION_REASONS, carbon_payload, filter_lines
 
 log = logging.getLogger(__name__)
 
@@ -249,16 +249,18 @@ class Worker:
             conn.last_active = self.clock()
             if conn.partial:
                 data = conn.partial + data
-            lines = data.split(b"\n")
-            conn.partial = lines.pop()
+            end = data.rfind(b"\n") + 1
+            conn.partial = data[end:]
+            # splitlines also ends lines at \r, so \r\n endings cost nothing.
+            lines = data[:end].splitlines()
             max_length = self.options.max_line_length
             if len(conn.partial) > max_length or (
-                    len(data) > max_length and max(map(len, lines)) > max_length):
+                    end > max_length and max(map(len, lines)) > max_length):
                 self._line_too_long(conn)
                 return
         else:
             # The client closed: its last line counts even without a newline.
-            lines = [conn.partial]
+            lines = conn.partial.splitlines()
             conn.partial = b""
             self._close(conn)
         keys = self.auth_file.db.keys
@@ -274,7 +276,7 @@ class Worker:
         accepted = filter_lines(lines, keys, now, self.options.skew, reject)
         if accepted:
             self.forwarded += len(accepted)
-            self.sender.enqueue(b"".join(accepted), len(accepted))
+            self.sender.enqueue(carbon_payload(accepted), len(accepted))
         if (self.stopping_since is not None and data and len(data) < RECV_SIZE
                 and not conn.partial):
             self._close(conn)  # stopping, and everything the client sent is read

@@ -6,8 +6,10 @@ import os
 
 import pytest
 
+from amproxy.auth import AuthKey
 from amproxy.protocol import (BAD_SIGNATURE, BAD_VALUE, MALFORMED, METRIC_NOT_ALLOWED, SKEW,
-                              UNKNOWN_KEY, Signer, check_line, filter_lines, sign,
+                              UNKNOWN_KEY, Signer, carbon_payload, check_line, filter_lines,
+                              sign,
                               signed_line)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,13 +46,8 @@ def test_sign_reproduces_vector(vector):
     assert vector["wire_line"] == vector["signed_text"] + " " + vector["signature"]
 
 
-class Key:
-    def __init__(self, secret, metrics):
-        self.signer = Signer(secret)
-        self.metrics = {m.encode() for m in metrics}
-
-    def allows(self, metric):
-        return metric in self.metrics
+def Key(secret, metrics):
+    return AuthKey("k", secret, metrics)
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=[v["note"] for v in VECTORS])
@@ -59,8 +56,8 @@ def test_vector_wire_lines_are_accepted(vector):
     keys = {public_key.encode(): Key(vector["secret_key"], [metric])}
     line = vector["wire_line"].encode()
     assert check_line(line, keys, int(timestamp), 300) is None
-    assert filter_lines([line], keys, int(timestamp), 300, None) == [
-        ("%s %s %s\n" % (metric, value, timestamp)).encode()]
+    assert carbon_payload(filter_lines([line], keys, int(timestamp), 300, None)) == (
+        "%s %s %s\n" % (metric, value, timestamp)).encode()
 
 
 NOW = 1764201600
@@ -78,7 +75,9 @@ def reasons(*lines, now=NOW, skew=300):
 
 
 def test_good_line_becomes_plain_carbon_line():
-    assert reasons(line(value="42.5")) == ([b"a.b 42.5 %d\n" % NOW], [])
+    accepted, rejected = reasons(line(value="42.5"), line(metric="c", value="7"))
+    assert rejected == []
+    assert carbon_payload(accepted) == b"a.b 42.5 %d\nc 7 %d\n" % (NOW, NOW)
 
 
 @pytest.mark.parametrize("raw, reason", [

@@ -7,7 +7,8 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amproxy.protocol import Signer, filter_lines
+from amproxy.auth import AuthKey
+from amproxy.protocol import filter_lines
 
 NOW = 1764201600
 SKEW = 300
@@ -15,16 +16,8 @@ SECRETS = {b"k1": b"secret-one", b"k2": b"\xc3\xbcnic\xc3\xb8de-" * 9}
 ALLOWED = {b"k1": {b"a.b", b"c"}, b"k2": {b"a.b"}}
 
 
-class Key:
-    def __init__(self, public_key):
-        self.signer = Signer(SECRETS[public_key])
-        self.allowed = ALLOWED[public_key]
-
-    def allows(self, metric):
-        return metric in self.allowed
-
-
-KEYS = {name: Key(name) for name in SECRETS}
+KEYS = {name: AuthKey(name.decode(), SECRETS[name], [m.decode() for m in ALLOWED[name]])
+        for name in SECRETS}
 
 
 def oracle(line):
@@ -47,7 +40,7 @@ def oracle(line):
             return None
     except ValueError:
         return None
-    return b"%s %s %s\n" % (metric, value, timestamp)
+    return b"%s %s %s" % (metric, value, timestamp)
 
 
 def run(lines):
