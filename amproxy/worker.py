@@ -7,6 +7,7 @@ connections, the Carbon connection and a wakeup pipe for signals.
 import errno
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -27,6 +28,22 @@ TICK = 0.5  # the longest the loop sleeps, so it notices a dead master quickly
 WORKER_BOOT_ERROR = 3
 # When the master dies there is no one to wait for: leave quickly.
 ORPHAN_STOP_SECONDS = 1.0
+
+
+def _watch_listener(selector, listener, callback):
+    """Register the shared listening socket so that one worker wakes per connection.
+
+    With plain epoll every idle worker wakes for each new connection and all
+    but one find nothing to accept; EPOLLEXCLUSIVE (Linux 4.5) wakes one, which
+    also spreads connections more evenly over the workers.
+    """
+    key = selector.register(listener, selectors.EVENT_READ, callback)
+    exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
+    epoll = getattr(selector, "_selector", None)
+    if exclusive and isinstance(epoll, select.epoll):
+        epoll.unregister(key.fd)
+        epoll.register(key.fd, select.EPOLLIN | exclusive)
+    return key
 
 
 class Heartbeat:
@@ -104,7 +121,7 @@ class Worker:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
-        self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+        _watch_listener(self.selector, self.listener, self._on_accept)
         self.auth_file.reload_if_changed()
         options = self.options
         spool = None
@@ -224,7 +241,7 @@ class Worker:
             if paused:
                 self.selector.unregister(sock)
             elif sock is self.listener:
-                self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
+                _watch_listener(self.selector, sock, self._on_accept)
             else:
                 conn = self.connections[sock.fileno()]
                 conn.last_active = self.clock()

@@ -217,12 +217,13 @@ class Proxy:
     def __init__(self, command, sink, auth_file, workers, extra=()):
         self.port = free_port()
         fields = {"addr": "127.0.0.1:%d" % self.port, "port": self.port,
-                  "carbon_addr": "127.0.0.1:%d" % sink.port, "auth_file": auth_file}
+                  "carbon_addr": "127.0.0.1:%d" % sink.port, "carbon_port": sink.port,
+                  "auth_file": auth_file}
         if command is None:
             amproxy = os.path.join(os.path.dirname(sys.executable), "amproxy")
             self.argv = [amproxy, "server", "--addr", fields["addr"], "--carbon-addr",
                          fields["carbon_addr"], "--auth-file", auth_file, "--workers",
-                         str(workers), "--skew", "1h", "--log-level", "err"] + list(extra)
+                         str(workers), "--skew", "1h", "--log-level", os.environ.get("BENCH_LOG_LEVEL", "err")] + list(extra)
         else:
             self.argv = shlex.split(command.format(**fields))
         self.workers = workers if command is None else None
@@ -384,7 +385,8 @@ def main():
                         help="the fraction of lines with a bad signature")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=COMMAND")
-    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the two baselines: no proxy, and the plain verifier")
     parser.add_argument("--latency", action="store_true", help="measure idle latency")
     parser.add_argument("--big-auth-keys", type=int, default=0,
                         help="also time start-up and a HUP with an auth file this large")
@@ -396,7 +398,11 @@ def main():
     auth_file = os.path.join(directory, "auth.yaml")
     write_auth(auth_file, keys)
     sink = Sink()
-    contenders = [] if args.no_baseline else [("no-proxy", None, None)]
+    contenders = [] if args.no_baseline else [
+        ("no-proxy", None, None),
+        ("plain-verifier", "%s %s {port} {carbon_port} {auth_file}" % (
+            shlex.quote(sys.executable), shlex.quote(os.path.join(HERE, "plain_verifier.py"))),
+         None)]
     contenders += [("amproxy", None, w) for w in args.workers]
     for spec in args.compare:
         name, _, command = spec.partition("=")
@@ -410,10 +416,12 @@ def main():
                 print(json.dumps(result), flush=True)
                 results.setdefault((name, workers), []).append(result)
         summaries = [summarize(runs) for runs in results.values()]
-        baseline = next((s for s in summaries if s["proxy"] == "no-proxy"), None)
-        for s in summaries:
-            if baseline and s is not baseline:
-                s["ratio_to_no_proxy"] = round(s["lines_per_s"] / baseline["lines_per_s"], 4)
+        for reference in ("no-proxy", "plain-verifier"):
+            base = next((s for s in summaries if s["proxy"] == reference), None)
+            for s in summaries:
+                if base and s is not base and s["proxy"] != "no-proxy":
+                    s["ratio_to_" + reference.replace("-", "_")] = round(
+                        s["lines_per_s"] / base["lines_per_s"], 3)
         extra = {}
         if args.latency:
             extra["idle_latency_ms_median"] = latency(None, sink, auth_file, keys,
@@ -431,13 +439,14 @@ def main():
 
 
 def print_table(summaries, extra):
-    print("\n| proxy | workers | lines/s (median) | ratio to no proxy | CPU us/line | "
-          "peak RSS/worker MB | lost |", file=sys.stderr)
-    print("|---|---|---|---|---|---|---|", file=sys.stderr)
+    print("\n| proxy | workers | bad | lines/s (median) | vs no proxy | vs plain verifier | "
+          "CPU us/line | peak RSS/worker MB | lost |", file=sys.stderr)
+    print("|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
     for s in summaries:
-        print("| %s | %s | %s | %s | %s | %s | %s |" % (
-            s["proxy"], s.get("workers") or "-", "{:,}".format(int(s["lines_per_s"])),
-            s.get("ratio_to_no_proxy", "-"), s.get("cpu_us_per_line", "-"),
+        print("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            s["proxy"], s.get("workers") or "-", s["bad_fraction"],
+            "{:,}".format(int(s["lines_per_s"])), s.get("ratio_to_no_proxy", "-"),
+            s.get("ratio_to_plain_verifier", "-"), s.get("cpu_us_per_line", "-"),
             s.get("peak_rss_mb_per_worker", "-"), s["lost"]), file=sys.stderr)
     for key, value in extra.items():
         print("%s: %s" % (key, value), file=sys.stderr)
