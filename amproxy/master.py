@@ -144,8 +144,11 @@ class Master:
         self.manage_workers()
 
     def handle_hup(self):
-        """Reload the auth file, in every worker at once."""
-        self.auth_file.reload("SIGHUP")
+        """Reload the auth file, in every worker at once.
+
+        The master does not load it itself: a large file would stall
+        supervision, and a worker started later reloads it at boot anyway.
+        """
         self.kill_workers(signal.SIGHUP)
 
     def handle_term(self):

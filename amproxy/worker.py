@@ -170,7 +170,7 @@ class Worker:
                 self._housekeeping(now)
             if now >= next_auth_check:
                 next_auth_check = now + self.options.auth_reload_interval
-                self.auth_file.reload_if_changed()
+                self.auth_file.reload_in_background_if_changed()
         self._shutdown()
 
     def _housekeeping(self, now):
@@ -197,7 +197,7 @@ class Worker:
             elif signum == signal.SIGQUIT:
                 self.begin_stop(graceful=False)
             elif signum == signal.SIGHUP:
-                self.auth_file.reload("SIGHUP")
+                self.auth_file.reload_in_background("SIGHUP")
             elif signum == signal.SIGUSR1:
                 reopen_log_files()
             # TTIN and TTOU are for the master; a worker ignores them.

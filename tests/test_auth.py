@@ -4,6 +4,7 @@ import os
 import pytest
 
 from amproxy.auth import AuthFile, load_auth_file
+from amproxy.protocol import Signer
 from amproxy.errors import AuthFileError
 
 GOOD = """\
@@ -109,3 +110,57 @@ def test_deleted_file_keeps_previous_keys(tmp_path):
     assert auth.changed()
     assert not auth.reload_if_changed()
     assert len(auth.db) == 2
+
+
+LAYOUT_CASES = [
+    GOOD,
+    "---\n" + GOOD,
+    "# keys\n---\napikeys:\n\n  # a device\n  k:\n      metrics:\n        - a.b\n        # c\n"
+    "        - c-d_e/f\n      secret_key: s3cr3t+/=\n",
+    "apikeys:\n  k:\n    secret_key: s\n    metrics:\n    - a\n    - b\n  j:\n"
+    "    secret_key: t\n    metrics: []\n",
+    "apikeys:\n    k:\n        secret_key: s\n        metrics:\n            - a\n",
+    # Everything below is outside the fast layout, so YAML must parse it.
+    "apikeys:\n  k:\n    secret_key: 's p'\n    metrics: [a, b]\n",
+    "apikeys:\n  k:\n    secret_key: s # comment\n    metrics:\n    - a\n",
+    "apikeys:\n  k:\n    secret_key: s\n    metrics:\n    - a # not a metric name\n",
+    "apikeys:\n  k: &x\n    secret_key: s\n    metrics: []\n  j: *x\n",
+    "apikeys:\n  \"quoted\":\n    secret_key: s\n    metrics:\n    - \"a b\"\n",
+    "apikeys:\n  k:\n    secret_key: >\n      folded\n    metrics: []\n",
+    "apikeys:\n  k:\n    secret_key: s\n    metrics:\n    - a\n    extra: 1\n",
+    "apikeys: {}\n",
+]
+
+
+@pytest.mark.parametrize("text", LAYOUT_CASES)
+def test_fast_layout_parser_agrees_with_yaml(text):
+    import yaml
+    from amproxy.auth import parse_simple_layout
+    fast = parse_simple_layout(text)
+    if fast is not None:
+        assert fast == yaml.load(text, Loader=yaml.BaseLoader)
+
+
+def test_fast_layout_parser_takes_the_usual_layouts():
+    from amproxy.auth import parse_simple_layout
+    assert all(parse_simple_layout(text) is not None for text in LAYOUT_CASES[:5])
+    assert all(parse_simple_layout(text) is None for text in LAYOUT_CASES[5:12])
+
+
+def test_scalars_are_read_as_written(tmp_path):
+    db = load_auth_file(write(tmp_path / "a.yaml", "apikeys:\n  '007':\n    secret_key: 0x1F\n"
+                              "    metrics: [yes, 1.50, null]\n"))
+    key = db.get(b"007")
+    assert key.signature(b"x") == Signer("0x1F").signature(b"x")
+    assert key.metrics == {b"yes", b"1.50", b"null"}
+
+
+def test_background_reload_swaps_in_the_new_keys(tmp_path):
+    path = tmp_path / "a.yaml"
+    auth = AuthFile(write(path, GOOD))
+    old = auth.load()
+    write(path, GOOD.replace("metric2", "metric7"))
+    auth.reload_in_background("test")
+    auth._thread.join(10)
+    assert auth.db is not old
+    assert auth.db.get(b"my_public_key").allows(b"metric7")
