@@ -1,0 +1,28 @@
+"""The benchmark script keeps working (a small run; nothing about speed)."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_benchmark_smoke_run():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--lines", "20000",
+         "--repeats", "1", "--workers", "2", "--bad-fraction", "0.1", "--latency",
+         "--big-auth-keys", "2000"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    runs = [r for r in records if "proxy" in r]
+    assert {r["proxy"] for r in runs} == {"no-proxy", "plain-verifier", "amproxy"}
+    amproxy = next(r for r in runs if r["proxy"] == "amproxy")
+    assert amproxy["valid_lines"] == 18000
+    assert amproxy["lost"] == 0
+    assert amproxy["cpu_us_per_line"] > 0
+    assert len(amproxy["peak_rss_mb_per_worker"]) == 2
+    summary = records[-1]
+    assert summary["idle_latency_ms_median"] > 0
+    assert summary["auth_keys"] == 2000
+    assert "| amproxy | 2 |" in result.stderr
