@@ -27,8 +27,15 @@ Run 'amproxy COMMAND --help' for a command's options.
 
 def cmd_server(argv):
     options = parse_server_args(argv)
-    setup_logging(options.log_format, options.log_level)
-    return Master(options).run()
+    try:
+        setup_logging(options.log_format, options.log_level, options.log_file)
+    except OSError as e:
+        raise AmproxyError("cannot open log file %s: %s" % (options.log_file, e.strerror))
+    try:
+        return Master(options, argv).run()
+    except AmproxyError as e:
+        log.error(str(e))  # to the log file too, which may be all a daemon has
+        return 1
 
 
 def cmd_client_signature(argv):

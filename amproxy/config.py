@@ -175,7 +175,21 @@ SERVER_OPTIONS = [
     Option("--log-rejections", 10,
            "log at most this many rejected lines per reason per second; 0 logs none",
            env="AMPROXY_LOG_REJECTIONS", type=non_negative_int),
+    # Running as a daemon.
+    Option("--log-file", "", "log to this file instead of stderr; reopened on SIGUSR1",
+           env="AMPROXY_LOG_FILE"),
+    Option("--pidfile", "", "write the master's pid here", env="AMPROXY_PIDFILE"),
+    Option("--daemon", False, "detach from the terminal and run in the background",
+           env="AMPROXY_DAEMON", type=bool),
+    Option("--user", "", "after binding, run as this user", env="AMPROXY_USER"),
+    Option("--group", "", "after binding, run as this group (default: the user's)",
+           env="AMPROXY_GROUP"),
 ]
+
+# What SIGHUP can change in a running server; the rest needs a restart.
+LIVE_OPTIONS = ("workers", "skew", "log_level", "log_rejections", "auth_reload_interval",
+                "max_line_length", "idle_timeout", "max_connections", "replay_rate",
+                "resend_window", "graceful_timeout", "worker_timeout")
 
 CONFIG_OPTION = Option("--config", None,
                        "a config file of 'option = value' lines; %s is read when it exists"
@@ -198,20 +212,33 @@ TEST_CLIENT_OPTIONS = [
 ]
 
 
-def build_parser(prog, description, options, **kwargs):
-    parser = configargparse.ArgumentParser(prog=prog, description=description, **kwargs)
+class _RaisingParser(configargparse.ArgumentParser):
+    """For re-reading options in a running server: raise instead of exiting."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def build_parser(prog, description, options, raise_errors=False, **kwargs):
+    parser_class = _RaisingParser if raise_errors else configargparse.ArgumentParser
+    parser = parser_class(prog=prog, description=description, **kwargs)
     for option in options:
         option.add_to(parser)
     return parser
 
 
-def server_parser():
+def server_parser(raise_errors=False):
     return build_parser(
         "amproxy server", "Accept signed Carbon lines, verify them and forward the "
-        "good ones to Carbon.", [CONFIG_OPTION] + SERVER_OPTIONS,
+        "good ones to Carbon.", [CONFIG_OPTION] + SERVER_OPTIONS, raise_errors=raise_errors,
         default_config_files=[DEFAULT_CONFIG_FILE])
 
 
 def parse_server_args(argv):
     """Parse ``amproxy server`` options; argparse exits with status 2 on a bad one."""
     return server_parser().parse_args(argv)
+
+
+def reread_server_args(argv):
+    """Parse the options again (the config file may have changed); raise ConfigError."""
+    return server_parser(raise_errors=True).parse_args(argv)

@@ -11,11 +11,14 @@ import resource
 import select
 import signal
 import socket
+import struct
 import time
 
+from . import daemon
 from .auth import AuthFile, warn_if_world_readable
+from .config import LIVE_OPTIONS, reread_server_args
 from .errors import AmproxyError
-from .logs import reopen_log_files
+from .logs import reopen_log_files, set_level
 from .worker import WORKER_BOOT_ERROR, Heartbeat, Worker
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,7 @@ SIGNALS = [getattr(signal, "SIG%s" % name) for name in
 SIGNAL_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 # How long workers may take to exit after the graceful timeout, before SIGKILL.
 KILL_GRACE = 5.0
+_PID = struct.Struct("=i")
 
 
 class HaltServer(AmproxyError):
@@ -52,34 +56,56 @@ def bind_listener(address):
 
 
 class Master:
-    def __init__(self, options):
+    def __init__(self, options, argv=()):
         self.options = options
+        self.argv = list(argv)  # to read the options again on SIGHUP
         self.num_workers = options.workers
         self.workers = {}  # pid -> Worker
         self.listener = None
         self.auth_file = None
+        self.pidfile = None
+        self.ready = False
         self._signal_queue = []
-        self._pipe = None
+        self._signal_pipe = None
+        self._boot_pipe = None  # workers write their pid here once they are up
+        self._booted = set()
         self._worker_age = 0
         self.pid = os.getpid()
 
     # -- start-up --------------------------------------------------------------
 
     def start(self):
-        self.auth_file = AuthFile(self.options.auth_file)
+        """Everything that can fail on bad input happens before detaching."""
+        options = self.options
+        self.auth_file = AuthFile(options.auth_file)
         db = self.auth_file.load()
-        warn_if_world_readable(self.options.auth_file)
-        self.listener = bind_listener(self.options.addr)
+        warn_if_world_readable(options.auth_file)
+        self.listener = daemon.inherited_listener() or bind_listener(options.addr)
         self._raise_file_limit()
-        self._pipe = os.pipe()
-        for fd in self._pipe:
-            os.set_blocking(fd, False)
+        if options.pidfile:
+            self.pidfile = daemon.Pidfile(options.pidfile)
+            self.pidfile.check()
+        if options.daemon:
+            daemon.daemonize()
+        self.pid = os.getpid()
+        if self.pidfile is not None:
+            self.pidfile.create(self.pid)
+        daemon.drop_privileges(options.user, options.group)
+        self._signal_pipe = self._nonblocking_pipe()
+        self._boot_pipe = self._nonblocking_pipe()
         for sig in SIGNALS:
             signal.signal(sig, self._record_signal)
         log.info("amproxy started", extra={
             "addr": "%s:%d" % self.listener.getsockname()[:2],
-            "carbon": "%s:%d" % self.options.carbon_addr, "workers": self.num_workers,
-            "keys": len(db), "auth_file": self.options.auth_file})
+            "carbon": "%s:%d" % options.carbon_addr, "workers": self.num_workers,
+            "keys": len(db), "auth_file": options.auth_file})
+
+    @staticmethod
+    def _nonblocking_pipe():
+        pipe = os.pipe()
+        for fd in pipe:
+            os.set_blocking(fd, False)
+        return pipe
 
     def _raise_file_limit(self):
         """Each worker needs a descriptor per client; 1024 is a common soft limit."""
@@ -96,7 +122,7 @@ class Master:
         if len(self._signal_queue) < 5:
             self._signal_queue.append(signum)
         try:
-            os.write(self._pipe[1], b".")
+            os.write(self._signal_pipe[1], b".")
         except OSError:
             pass
 
@@ -104,8 +130,8 @@ class Master:
 
     def run(self):
         """Run until told to stop; return the exit status."""
-        self.start()
         try:
+            self.start()
             self.manage_workers()
             while True:
                 sig = self._signal_queue.pop(0) if self._signal_queue else None
@@ -126,16 +152,45 @@ class Master:
             log.error(halt.reason)
             self.stop(graceful=False)
             return halt.exit_status
+        finally:
+            if self.pidfile is not None:
+                self.pidfile.unlink()
 
     def sleep(self, timeout=1.0):
-        """Wait for a signal, or ``timeout`` seconds."""
+        """Wait for a signal or a booted worker, or ``timeout`` seconds."""
         try:
-            ready = select.select([self._pipe[0]], [], [], timeout)[0]
-            if ready:
-                while os.read(self._pipe[0], 64):
-                    pass
+            ready = select.select([self._signal_pipe[0], self._boot_pipe[0]], [], [],
+                                  timeout)[0]
+        except InterruptedError:
+            return
+        if self._signal_pipe[0] in ready:
+            self._drain(self._signal_pipe[0])
+        if self._boot_pipe[0] in ready:
+            data = self._drain(self._boot_pipe[0])
+            for (pid,) in _PID.iter_unpack(data[:len(data) - len(data) % _PID.size]):
+                self._booted.add(pid)
+            self._check_ready()
+
+    @staticmethod
+    def _drain(fd):
+        chunks = []
+        try:
+            while True:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                chunks.append(chunk)
         except (BlockingIOError, InterruptedError):
             pass
+        return b"".join(chunks)
+
+    def _check_ready(self):
+        """Tell systemd we are ready once the first full set of workers is up."""
+        if not self.ready and len(self._booted & set(self.workers)) >= self.num_workers:
+            self.ready = True
+            log.info("workers ready", extra={"workers": len(self.workers)})
+            daemon.systemd_notify("READY=1\nSTATUS=forwarding with %d workers"
+                                  % len(self.workers))
 
     # -- signals ---------------------------------------------------------------------
 
@@ -144,12 +199,37 @@ class Master:
         self.manage_workers()
 
     def handle_hup(self):
-        """Reload the auth file, in every worker at once.
+        """Re-read the config file and make every worker reload the auth file.
 
-        The master does not load it itself: a large file would stall
+        The master does not load the auth file itself: a large one would stall
         supervision, and a worker started later reloads it at boot anyway.
         """
+        daemon.systemd_notify("RELOADING=1\nMONOTONIC_USEC=%d"
+                              % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        self.reload_options()
         self.kill_workers(signal.SIGHUP)
+        self.manage_workers()
+        daemon.systemd_notify("READY=1")
+
+    def reload_options(self):
+        try:
+            new = reread_server_args(self.argv)
+        except AmproxyError as e:
+            log.error("config not reloaded, keeping the running options: %s", e)
+            return
+        changed = sorted(name for name, value in vars(new).items()
+                         if getattr(self.options, name, None) != value)
+        for name in changed:
+            if name in LIVE_OPTIONS:
+                setattr(self.options, name, getattr(new, name))
+            else:
+                log.warning("option %s changed; it takes effect at the next restart",
+                            name.replace("_", "-"))
+        if "workers" in changed:
+            self.num_workers = new.workers
+        set_level(self.options.log_level)
+        log.info("config reloaded", extra={"changed": ",".join(
+            n.replace("_", "-") for n in changed if n in LIVE_OPTIONS) or "nothing"})
 
     def handle_term(self):
         self.stop(graceful=True)
@@ -197,21 +277,22 @@ class Master:
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             worker.pid = pid
-            worker.spawned_at = time.monotonic()
             self.workers[pid] = worker
-            log.debug("worker started", extra={"worker_pid": pid})
+            log.debug("worker started", extra={"worker_pid": pid, "slot": slot})
             return pid
         os._exit(self._run_worker(worker, old_mask))
 
     def _run_worker(self, worker, signal_mask):
         """In the child: never return into the master's code."""
         try:
-            os.close(self._pipe[0])
-            os.close(self._pipe[1])
+            for fd in self._signal_pipe + (self._boot_pipe[0],):
+                os.close(fd)
             for sig in SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             try:
-                worker.init_process()
+                worker.init_process(lambda: reread_server_args(self.argv))
+                os.write(self._boot_pipe[1], _PID.pack(os.getpid()))
+                os.close(self._boot_pipe[1])
             except Exception as e:
                 log.error("worker failed to start: %s", e)
                 return WORKER_BOOT_ERROR
@@ -233,6 +314,7 @@ class Master:
             if not pid:
                 return
             worker = self.workers.pop(pid, None)
+            self._booted.discard(pid)
             if worker is None:
                 continue
             worker.heartbeat.close()
@@ -240,10 +322,10 @@ class Master:
             if code == WORKER_BOOT_ERROR:
                 raise HaltServer("a worker failed to start (see its error above); "
                                  "stopping instead of respawning it", WORKER_BOOT_ERROR)
-            if code < 0:
+            if code < 0 and code != -signal.SIGTERM:
                 log.error("worker killed by signal %s; starting a new one",
                           signal.Signals(-code).name, extra={"worker_pid": pid})
-            elif code != 0:
+            elif code > 0:
                 log.error("worker exited with status %d; starting a new one", code,
                           extra={"worker_pid": pid})
 
@@ -275,6 +357,7 @@ class Master:
 
     def stop(self, graceful=True):
         """Stop accepting, ask every worker to stop, wait, then kill stragglers."""
+        daemon.systemd_notify("STOPPING=1")
         if self.listener is not None:
             self.listener.close()
             self.listener = None

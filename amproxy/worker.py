@@ -16,7 +16,9 @@ import time
 
 from .buffer import SPOOL_PREFIX, Spool
 from .carbon import CarbonSender
-from .logs import RejectionLog, reopen_log_files
+from .config import LIVE_OPTIONS
+from .errors import AmproxyError
+from .logs import RejectionLog, reopen_log_files, set_level
 from .protocol import LINE_TOO_LONG, REJECTION_REASONS, carbon_payload, filter_lines
 
 log = logging.getLogger(__name__)
@@ -107,9 +109,13 @@ class Worker:
 
     # -- start-up (after fork) ---------------------------------------------
 
-    def init_process(self):
-        """Process-wide set-up in the child; an exception here is a boot error."""
+    def init_process(self, reread_options):
+        """Process-wide set-up in the child; an exception here is a boot error.
+
+        ``reread_options`` parses the options again, for SIGHUP.
+        """
         self.pid = os.getpid()
+        self.reread_options = reread_options
         self.clock = time.monotonic
         self.selector = selectors.DefaultSelector()
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -198,9 +204,24 @@ class Worker:
                 self.begin_stop(graceful=False)
             elif signum == signal.SIGHUP:
                 self.auth_file.reload_in_background("SIGHUP")
+                self._reload_options()
             elif signum == signal.SIGUSR1:
                 reopen_log_files()
             # TTIN and TTOU are for the master; a worker ignores them.
+
+    def _reload_options(self):
+        """Take the options that can change live from the re-read config."""
+        try:
+            new = self.reread_options()
+        except AmproxyError as e:
+            log.error("config not reloaded, keeping the running options: %s", e)
+            return
+        for name in LIVE_OPTIONS:
+            setattr(self.options, name, getattr(new, name))
+        set_level(self.options.log_level)
+        self.reject_log.per_second = self.options.log_rejections
+        self.sender.replay_rate = self.options.replay_rate
+        self.sender.resend_window = self.options.resend_window
 
     # -- clients -------------------------------------------------------------
 

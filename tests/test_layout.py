@@ -4,8 +4,8 @@ import os
 
 import amproxy
 
-LAYERS = ["errors", "protocol", "buffer", "logs", "auth", "config", "carbon", "worker",
-          "master", "client", "cli", "__main__"]
+LAYERS = ["errors", "protocol", "buffer", "logs", "auth", "config", "daemon", "carbon",
+          "worker", "master", "client", "cli", "__main__"]
 PACKAGE_DIR = os.path.dirname(amproxy.__file__)
 
 

@@ -1,0 +1,150 @@
+"""What a well-behaved Unix daemon does: pidfile, detaching, dropping
+privileges, and speaking systemd's notify and socket-activation protocols."""
+
+import errno
+import grp
+import logging
+import os
+import pwd
+import socket
+
+from .errors import AmproxyError
+
+log = logging.getLogger(__name__)
+
+SD_LISTEN_FDS_START = 3
+
+
+class Pidfile:
+    """A pidfile written atomically and removed on exit only if it is still ours."""
+
+    def __init__(self, path):
+        self.path = path
+        self.pid = None
+
+    def running_pid(self):
+        """The pid in the file if that process is a live amproxy, else None."""
+        try:
+            with open(self.path) as f:
+                pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return None
+        if pid <= 0 or pid == os.getpid():
+            return None
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            return None
+        return pid if b"amproxy" in cmdline else None
+
+    def check(self):
+        """Refuse to start twice; a stale file (its process is gone) is fine."""
+        running = self.running_pid()
+        if running:
+            raise AmproxyError("pidfile %s names a running amproxy (pid %d); stop it "
+                               "first or use another --pidfile" % (self.path, running))
+
+    def create(self, pid):
+        self.check()
+        directory = os.path.dirname(os.path.abspath(self.path))
+        temp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(self.path), pid))
+        try:
+            with open(temp, "w") as f:
+                f.write("%d\n" % pid)
+            os.chmod(temp, 0o644)
+            os.rename(temp, self.path)
+        except OSError as e:
+            raise AmproxyError("cannot write pidfile %s: %s" % (
+                self.path, e.strerror or e)) from None
+        self.pid = pid
+
+    def unlink(self):
+        try:
+            with open(self.path) as f:
+                if int(f.read().strip() or 0) != self.pid:
+                    return
+            os.unlink(self.path)
+        except (OSError, ValueError) as e:
+            log.debug("pidfile %s not removed: %s", self.path, e)
+
+
+def daemonize():
+    """Detach from the terminal: fork, setsid, fork again; stdin/out/err to /dev/null.
+
+    Logging set up to a --log-file keeps its own descriptor.
+    """
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def drop_privileges(user=None, group=None):
+    """Become ``user`` (and ``group``, by default the user's group) for good."""
+    if not user and not group:
+        return
+    try:
+        entry = pwd.getpwnam(user) if user else None
+        gid = grp.getgrnam(group).gr_gid if group else (entry.pw_gid if entry else None)
+    except KeyError as e:
+        raise AmproxyError("no such user or group: %s" % e.args[0]) from None
+    try:
+        if gid is not None:
+            os.setgroups([gid])
+            os.setgid(gid)
+        if entry is not None:
+            os.setuid(entry.pw_uid)
+    except PermissionError:
+        raise AmproxyError("cannot switch to user %s / group %s: only root can" % (
+            user or "-", group or "-")) from None
+    log.info("dropped privileges", extra={"user": user or "", "group": group or ""})
+
+
+def systemd_notify(message):
+    """Send one sd_notify datagram (READY=1, RELOADING=1, STOPPING=1...) if asked to."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd: %s", e.strerror or e,
+                    extra={"notify_socket": address})
+        return False
+    return True
+
+
+def inherited_listener():
+    """The listening socket systemd passed us (socket activation), or None."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children
+    if count < 1:
+        return None
+    if count > 1:
+        log.warning("systemd passed %d sockets; using the first", count)
+    try:
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    except OSError as e:
+        if e.errno == errno.ENOTSOCK:
+            raise AmproxyError("LISTEN_FDS names fd 3, which is not a socket") from None
+        raise
+    sock.setblocking(False)
+    return sock
