@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# make install: the usual variables of distribution packaging.
 PREFIX ?= /usr/local
 DESTDIR ?=
+SYSCONFDIR ?= /etc
+SYSTEMD_UNIT_DIR ?= /lib/systemd/system
+INSTALL ?= install
 
 # The benchmark of the README's performance section; BENCH_ARGS adds to it.
 BENCH_ARGS ?=
@@ -33,6 +37,24 @@ bench: venv
 		--metrics-per-key 100 --workers 1 2 --repeats 3 --latency $(BENCH_ARGS)
 	$(BIN)/python bench/bench.py --lines 1000000 --workers 2 --repeats 3 \
 		--bad-fraction 0.1 --no-baseline --big-auth-keys 100000 $(BENCH_ARGS)
+
+# The package and its command under $(DESTDIR)$(PREFIX), the config, init
+# script, defaults, logrotate and systemd files under $(DESTDIR). An existing
+# config or auth file is never overwritten.
+install:
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --ignore-installed \
+		--root "$(DESTDIR)/" --prefix "$(PREFIX)" .
+	$(INSTALL) -d -m 0755 "$(DESTDIR)$(SYSCONFDIR)/amproxy"
+	test -e "$(DESTDIR)$(SYSCONFDIR)/amproxy/amproxy.conf" || \
+		$(INSTALL) -m 0644 etc/amproxy.conf "$(DESTDIR)$(SYSCONFDIR)/amproxy/amproxy.conf"
+	test -e "$(DESTDIR)$(SYSCONFDIR)/amproxy/auth_file.yaml" || \
+		$(INSTALL) -m 0640 etc/auth_file.yaml "$(DESTDIR)$(SYSCONFDIR)/amproxy/auth_file.yaml"
+	$(INSTALL) -D -m 0755 etc/init.d/amproxy "$(DESTDIR)$(SYSCONFDIR)/init.d/amproxy"
+	test -e "$(DESTDIR)$(SYSCONFDIR)/default/amproxy" || \
+		$(INSTALL) -D -m 0644 etc/default/amproxy "$(DESTDIR)$(SYSCONFDIR)/default/amproxy"
+	$(INSTALL) -D -m 0644 etc/logrotate.d/amproxy "$(DESTDIR)$(SYSCONFDIR)/logrotate.d/amproxy"
+	$(INSTALL) -D -m 0644 systemd/amproxy.service "$(DESTDIR)$(SYSTEMD_UNIT_DIR)/amproxy.service"
+	$(INSTALL) -D -m 0644 systemd/amproxy.socket "$(DESTDIR)$(SYSTEMD_UNIT_DIR)/amproxy.socket"
 
 clean:
 	rm -rf $(VENV) run build *.egg-info .pytest_cache .hypothesis

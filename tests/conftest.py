@@ -101,7 +101,10 @@ class Proxy:
         self.log_path = os.path.join(str(tmp_path), "amproxy-%d.log" % self.port)
         self.args = [AMPROXY, "server", "--addr", "127.0.0.1:%d" % self.port,
                      "--carbon-addr", carbon_address, "--auth-file", str(auth_file),
-                     "--workers", str(workers), "--log-level", "debug"] + list(args)
+                     "--log-level", "debug"] + list(args)
+        if workers is not None:
+            self.args += ["--workers", str(workers)]
+        self.expected_workers = workers
         self.env = dict(os.environ, **(env or {}))
         self.env.pop("AMPROXY_CONFIG", None)
         self.process = None
@@ -115,7 +118,8 @@ class Proxy:
             wait_for(lambda: self.process.poll() is not None or port_open(self.port), 15,
                      what="amproxy to listen")
             assert self.process.poll() is None, self.log()
-            self.wait_workers(int(self.args[self.args.index("--workers") + 1]))
+            if self.expected_workers:
+                self.wait_workers(self.expected_workers)
         return self
 
     @property
@@ -134,8 +138,17 @@ class Proxy:
                         what="%d workers" % count)
 
     def log(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
+        paths = [self.log_path]
+        if "--log-file" in self.args:
+            paths.append(self.args[self.args.index("--log-file") + 1])
+        text = []
+        for path in paths:
+            try:
+                with open(path, errors="replace") as f:
+                    text.append(f.read())
+            except FileNotFoundError:
+                pass
+        return "".join(text)
 
     def wait_log(self, pattern, count=1, timeout=10):
         regex = re.compile(pattern)

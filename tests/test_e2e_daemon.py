@@ -1,0 +1,364 @@
+"""amproxy as a classic Unix daemon: signals, pidfile, detaching, privileges, systemd."""
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import (AMPROXY, KEYS, ROOT, children_of, free_port, line_for, pid_alive,
+                      port_open, wait_for, wait_points, write_auth)
+
+
+def test_ttin_and_ttou_change_the_number_of_workers(carbon, auth_file, make_proxy):
+    proxy = make_proxy(carbon.address, auth_file, workers=2)
+    proxy.signal(signal.SIGTTIN)
+    proxy.wait_workers(3)
+    proxy.signal(signal.SIGTTOU)
+    proxy.wait_workers(2)
+    for _ in range(3):
+        proxy.signal(signal.SIGTTOU)
+        time.sleep(0.1)  # separate signals, not merged into one
+    proxy.wait_workers(1)
+    time.sleep(1.5)  # the master's loop runs at least once a second
+    assert len(proxy.workers()) == 1  # never fewer than one
+    assert_forwards(carbon, proxy, 11.0)
+
+
+def assert_forwards(carbon, proxy, value):
+    ts = int(time.time()) - int(value) % 200
+    proxy.send(line_for(KEYS, "alpha", "e2e.alpha.temp", value, ts))
+    wait_points(carbon, "e2e.alpha.temp", {ts: value}, ts)
+
+
+def test_hup_ttin_ttou_sent_to_a_worker_do_not_kill_it(carbon, auth_file, make_proxy):
+    proxy = make_proxy(carbon.address, auth_file, workers=1)
+    worker = proxy.workers()[0]
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        os.kill(worker, sig)
+    proxy.wait_log(r"pid=%d .*auth file reloaded.*reason=SIGHUP" % worker)
+    assert proxy.workers() == [worker]
+    assert_forwards(carbon, proxy, 12.0)
+
+
+def test_hup_rereads_workers_and_skew_from_the_config_file(carbon, auth_file, make_proxy,
+                                                           tmp_path):
+    conf = tmp_path / "amproxy.conf"
+    conf.write_text("workers = 2\nskew = 1h\n")
+    proxy = make_proxy(carbon.address, auth_file, args=["--config", str(conf)],
+                       workers=None)
+    proxy.wait_workers(2)
+    now = int(time.time())
+    proxy.send(line_for(KEYS, "beta", "e2e.beta.temp", 61, now - 600))
+    wait_points(carbon, "e2e.beta.temp", {now - 600: 61.0}, now - 600)
+    conf.write_text("workers = 3\nskew = 30s\nlog-level = info\n")
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_workers(3)
+    proxy.wait_log(r"config reloaded.*changed=.*skew")
+    time.sleep(0.5)  # let the workers take their own HUP (they reread at once)
+    proxy.send(line_for(KEYS, "beta", "e2e.beta.temp", 62, now - 120))
+    proxy.wait_log(r"reason=skew.*public_key=beta")
+    assert now - 120 not in carbon.points("e2e.beta.temp", now - 130)
+
+
+def test_bad_config_on_hup_keeps_the_running_options(carbon, auth_file, make_proxy,
+                                                     tmp_path):
+    conf = tmp_path / "amproxy.conf"
+    conf.write_text("workers = 2\n")
+    proxy = make_proxy(carbon.address, auth_file, args=["--config", str(conf)],
+                       workers=None)
+    proxy.wait_workers(2)
+    conf.write_text("workers = many\n")
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_log(r"config not reloaded, keeping the running options.*workers", count=1)
+    assert len(proxy.workers()) == 2
+    assert_forwards(carbon, proxy, 13.0)
+
+
+def test_usr1_reopens_the_log_file(carbon, auth_file, make_proxy, tmp_path):
+    log_file = tmp_path / "amproxy.log"
+    proxy = make_proxy(carbon.address, auth_file, args=["--log-file", str(log_file)])
+    wait_for(lambda: log_file.exists() and "amproxy started" in log_file.read_text(), 5,
+             what="the log file")
+    rotated = tmp_path / "amproxy.log.1"
+    os.rename(log_file, rotated)
+    proxy.signal(signal.SIGUSR1)
+    wait_for(log_file.exists, 5, what="a new log file")
+    proxy.signal(signal.SIGHUP)  # makes the master and every worker log
+    wait_for(lambda: log_file.read_text().count("auth file reloaded") >= 2, 5,
+             what="workers logging to the new file")
+    assert "received SIGHUP" in log_file.read_text()
+    assert "received SIGHUP" not in rotated.read_text()
+
+
+def test_quit_is_a_fast_stop_and_int_a_graceful_one(carbon, auth_file, make_proxy):
+    fast = make_proxy(carbon.address, auth_file)
+    client = fast.connect()  # an open client does not delay a fast stop
+    started = time.monotonic()
+    fast.signal(signal.SIGQUIT)
+    assert fast.wait_exit(10) == 0
+    assert time.monotonic() - started < 3
+    client.close()
+    graceful = make_proxy(carbon.address, auth_file)
+    now = int(time.time())
+    with graceful.connect() as sock:
+        sock.sendall(line_for(KEYS, "beta", "e2e.beta.temp", 71, now - 90))
+        graceful.signal(signal.SIGINT)
+        assert graceful.wait_exit(40) == 0
+    wait_points(carbon, "e2e.beta.temp", {now - 90: 71.0}, now - 90)
+
+
+def test_worker_that_cannot_start_stops_the_master(carbon, auth_file, make_proxy,
+                                                   tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    proxy = make_proxy(carbon.address, auth_file, start=False,
+                       args=["--spool-dir", str(blocker / "spool")])
+    proxy.start(wait=False)
+    assert proxy.wait_exit(20) == 3
+    log = proxy.log()
+    assert "cannot use spool directory %s" % (blocker / "spool" / "worker-0") in log
+    assert "stopping instead of respawning" in log
+    assert log.count('msg="worker failed to start') <= 2  # no respawn loop
+
+
+# -- pidfile and --daemon -------------------------------------------------------------
+
+def read_pid(path):
+    with open(path) as f:
+        return int(f.read())
+
+
+def test_pidfile_life_cycle(carbon, auth_file, make_proxy, tmp_path):
+    pidfile = tmp_path / "amproxy.pid"
+    # A stale pidfile: its process is gone.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pidfile.write_text("%d\n" % dead.pid)
+    proxy = make_proxy(carbon.address, auth_file, args=["--pidfile", str(pidfile)])
+    wait_for(lambda: read_pid(pidfile) == proxy.pid, 5, what="the pidfile")
+    # A second instance refuses to start while the first runs.
+    second = make_proxy(carbon.address, auth_file, args=["--pidfile", str(pidfile)],
+                        start=False)
+    second.start(wait=False)
+    assert second.wait_exit(20) == 1
+    assert "pidfile %s names a running amproxy (pid %d)" % (pidfile, proxy.pid) in second.log()
+    assert read_pid(pidfile) == proxy.pid
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait_exit(40) == 0
+    assert not pidfile.exists()
+
+
+def test_pidfile_naming_another_program_is_stale(carbon, auth_file, make_proxy, tmp_path):
+    pidfile = tmp_path / "amproxy.pid"
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        pidfile.write_text("%d\n" % other.pid)
+        proxy = make_proxy(carbon.address, auth_file, args=["--pidfile", str(pidfile)])
+        wait_for(lambda: read_pid(pidfile) == proxy.pid, 5, what="the pidfile")
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.fixture
+def daemon_cleanup():
+    """Kill daemons (which left our process group) by the pid in their pidfile."""
+    pidfiles = []
+    yield pidfiles
+    for path in pidfiles:
+        try:
+            pid = read_pid(path)
+        except (OSError, ValueError):
+            continue
+        for child in children_of(pid):
+            os.kill(child, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_daemon_detaches_and_stops_through_its_pidfile(carbon, auth_file, tmp_path,
+                                                       daemon_cleanup):
+    pidfile = tmp_path / "amproxy.pid"
+    log_file = tmp_path / "amproxy.log"
+    daemon_cleanup.append(pidfile)
+    port = free_port()
+    result = subprocess.run([AMPROXY, "server", "--daemon", "--pidfile", str(pidfile),
+                             "--log-file", str(log_file), "--addr", "127.0.0.1:%d" % port,
+                             "--carbon-addr", carbon.address, "--auth-file", str(auth_file),
+                             "--workers", "2"], capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"" and result.stderr == b""
+    wait_for(pidfile.exists, 10, what="the pidfile")
+    master = read_pid(pidfile)
+    wait_for(lambda: len(children_of(master)) == 2, 10, what="two workers")
+    with open("/proc/%d/stat" % master) as f:
+        stat = f.read().rsplit(")", 1)[1].split()
+    assert int(stat[3]) != os.getpgrp() and int(stat[4]) != os.getsid(0)  # own session
+    assert not any(fd.isdigit() and os.readlink("/proc/%d/fd/%s" % (master, fd)) ==
+                   "/dev/pts" for fd in os.listdir("/proc/%d/fd" % master))
+    now = int(time.time())
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(line_for(KEYS, "beta", "e2e.beta.temp", 81, now - 70))
+    wait_points(carbon, "e2e.beta.temp", {now - 70: 81.0}, now - 70)
+    workers = children_of(master)
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not any(pid_alive(p) for p in [master] + workers), 40,
+             what="the daemon to stop")
+    assert not pidfile.exists()
+    assert "amproxy stopped" in log_file.read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_user_nobody_runs_the_workers_unprivileged(carbon, make_proxy):
+    # nobody must be able to read the auth file: a directory of its own.
+    directory = tempfile.mkdtemp(prefix="amproxy-nobody-")
+    try:
+        os.chmod(directory, 0o755)
+        auth = os.path.join(directory, "auth.yaml")
+        write_auth(auth, KEYS)
+        os.chown(auth, 0, pwd.getpwnam("nobody").pw_gid)
+        os.chmod(auth, 0o640)
+        proxy = make_proxy(carbon.address, auth, args=["--user", "nobody"])
+        nobody = pwd.getpwnam("nobody").pw_uid
+        for pid in [proxy.pid] + proxy.workers():
+            with open("/proc/%d/status" % pid) as f:
+                uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+            assert {int(u) for u in uids} == {nobody}
+        assert_forwards(carbon, proxy, 14.0)
+        proxy.signal(signal.SIGHUP)  # the auth file is still readable after the drop
+        proxy.wait_log(r"auth file reloaded.*reason=SIGHUP", count=2)
+        assert "keeping the" not in proxy.log()
+    finally:
+        shutil.rmtree(directory)
+
+
+# -- systemd ----------------------------------------------------------------------------
+
+def test_systemd_notify_ready_reloading_stopping(carbon, auth_file, make_proxy, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(10)
+    try:
+        proxy = make_proxy(carbon.address, auth_file, env={"NOTIFY_SOCKET": path},
+                           start=False)
+        proxy.start(wait=False)
+        ready = listener.recv(4096).decode()
+        assert ready.startswith("READY=1")
+        assert len(proxy.workers()) == 2  # sent once the workers are up
+        proxy.signal(signal.SIGHUP)
+        reloading = listener.recv(4096).decode()
+        assert reloading.startswith("RELOADING=1") and "MONOTONIC_USEC=" in reloading
+        assert listener.recv(4096).decode() == "READY=1"
+        proxy.signal(signal.SIGTERM)
+        assert listener.recv(4096).decode() == "STOPPING=1"
+        assert proxy.wait_exit(40) == 0
+    finally:
+        listener.close()
+
+
+def test_systemd_notify_abstract_socket(carbon, auth_file, make_proxy):
+    name = "amproxy-test-%d" % os.getpid()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind("\0" + name)
+    listener.settimeout(10)
+    try:
+        proxy = make_proxy(carbon.address, auth_file, env={"NOTIFY_SOCKET": "@" + name},
+                           start=False)
+        proxy.start(wait=False)
+        assert listener.recv(4096).decode().startswith("READY=1")
+    finally:
+        listener.close()
+
+
+def test_socket_activation_through_listen_fds(carbon, auth_file, tmp_path):
+    activated = socket.socket()
+    activated.bind(("127.0.0.1", 0))
+    activated.listen(16)
+    port = activated.getsockname()[1]
+    # --addr names a port that is taken: binding it would fail, so success
+    # shows that the inherited socket was used.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        log_path = tmp_path / "activated.log"
+        command = ('LISTEN_PID=$$ LISTEN_FDS=1 exec %s server --addr 127.0.0.1:%d '
+                   '--carbon-addr %s --auth-file %s --workers 2' % (
+                       AMPROXY, taken.getsockname()[1], carbon.address, auth_file))
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                ["sh", "-c", command], stdout=log, stderr=log, start_new_session=True,
+                pass_fds=(3,), preexec_fn=lambda: os.dup2(activated.fileno(), 3))
+        try:
+            activated.close()
+            wait_for(lambda: len(children_of(process.pid)) == 2, 10, what="workers")
+            now = int(time.time())
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(line_for(KEYS, "beta", "e2e.beta.temp", 91, now - 80))
+            wait_points(carbon, "e2e.beta.temp", {now - 80: 91.0}, now - 80)
+            assert "addr=127.0.0.1:%d" % port in log_path.read_text()
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(40)
+
+
+# -- the init script ---------------------------------------------------------------------
+
+@pytest.mark.skipif(not shutil.which("start-stop-daemon") or
+                    not os.path.exists("/lib/lsb/init-functions"),
+                    reason="needs Debian's start-stop-daemon and lsb-base")
+def test_init_script_against_a_destdir_install(carbon, tmp_path, daemon_cleanup):
+    destdir = tmp_path / "root"
+    subprocess.run(["make", "-C", ROOT, "install", "DESTDIR=%s" % destdir, "PREFIX=/usr",
+                    "PYTHON=%s" % sys.executable], check=True, capture_output=True,
+                   timeout=300)
+    site = next(str(p) for p in destdir.glob("usr/lib/python3*/site-packages"))
+    etc = destdir / "etc"
+    port = free_port()
+    conf = etc / "amproxy" / "amproxy.conf"
+    conf.write_text("addr = 127.0.0.1:%d\ncarbon-addr = %s\nauth-file = %s\nworkers = 2\n"
+                    % (port, carbon.address, etc / "amproxy" / "auth_file.yaml"))
+    pidfile = tmp_path / "run" / "amproxy.pid"
+    log_file = tmp_path / "log" / "amproxy.log"
+    defaults = etc / "default" / "amproxy"
+    with open(defaults, "a") as f:
+        f.write('DAEMON=%s\nRUN_AS_USER=\nPIDFILE=%s\nLOG_FILE=%s\nCONFIG_FILE=%s\n' % (
+            destdir / "usr" / "bin" / "amproxy", pidfile, log_file, conf))
+    daemon_cleanup.append(pidfile)
+    env = dict(os.environ, AMPROXY_DEFAULTS=str(defaults), PYTHONPATH=site)
+    env.pop("AMPROXY_CONFIG", None)
+    script = str(etc / "init.d" / "amproxy")
+
+    def init(action):
+        return subprocess.run([script, action], env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    assert init("start").returncode == 0
+    wait_for(pidfile.exists, 10, what="the pidfile")
+    master = read_pid(pidfile)
+    wait_for(lambda: len(children_of(master)) == 2, 10, what="two workers")
+    with open("/proc/%d/environ" % master, "rb") as f:
+        assert b"PYTHONPATH=" + site.encode() in f.read()  # the installed copy runs
+    assert init("status").returncode == 0
+    assert init("start").returncode == 0  # already running: no second copy
+    assert read_pid(pidfile) == master
+    # The sample auth file's key forwards.
+    now = int(time.time())
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(line_for({"my_public_key": ("my_secret_key", [])}, "my_public_key",
+                              "metric1", 42, now - 60))
+    wait_points(carbon, "metric1", {now - 60: 42.0}, now - 60)
+    assert init("reload").returncode == 0
+    wait_for(lambda: "received SIGHUP" in log_file.read_text(), 10, what="the reload")
+    workers = children_of(master)
+    assert init("stop").returncode == 0
+    assert not any(pid_alive(p) for p in [master] + workers)
+    assert init("status").returncode == 3
