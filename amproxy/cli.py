@@ -4,8 +4,11 @@ import logging
 import sys
 
 from . import __version__
+from . import keytool
+from .auth import warn_if_world_readable
 from .client import run_test_client
-from .config import (KEY_PRIVATE, TEST_CLIENT_OPTIONS, build_parser, parse_server_args)
+from .config import (AUTH_FILE, KEY_PRIVATE, TEST_CLIENT_OPTIONS, build_parser,
+                     parse_server_args)
 from .errors import AmproxyError
 from .logs import setup_logging
 from .master import Master
@@ -20,6 +23,10 @@ commands:
   client signature TEXT       print the signature of TEXT (secret from --key-private
                               or KEY_PRIVATE)
   client test-client          send a random data point every --interval
+  keys new KEY --metric M...  add a key with a new secret to the auth file
+  keys list                   show the keys and what they may write (no secrets)
+  keys revoke KEY             remove a key from the auth file
+  auth-file check [FILE]      validate an auth file; non-zero exit on errors
 
 Run 'amproxy COMMAND --help' for a command's options.
 """
@@ -64,10 +71,66 @@ def cmd_client_test_client(argv):
     return 0
 
 
+def _keys_parser(prog, description):
+    return build_parser(prog, description, [AUTH_FILE])
+
+
+LAYOUT_LOST = ("note: %s did not have the usual layout, so it was rewritten from its "
+               "data; its comments are gone")
+
+
+def cmd_keys_new(argv):
+    parser = _keys_parser("amproxy keys new", "Add a key with a new random secret.")
+    parser.add_argument("public_key")
+    parser.add_argument("--metric", action="append", required=True, metavar="PATTERN",
+                        help="a metric name or Graphite pattern the key may write "
+                        "(repeat for more)")
+    args = parser.parse_args(argv)
+    secret, kept_layout = keytool.add_key(args.auth_file, args.public_key, args.metric)
+    if not kept_layout:
+        print(LAYOUT_LOST % args.auth_file, file=sys.stderr)
+    print("added %s to %s; its secret key (shown only now):" % (
+        args.public_key, args.auth_file), file=sys.stderr)
+    print(secret)
+    return 0
+
+
+def cmd_keys_list(argv):
+    args = _keys_parser("amproxy keys list", "Show keys and what they may write.").parse_args(
+        argv)
+    for line in keytool.describe(args.auth_file):
+        print(line)
+    return 0
+
+
+def cmd_keys_revoke(argv):
+    parser = _keys_parser("amproxy keys revoke", "Remove a key from the auth file.")
+    parser.add_argument("public_key")
+    args = parser.parse_args(argv)
+    if not keytool.revoke_key(args.auth_file, args.public_key):
+        print(LAYOUT_LOST % args.auth_file, file=sys.stderr)
+    print("revoked %s in %s" % (args.public_key, args.auth_file), file=sys.stderr)
+    return 0
+
+
+def cmd_auth_file_check(argv):
+    parser = build_parser("amproxy auth-file check", "Validate an auth file.", [])
+    parser.add_argument("file", nargs="?", default=AUTH_FILE.default)
+    args = parser.parse_args(argv)
+    setup_logging()
+    print(keytool.check(args.file))
+    warn_if_world_readable(args.file)
+    return 0
+
+
 COMMANDS = {
     ("server",): cmd_server,
     ("client", "signature"): cmd_client_signature,
     ("client", "test-client"): cmd_client_test_client,
+    ("keys", "new"): cmd_keys_new,
+    ("keys", "list"): cmd_keys_list,
+    ("keys", "revoke"): cmd_keys_revoke,
+    ("auth-file", "check"): cmd_auth_file_check,
 }
 
 

@@ -122,12 +122,14 @@ class Option:
         parser.add_argument(self.flag, default=self.default, help=help_text, **kwargs)
 
 
+AUTH_FILE = Option("--auth-file", "/etc/amproxy/auth_file.yaml", "the YAML file of keys",
+                   env="AUTH_FILE")
+
 SERVER_OPTIONS = [
     # The original's options: same flags, variables and defaults.
     Option("--addr", "127.0.0.1:2005", "the interface and port to listen on",
            env="ADDR", type=address),
-    Option("--auth-file", "/etc/amproxy/auth_file.yaml", "the YAML file of keys",
-           env="AUTH_FILE"),
+    AUTH_FILE,
     Option("--carbon-addr", "127.0.0.1:2003", "Carbon's plaintext receiver",
            env="CARBON_ADDR", type=address),
     Option("--skew", "5m0s", "how far a line's timestamp may be from now, either way",

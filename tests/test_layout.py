@@ -5,7 +5,7 @@ import os
 import amproxy
 
 LAYERS = ["errors", "protocol", "patterns", "buffer", "logs", "auth", "config", "daemon", "carbon",
-          "worker", "master", "client", "cli", "__main__"]
+          "worker", "master", "client", "keytool", "cli", "__main__"]
 PACKAGE_DIR = os.path.dirname(amproxy.__file__)
 
 

@@ -1,0 +1,202 @@
+"""``amproxy keys`` and ``amproxy auth-file check``: edit and inspect the auth file.
+
+Edits keep the operator's comments and layout when the file has the usual
+layout (new keys are appended in the same indentation, revoked ones cut
+out); otherwise the file is rewritten from its data.  Either way the result
+is parsed back and compared with what was intended before it replaces the
+file, atomically (temp file, fsync, rename), with the old file's mode and owner.
+"""
+
+import os
+import re
+import secrets
+import tempfile
+
+import yaml
+
+from .auth import load_auth_file, parse_auth_data, parse_simple_layout
+from .errors import AuthFileError
+
+SECRET_BYTES = 32
+_KEY_LINE = re.compile(r"( +)([^\s#:][^:]*):\s*$")
+
+
+def new_secret():
+    """A random secret of 32 bytes, URL-safe base64, starting with a letter or digit."""
+    while True:
+        secret = secrets.token_urlsafe(SECRET_BYTES)
+        if secret[0].isalnum():
+            return secret
+
+
+def _yaml_scalar(text):
+    dumped = yaml.safe_dump(text, default_flow_style=True, width=1 << 20)
+    return dumped.replace("\n...\n", "").strip()
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise AuthFileError("cannot read auth file %s: %s" % (path, e.strerror)) from None
+
+
+def _summary_of(db):
+    """What each key is: its secret and everything it may write."""
+    return {name: (key._secret, frozenset(key._metric_names) | frozenset(key.patterns))
+            for name, key in db.keys.items()}
+
+
+def _write_atomically(path, text):
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    fd, temp = tempfile.mkstemp(prefix=".auth-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, st.st_mode & 0o7777 if st else 0o640)
+        if st is not None and os.geteuid() == 0:
+            os.chown(temp, st.st_uid, st.st_gid)
+        os.rename(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _layout(text):
+    """Indentation of key lines, field lines and metric items in a usual-layout file."""
+    key_indent, field_indent, item_prefix = "  ", "    ", None
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if _KEY_LINE.match(line) and i + 1 < len(lines):
+            key_indent = _KEY_LINE.match(line).group(1)
+            nxt = lines[i + 1]
+            field_indent = nxt[:len(nxt) - len(nxt.lstrip(" "))] or field_indent
+            break
+    for line in lines:
+        stripped = line.lstrip(" ")
+        if stripped.startswith("- "):
+            item_prefix = line[:len(line) - len(stripped)] + "- "
+            break
+    return key_indent, field_indent, item_prefix or field_indent + "- "
+
+
+def _replace_file(path, text, expected, fallback_data):
+    """Write ``text`` if it parses to ``expected``, else the rewritten ``fallback_data``."""
+    for candidate in (text, None):
+        if candidate is None:
+            candidate = "---\n" + yaml.safe_dump(fallback_data, default_flow_style=False,
+                                                 sort_keys=False)
+        try:
+            data = parse_simple_layout(candidate) or yaml.load(candidate,
+                                                               Loader=yaml.BaseLoader)
+            if _summary_of(parse_auth_data(data, path)) == expected:
+                _write_atomically(path, candidate)
+                return candidate is text
+        except (yaml.YAMLError, AuthFileError):
+            pass
+    raise AuthFileError("could not write a valid auth file %s; it was not changed" % path)
+
+
+def add_key(path, public_key, patterns):
+    """Add a key with a new secret; return it, and whether the file's layout was kept.
+
+    Refuses a duplicate.
+    """
+    if not public_key or re.search(r"\s", public_key):
+        raise AuthFileError("public key %r must be a non-empty string without spaces"
+                            % public_key)
+    if not patterns:
+        raise AuthFileError("give the new key at least one --metric")
+    text = _read(path)
+    if text is None:
+        text = "---\napikeys:\n"
+        current = {}
+    else:
+        current = _summary_of(load_auth_file(path))
+    if public_key.encode() in current:
+        raise AuthFileError("auth file %s already has a key %r" % (path, public_key))
+    # Validates the patterns (and names the bad one) before anything is written.
+    parse_auth_data({"apikeys": {public_key: {"secret_key": "x", "metrics": list(patterns)}}},
+                    path)
+    secret = new_secret()
+    key_indent, field_indent, item_prefix = _layout(text)
+    block = ["%s%s:" % (key_indent, _yaml_scalar(public_key)),
+             "%ssecret_key: %s" % (field_indent, secret),
+             "%smetrics:" % field_indent]
+    block += ["%s%s" % (item_prefix, _yaml_scalar(p)) for p in patterns]
+    new_text = text + ("" if text.endswith("\n") else "\n") + "\n".join(block) + "\n"
+    expected = dict(current)
+    expected[public_key.encode()] = (secret, frozenset(patterns))
+    data = _data_of(path, text)
+    data["apikeys"][public_key] = {"secret_key": secret, "metrics": list(patterns)}
+    kept_layout = _replace_file(path, new_text, expected, data)
+    return secret, kept_layout
+
+
+def _data_of(path, text):
+    data = parse_simple_layout(text) or yaml.load(text, Loader=yaml.BaseLoader) or {}
+    data.setdefault("apikeys", {})
+    if data["apikeys"] is None or data["apikeys"] == "":
+        data["apikeys"] = {}
+    return data
+
+
+def revoke_key(path, public_key):
+    """Remove a key; return whether the file's layout was kept.  Raise if it is absent."""
+    text = _read(path)
+    if text is None:
+        raise AuthFileError("cannot read auth file %s: no such file" % path)
+    current = _summary_of(load_auth_file(path))
+    if public_key.encode() not in current:
+        raise AuthFileError("auth file %s has no key %r" % (path, public_key))
+    lines = text.splitlines(keepends=True)
+    kept, skipping, indent = [], False, None
+    for line in lines:
+        match = _KEY_LINE.match(line.rstrip("\n"))
+        if not skipping and match and match.group(2).strip("'\"") == public_key:
+            skipping, indent = True, len(match.group(1))
+            continue
+        if skipping:
+            content = line.lstrip(" ")
+            if content.strip() and len(line) - len(content) <= indent:
+                skipping = False
+            else:
+                continue
+        kept.append(line)
+    expected = dict(current)
+    del expected[public_key.encode()]
+    data = _data_of(path, text)
+    del data["apikeys"][public_key]
+    return _replace_file(path, "".join(kept), expected, data)
+
+
+def describe(path):
+    """Lines describing every key and what it may write; never the secrets."""
+    db = load_auth_file(path)
+    out = []
+    for name, key in sorted(db.keys.items()):
+        allowed = list(key._metric_names) + list(key.patterns)
+        out.append("%s\t%s" % (name.decode(), " ".join(allowed) or "(no metrics)"))
+    return out
+
+
+def check(path):
+    """Validate the file; return a one-line summary (raises AuthFileError)."""
+    db = load_auth_file(path)
+    return "auth file %s is valid: %d keys, %d exact metric names, %d patterns" % (
+        path, len(db), db.metric_count, db.pattern_count)

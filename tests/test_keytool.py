@@ -1,0 +1,122 @@
+import os
+import stat
+import subprocess
+
+import pytest
+
+from amproxy import keytool
+from amproxy.auth import load_auth_file
+from amproxy.errors import AuthFileError
+from conftest import AMPROXY
+
+COMMENTED = """\
+# devices at home
+---
+apikeys:
+  # the living room
+  alice:
+    secret_key: alice-secret
+    metrics:
+      - home.alice.temp
+  bob:
+    secret_key: bob-secret
+    metrics:
+      - home.bob.*
+"""
+
+
+@pytest.fixture
+def auth(tmp_path):
+    path = tmp_path / "auth.yaml"
+    path.write_text(COMMENTED)
+    os.chmod(path, 0o640)
+    return str(path)
+
+
+def test_new_key_keeps_comments_layout_and_mode(auth):
+    secret, kept = keytool.add_key(auth, "carol", ["home.carol.**", "exact.metric"])
+    assert kept
+    text = open(auth).read()
+    assert text.startswith(COMMENTED)
+    assert "  carol:\n    secret_key: %s\n    metrics:\n      - home.carol.**\n" % secret in text
+    assert stat.S_IMODE(os.stat(auth).st_mode) == 0o640
+    key = load_auth_file(auth).get(b"carol")
+    assert key.allows(b"home.carol.x.y") and key.allows(b"exact.metric")
+    assert key.signature(b"x") == keytool_signature(secret, b"x")
+    assert len(secret) >= 43  # 32 random bytes in URL-safe base64
+
+
+def keytool_signature(secret, text):
+    from amproxy.protocol import Signer
+    return Signer(secret).signature(text)
+
+
+def test_secrets_are_random(auth):
+    assert keytool.new_secret() != keytool.new_secret()
+
+
+def test_duplicate_and_bad_input_are_refused(auth):
+    before = open(auth).read()
+    with pytest.raises(AuthFileError, match="already has a key 'alice'"):
+        keytool.add_key(auth, "alice", ["x"])
+    with pytest.raises(AuthFileError, match="bad metric pattern"):
+        keytool.add_key(auth, "dave", ["a.[b"])
+    with pytest.raises(AuthFileError, match="without spaces"):
+        keytool.add_key(auth, "d ave", ["x"])
+    assert open(auth).read() == before
+
+
+def test_revoke_cuts_out_only_that_key(auth):
+    assert keytool.revoke_key(auth, "alice")
+    text = open(auth).read()
+    assert "alice" not in text.replace("# the living room", "")
+    assert "# devices at home" in text and "bob-secret" in text
+    assert list(load_auth_file(auth).keys) == [b"bob"]
+    with pytest.raises(AuthFileError, match="has no key 'alice'"):
+        keytool.revoke_key(auth, "alice")
+
+
+def test_unusual_layout_is_rewritten_from_its_data(tmp_path):
+    path = tmp_path / "auth.yaml"
+    path.write_text('apikeys: {"k": {"secret_key": "s", "metrics": ["a", "b"]}}\n')
+    secret, kept = keytool.add_key(str(path), "new", ["c.*"])
+    assert not kept
+    db = load_auth_file(str(path))
+    assert db.get(b"k").allows(b"a") and db.get(b"new").allows(b"c.d")
+
+
+def test_new_file_is_created_private(tmp_path):
+    path = str(tmp_path / "fresh.yaml")
+    keytool.add_key(path, "first", ["m"])
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert load_auth_file(path).get(b"first").allows(b"m")
+
+
+def run(*args):
+    return subprocess.run([AMPROXY] + list(args), capture_output=True, text=True, timeout=30)
+
+
+def test_cli_keys_new_list_revoke_and_check(auth):
+    result = run("keys", "new", "erin", "--metric", "erin.*", "--auth-file", auth)
+    assert result.returncode == 0, result.stderr
+    secret = result.stdout.strip()
+    assert len(secret) >= 43 and "\n" not in secret
+    listing = run("keys", "list", "--auth-file", auth)
+    assert listing.returncode == 0
+    assert "erin\terin.*" in listing.stdout and "alice\thome.alice.temp" in listing.stdout
+    assert secret not in listing.stdout and "alice-secret" not in listing.stdout
+    assert run("keys", "new", "erin", "--metric", "x", "--auth-file", auth).returncode == 1
+    assert run("keys", "revoke", "erin", "--auth-file", auth).returncode == 0
+    check = run("auth-file", "check", auth)
+    assert check.returncode == 0
+    assert "2 keys, 1 exact metric names, 1 patterns" in check.stdout
+    assert "alice-secret" not in check.stdout + check.stderr
+
+
+def test_cli_check_fails_on_a_bad_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apikeys:\n  k:\n    metrics: [a]\n")
+    result = run("auth-file", "check", str(bad))
+    assert result.returncode == 1
+    assert "key 'k' has no secret_key" in result.stderr
+    assert run("auth-file", "check", str(tmp_path / "missing.yaml")).returncode == 1
