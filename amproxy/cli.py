@@ -1,14 +1,16 @@
 """The ``amproxy`` command."""
 
+import json
 import logging
+import socket
 import sys
 
 from . import __version__
 from . import keytool
 from .auth import warn_if_world_readable
-from .client import run_test_client
-from .config import (AUTH_FILE, KEY_PRIVATE, TEST_CLIENT_OPTIONS, build_parser,
-                     parse_server_args)
+from .client import Client, run_test_client
+from .config import (AUTH_FILE, KEY_PRIVATE, KEY_PUBLIC, SERVER_ADDR, TEST_CLIENT_OPTIONS,
+                     build_parser, parse_server_args, stats_socket_path)
 from .errors import AmproxyError
 from .logs import setup_logging
 from .master import Master
@@ -23,10 +25,14 @@ commands:
   client signature TEXT       print the signature of TEXT (secret from --key-private
                               or KEY_PRIVATE)
   client test-client          send a random data point every --interval
+  client send METRIC VALUE [TIMESTAMP]
+                              send one signed data point (for cron jobs and checks)
   keys new KEY --metric M...  add a key with a new secret to the auth file
   keys list                   show the keys and what they may write (no secrets)
   keys revoke KEY             remove a key from the auth file
   auth-file check [FILE]      validate an auth file; non-zero exit on errors
+  stats                       print a running server's totals (through --stats-socket,
+                              or the one beside --pidfile; reads the server's config)
 
 Run 'amproxy COMMAND --help' for a command's options.
 """
@@ -123,14 +129,57 @@ def cmd_auth_file_check(argv):
     return 0
 
 
+def cmd_stats(argv):
+    options = parse_server_args(argv)
+    path = stats_socket_path(options)
+    if not path:
+        raise AmproxyError("no stats socket: pass --stats-socket or --pidfile (or set them "
+                           "in the config file)")
+    chunks = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except OSError as e:
+        raise AmproxyError("cannot read stats from %s: %s" % (path, e.strerror or e))
+    print(json.dumps(json.loads(b"".join(chunks)), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_client_send(argv):
+    parser = build_parser("amproxy client send", "Send one signed data point.",
+                          [KEY_PUBLIC, KEY_PRIVATE, SERVER_ADDR])
+    parser.add_argument("metric")
+    parser.add_argument("value", type=float)
+    parser.add_argument("timestamp", nargs="?", type=int, help="Unix seconds (default: now)")
+    args = parser.parse_args(argv)
+    if not args.key_public or not args.key_private:
+        raise AmproxyError("pass --key-public and --key-private (or KEY_PUBLIC and "
+                           "KEY_PRIVATE)")
+    value = int(args.value) if args.value.is_integer() else args.value
+    client = Client(args.server_addr, args.key_public, args.key_private)
+    client.send(args.metric, value, args.timestamp)
+    if not client.flush():
+        raise AmproxyError("could not send to %s:%d" % args.server_addr)
+    client.close()
+    return 0
+
+
 COMMANDS = {
     ("server",): cmd_server,
     ("client", "signature"): cmd_client_signature,
     ("client", "test-client"): cmd_client_test_client,
+    ("client", "send"): cmd_client_send,
     ("keys", "new"): cmd_keys_new,
     ("keys", "list"): cmd_keys_list,
     ("keys", "revoke"): cmd_keys_revoke,
     ("auth-file", "check"): cmd_auth_file_check,
+    ("stats",): cmd_stats,
 }
 
 

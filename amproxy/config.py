@@ -177,6 +177,19 @@ SERVER_OPTIONS = [
     Option("--log-rejections", 10,
            "log at most this many rejected lines per reason per second; 0 logs none",
            env="AMPROXY_LOG_REJECTIONS", type=non_negative_int),
+    # Self-metrics.
+    Option("--stats-interval", "60s",
+           "send amproxy's own counters to Carbon this often; 0 turns it off",
+           env="AMPROXY_STATS_INTERVAL", type=duration),
+    Option("--stats-prefix", "",
+           "the metric prefix of the counters (default: amproxy.<host name with dots as _>)",
+           env="AMPROXY_STATS_PREFIX"),
+    Option("--stats-per-key", False,
+           "also count forwarded and rejected lines per public key",
+           env="AMPROXY_STATS_PER_KEY", type=bool),
+    Option("--stats-socket", "",
+           "a Unix socket where 'amproxy stats' reads the current totals (default: "
+           "beside the pidfile, if there is one)", env="AMPROXY_STATS_SOCKET"),
     # Running as a daemon.
     Option("--log-file", "", "log to this file instead of stderr; reopened on SIGUSR1",
            env="AMPROXY_LOG_FILE"),
@@ -191,7 +204,15 @@ SERVER_OPTIONS = [
 # What SIGHUP can change in a running server; the rest needs a restart.
 LIVE_OPTIONS = ("workers", "skew", "log_level", "log_rejections", "auth_reload_interval",
                 "max_line_length", "idle_timeout", "max_connections", "replay_rate",
-                "resend_window", "graceful_timeout", "worker_timeout")
+                "resend_window", "graceful_timeout", "worker_timeout", "stats_interval")
+
+
+def stats_socket_path(options):
+    if options.stats_socket:
+        return options.stats_socket
+    if options.pidfile:
+        return os.path.splitext(options.pidfile)[0] + ".stats.sock"
+    return ""
 
 CONFIG_OPTION = Option("--config", None,
                        "a config file of 'option = value' lines; %s is read when it exists"

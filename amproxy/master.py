@@ -5,6 +5,7 @@ The loop takes signals off the queue and calls ``handle_<name>``; between
 signals it reaps dead workers, kills hung ones and starts missing ones.
 """
 
+import json
 import logging
 import os
 import resource
@@ -16,9 +17,10 @@ import time
 
 from . import daemon
 from .auth import AuthFile, warn_if_world_readable
-from .config import LIVE_OPTIONS, reread_server_args
+from .config import LIVE_OPTIONS, reread_server_args, stats_socket_path
 from .errors import AmproxyError
 from .logs import reopen_log_files, set_level
+from .stats import StatsChannels, StatsCollector, default_prefix
 from .worker import WORKER_BOOT_ERROR, Heartbeat, Worker
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,10 @@ class Master:
         self._boot_pipe = None  # workers write their pid here once they are up
         self._booted = set()
         self._worker_age = 0
+        self.stats_channels = None
+        self.stats = None
+        self.stats_listener = None
+        self._next_stats = None
         self.pid = os.getpid()
 
     # -- start-up --------------------------------------------------------------
@@ -91,6 +97,10 @@ class Master:
         if self.pidfile is not None:
             self.pidfile.create(self.pid)
         daemon.drop_privileges(options.user, options.group)
+        self.stats_channels = StatsChannels()
+        self.stats = StatsCollector(self.stats_channels, options.stats_prefix or
+                                    default_prefix(), options.stats_per_key)
+        self._open_stats_socket(stats_socket_path(options))
         self._signal_pipe = self._nonblocking_pipe()
         self._boot_pipe = self._nonblocking_pipe()
         for sig in SIGNALS:
@@ -99,6 +109,55 @@ class Master:
             "addr": "%s:%d" % self.listener.getsockname()[:2],
             "carbon": "%s:%d" % options.carbon_addr, "workers": self.num_workers,
             "keys": len(db), "auth_file": options.auth_file})
+
+    def _open_stats_socket(self, path):
+        if not path:
+            return
+        try:
+            if os.path.exists(path):
+                os.unlink(path)  # left by a previous run; the pidfile said it is gone
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(path)
+            os.chmod(path, 0o660)
+            sock.listen(8)
+        except OSError as e:
+            raise AmproxyError("cannot listen on stats socket %s: %s" % (
+                path, e.strerror or e)) from None
+        sock.setblocking(False)
+        self.stats_listener = sock
+
+    def _answer_stats(self):
+        try:
+            conn, _ = self.stats_listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        with conn:
+            conn.settimeout(2)
+            try:
+                conn.sendall(json.dumps(self.stats.snapshot(list(self.workers))).encode())
+            except OSError:
+                pass
+
+    def _close_stats_socket(self):
+        if self.stats_listener is not None:
+            path = self.stats_listener.getsockname()
+            self.stats_listener.close()
+            self.stats_listener = None
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _maybe_send_stats(self):
+        interval = self.options.stats_interval
+        if not interval:
+            return
+        now = time.monotonic()
+        if self._next_stats is None:
+            self._next_stats = now + interval
+        elif now >= self._next_stats:
+            self._next_stats = now + interval
+            self.stats.flush(list(self.workers), int(time.time()))
 
     @staticmethod
     def _nonblocking_pipe():
@@ -142,6 +201,7 @@ class Master:
                     self.reap_workers()
                     self.murder_workers()
                     self.manage_workers()
+                    self._maybe_send_stats()
                     continue
                 if sig != signal.SIGCHLD:
                     log.info("received SIG%s", SIGNAL_NAMES[sig].upper())
@@ -153,16 +213,25 @@ class Master:
             self.stop(graceful=False)
             return halt.exit_status
         finally:
+            self._close_stats_socket()
             if self.pidfile is not None:
                 self.pidfile.unlink()
 
     def sleep(self, timeout=1.0):
-        """Wait for a signal or a booted worker, or ``timeout`` seconds."""
+        """Wait for a signal, a booted worker, stats, or ``timeout`` seconds."""
+        watched = [self._signal_pipe[0], self._boot_pipe[0], self.stats_channels.reports_in]
+        if self.stats_listener is not None:
+            watched.append(self.stats_listener)
+        if self.options.stats_interval and self._next_stats is not None:
+            timeout = max(0.0, min(timeout, self._next_stats - time.monotonic()))
         try:
-            ready = select.select([self._signal_pipe[0], self._boot_pipe[0]], [], [],
-                                  timeout)[0]
+            ready = select.select(watched, [], [], timeout)[0]
         except InterruptedError:
             return
+        if self.stats_channels.reports_in in ready:
+            self.stats.drain()
+        if self.stats_listener is not None and self.stats_listener in ready:
+            self._answer_stats()
         if self._signal_pipe[0] in ready:
             self._drain(self._signal_pipe[0])
         if self._boot_pipe[0] in ready:
@@ -269,7 +338,7 @@ class Master:
         used = {w.slot for w in self.workers.values()}
         slot = min(set(range(len(self.workers) + 1)) - used)
         worker = Worker(slot, self._worker_age, self.listener, self.options,
-                        self.auth_file, Heartbeat())
+                        self.auth_file, Heartbeat(), self.stats_channels)
         # Signals stay blocked across the fork until the child has its own
         # handlers, so none is lost to the master's handler in the child.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -287,6 +356,10 @@ class Master:
         try:
             for fd in self._signal_pipe + (self._boot_pipe[0],):
                 os.close(fd)
+            self.stats_channels.reports_in.close()
+            self.stats_channels.outbox_in.close()
+            if self.stats_listener is not None:
+                self.stats_listener.close()
             for sig in SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             try:
@@ -315,6 +388,7 @@ class Master:
                 return
             worker = self.workers.pop(pid, None)
             self._booted.discard(pid)
+            self.stats.forget_worker(pid)
             if worker is None:
                 continue
             worker.heartbeat.close()

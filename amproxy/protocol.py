@@ -81,7 +81,7 @@ class Signer:
         return _b2a_base64(outer.digest(), newline=False)
 
 
-def filter_lines(lines, keys, now, max_skew, reject):
+def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None):
     """Check lines (bytes, without line ending); return the Carbon lines of those that pass.
 
     ``keys`` maps a public key (bytes) to a :class:`Signer` that also has
@@ -91,7 +91,8 @@ def filter_lines(lines, keys, now, max_skew, reject):
     original's order (shape, key, signature, skew, metric) and then the value.
     Surrounding whitespace is trimmed and empty lines are skipped, as the
     original does.  Each accepted line gives its ``metric value timestamp``
-    part, without a newline: see :func:`carbon_payload`.
+    part, without a newline: see :func:`carbon_payload`.  If a dict is given
+    as ``forwarded_per_key``, it counts the accepted lines of each public key.
 
     This is the proxy's hot path, so it is one flat loop with the signature
     check written out: each function call costs a visible share per line.
@@ -104,7 +105,8 @@ def filter_lines(lines, keys, now, max_skew, reject):
     for line in lines:
         fields = line.split(b" ")
         if len(fields) != 5:
-            if _retry_trimmed(line, accepted, keys, now, max_skew, reject):
+            if _retry_trimmed(line, accepted, keys, now, max_skew, reject,
+                              forwarded_per_key):
                 continue
             reject(MALFORMED, None, None)
             continue
@@ -122,7 +124,8 @@ def filter_lines(lines, keys, now, max_skew, reject):
         outer = key.outer.copy()
         outer.update(inner.digest())
         if not compare(_b2a_base64(outer.digest(), newline=False), signature):
-            if _retry_trimmed(line, accepted, keys, now, max_skew, reject):
+            if _retry_trimmed(line, accepted, keys, now, max_skew, reject,
+                              forwarded_per_key):
                 continue
             reject(BAD_SIGNATURE, public_key, metric)
             continue
@@ -141,10 +144,12 @@ def filter_lines(lines, keys, now, max_skew, reject):
                 reject(BAD_VALUE, public_key, metric)
                 continue
         append(line[:signed_length - len(public_key) - 1])
+        if forwarded_per_key is not None:
+            forwarded_per_key[public_key] = forwarded_per_key.get(public_key, 0) + 1
     return accepted
 
 
-def _retry_trimmed(line, accepted, keys, now, max_skew, reject):
+def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key):
     """A line that failed may pass without surrounding whitespace (or be empty).
 
     Returns True if the trimmed line was handled (checked, or skipped as empty).
@@ -153,7 +158,7 @@ def _retry_trimmed(line, accepted, keys, now, max_skew, reject):
     if trimmed == line and trimmed:
         return False
     if trimmed:
-        accepted.extend(filter_lines((trimmed,), keys, now, max_skew, reject))
+        accepted.extend(filter_lines((trimmed,), keys, now, max_skew, reject, per_key))
     return True
 
 

@@ -20,11 +20,13 @@ from .config import LIVE_OPTIONS
 from .errors import AmproxyError
 from .logs import RejectionLog, reopen_log_files, set_level
 from .protocol import LINE_TOO_LONG, REJECTION_REASONS, carbon_payload, filter_lines
+from .stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
 TICK = 0.5  # the longest the loop sleeps, so it notices a dead master quickly
+STATS_REPORT_INTERVAL = 1.0
 # Exit status of a worker that could not start; the master stops instead of
 # respawning it forever.
 WORKER_BOOT_ERROR = 3
@@ -87,8 +89,9 @@ def _remote_text(address):
 class Worker:
     """Built by the master before the fork; ``run`` is called in the child."""
 
-    def __init__(self, slot, age, listener, options, auth_file, heartbeat):
+    def __init__(self, slot, age, listener, options, auth_file, heartbeat, stats_channels):
         self.slot = slot
+        self.stats_channels = stats_channels
         self.age = age
         self.listener = listener
         self.options = options
@@ -100,6 +103,7 @@ class Worker:
         self.stopping_since = None
         self.stop_deadline = None
         self.paused = False
+        self._next_stats_report = 0.0
         self.connections = {}
         self.forwarded = 0
         self.connections_opened = 0
@@ -138,6 +142,9 @@ class Worker:
                                    options.buffer_size, spool, options.replay_rate,
                                    options.resend_window)
         self.reject_log = RejectionLog(log, self.options.log_rejections)
+        self.stats = WorkerStats(self.stats_channels, options.stats_per_key)
+        self.selector.register(self.stats_channels.outbox_out, selectors.EVENT_READ,
+                               self._on_stats_lines)
         self.sender.flush()
         self.heartbeat.notify()
 
@@ -181,6 +188,9 @@ class Worker:
 
     def _housekeeping(self, now):
         self.heartbeat.notify()
+        if now >= self._next_stats_report:
+            self._next_stats_report = now + STATS_REPORT_INTERVAL
+            self.report_stats()
         self.reject_log.tick(int(time.time()))
         if os.getppid() != self.ppid and self.stop_deadline != ORPHAN_STOP_SECONDS:
             log.warning("master process is gone; worker stopping",
@@ -208,6 +218,36 @@ class Worker:
             elif signum == signal.SIGUSR1:
                 reopen_log_files()
             # TTIN and TTOU are for the master; a worker ignores them.
+
+    def counters(self):
+        rejected = self.rejected
+        counters = {"rejected." + reason: count for reason, count in rejected.items()}
+        counters.update({
+            "linesReceived": self.forwarded + sum(rejected.values()),
+            "linesForwarded": self.forwarded,
+            "connectionsOpened": self.connections_opened,
+            "connectionsRefused": self.connections_refused,
+            "carbonReconnects": self.sender.reconnects,
+            "droppedLines": self.sender.dropped_lines,
+            "authReloads": self.auth_file.reloads,
+            "authReloadErrors": self.auth_file.reload_errors,
+        })
+        return counters
+
+    def report_stats(self):
+        self.stats.report(self.counters(), {
+            "activeConnections": len(self.connections),
+            "bufferedLines": self.sender.queued_lines,
+            "spooledBytes": self.sender.spooled_bytes})
+
+    def _on_stats_lines(self, mask):
+        """The master's self-metrics: they go to Carbon like forwarded lines."""
+        try:
+            data = self.stats_channels.outbox_out.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return  # another worker took them
+        if data:
+            self.sender.enqueue(data, data.count(b"\n"))
 
     def _reload_options(self):
         """Take the options that can change live from the re-read config."""
@@ -306,12 +346,16 @@ class Worker:
         remote = conn.remote
         reject_log = self.reject_log
         rejected = self.rejected
+        rejected_per_key = self.stats.rejected_per_key
 
         def reject(reason, public_key, metric):
             rejected[reason] += 1
             reject_log(now, reason, remote, public_key, metric)
+            if rejected_per_key is not None and public_key in keys:
+                rejected_per_key[public_key] = rejected_per_key.get(public_key, 0) + 1
 
-        accepted = filter_lines(lines, keys, now, self.options.skew, reject)
+        accepted = filter_lines(lines, keys, now, self.options.skew, reject,
+                                self.stats.forwarded_per_key)
         if accepted:
             self.forwarded += len(accepted)
             self.sender.enqueue(carbon_payload(accepted), len(accepted))
@@ -379,5 +423,6 @@ class Worker:
         self.sender.close()
         if self.sender.spool is not None:
             self.sender.spool.close()
+        self.report_stats()
         log.info("worker stopped", extra={"forwarded": self.forwarded,
                                           "rejected": sum(self.rejected.values())})

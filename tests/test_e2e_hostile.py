@@ -1,12 +1,14 @@
 """Hostile input changes nothing: each attack runs while a valid client is served."""
+import json
 import os
 import random
 import socket
+import subprocess
 import time
 
 import pytest
 
-from conftest import KEYS, line_for, wait_for, wait_points
+from conftest import AMPROXY, KEYS, line_for, wait_for, wait_points
 
 MB = 1 << 20
 
@@ -28,10 +30,21 @@ def assert_valid_client_served(carbon, proxy, metric="e2e.alpha.temp", value=Non
     wait_points(carbon, metric, {ts: value}, ts)
 
 
+def counters(proxy):
+    """The running server's totals, as `amproxy stats` reports them."""
+    result = subprocess.run([AMPROXY, "stats", "--stats-socket", proxy.stats_socket],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["totals"]
+
+
 @pytest.fixture
-def hostile_proxy(carbon, auth_file, make_proxy):
+def hostile_proxy(carbon, auth_file, make_proxy, tmp_path):
     def make(*args, workers=2):
-        proxy = make_proxy(carbon.address, auth_file, args=list(args), workers=workers)
+        stats_socket = str(tmp_path / ("stats-%d.sock" % len(os.listdir(tmp_path))))
+        proxy = make_proxy(carbon.address, auth_file, workers=workers,
+                           args=list(args) + ["--stats-socket", stats_socket])
+        proxy.stats_socket = stats_socket
         proxy.initial_rss = {pid: rss_bytes(pid) for pid in proxy.workers()}
         return proxy
     return make
@@ -62,6 +75,8 @@ def test_ten_megabytes_without_newline(carbon, hostile_proxy):
         print("worker %d RSS %.1f MB -> %.1f MB" % (pid, idle / MB, rss_bytes(pid) / MB))
     assert sent < 10 * MB  # the connection was cut long before 10 MB
     assert "closing client connection: line longer than --max-line-length" in proxy.log()
+    wait_for(lambda: counters(proxy)["rejected.lineTooLong"] == 1, 5,
+             what="the lineTooLong counter")
     assert_valid_client_served(carbon, proxy)
     assert_workers_healthy(proxy)
 
@@ -91,6 +106,8 @@ def test_connection_cap_refuses_new_but_serves_existing(carbon, hostile_proxy):
     extra.settimeout(5)
     assert extra.recv(1) == b""  # closed at once
     extra.close()
+    wait_for(lambda: counters(proxy)["connectionsRefused"] == 1, 5,
+             what="the connectionsRefused counter")
     held[0].sendall(line_for(KEYS, "beta", "e2e.beta.temp", 999, now - 200))
     wait_points(carbon, "e2e.beta.temp", {now - 200: 999.0}, now - 200)
     for sock in held:
@@ -109,6 +126,8 @@ def test_binary_garbage_nul_bytes_and_invalid_utf8(carbon, hostile_proxy):
             sock.sendall(blob[:4000] + b"\n")
     proxy.wait_log(r"reason=malformed")
     assert_valid_client_served(carbon, proxy)
+    wait_for(lambda: counters(proxy)["rejected.malformed"] > 60, 5,
+             what="the malformed counter")
     assert_workers_healthy(proxy)
 
 

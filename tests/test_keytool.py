@@ -120,3 +120,21 @@ def test_cli_check_fails_on_a_bad_file(tmp_path):
     assert result.returncode == 1
     assert "key 'k' has no secret_key" in result.stderr
     assert run("auth-file", "check", str(tmp_path / "missing.yaml")).returncode == 1
+
+
+def test_running_server_picks_up_new_and_revoked_keys(carbon, auth_file, make_proxy):
+    from conftest import line_for, wait_for, wait_points
+    import time
+    proxy = make_proxy(carbon.address, auth_file)
+    result = run("keys", "new", "frank", "--metric", "e2e.frank.*", "--auth-file",
+                 str(auth_file))
+    assert result.returncode == 0, result.stderr
+    keys = {"frank": (result.stdout.strip(), [])}
+    ts = int(time.time()) - 20
+    proxy.wait_log(r"auth file reloaded", count=2)
+    proxy.send(line_for(keys, "frank", "e2e.frank.temp", 7, ts))
+    wait_points(carbon, "e2e.frank.temp", {ts: 7.0}, ts)
+    assert run("keys", "revoke", "frank", "--auth-file", str(auth_file)).returncode == 0
+    proxy.wait_log(r"auth file reloaded", count=4)
+    proxy.send(line_for(keys, "frank", "e2e.frank.temp", 8, ts + 1))
+    proxy.wait_log(r"reason=unknownKey.*public_key=frank")

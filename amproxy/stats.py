@@ -1,0 +1,176 @@
+"""Self-metrics, the Graphite way: counters per interval under a prefix.
+
+Workers keep plain integer counters (no lock, no syscall per line) and
+report the change once a second in one datagram to the master.  The master
+adds them up, and every ``--stats-interval`` hands the lines to a worker,
+which sends them to Carbon like any forwarded line.
+"""
+
+import json
+import logging
+import os
+import re
+import socket
+
+from .protocol import REJECTION_REASONS
+
+log = logging.getLogger(__name__)
+
+COUNTERS = (("linesReceived", "linesForwarded")
+            + tuple("rejected." + reason for reason in REJECTION_REASONS)
+            + ("connectionsOpened", "connectionsRefused", "carbonReconnects",
+               "droppedLines", "authReloads", "authReloadErrors"))
+GAUGES = ("activeConnections", "bufferedLines", "spooledBytes")
+MAX_DATAGRAM = 60000
+
+
+def default_prefix():
+    return "amproxy." + socket.gethostname().replace(".", "_")
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def metric_node(text):
+    """A public key as one safe Graphite node (no dots or odd characters)."""
+    return _UNSAFE.sub("_", text)
+
+
+def _datagram_pair():
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for sock in pair:
+        sock.setblocking(False)
+    return pair
+
+
+class StatsChannels:
+    """The two datagram channels, made by the master before it forks workers."""
+
+    def __init__(self):
+        self.reports_in, self.reports_out = _datagram_pair()  # workers -> master
+        self.outbox_in, self.outbox_out = _datagram_pair()    # master -> a worker
+
+
+def send_chunks(sock, lines):
+    """Send whole lines in datagrams of at most MAX_DATAGRAM bytes; False if it would block."""
+    chunk, size = [], 0
+    try:
+        for line in lines:
+            if size + len(line) > MAX_DATAGRAM and chunk:
+                sock.send(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            sock.send(b"".join(chunk))
+    except (BlockingIOError, InterruptedError):
+        return False
+    return True
+
+
+class WorkerStats:
+    """A worker's side: what changed since the last report that got through."""
+
+    def __init__(self, channels, per_key):
+        self.sock = channels.reports_out
+        self.per_key = per_key
+        self._reported = dict.fromkeys(COUNTERS, 0)
+        self.forwarded_per_key = {} if per_key else None
+        self.rejected_per_key = {} if per_key else None
+
+    def report(self, counters, gauges):
+        deltas = {name: counters[name] - self._reported[name] for name in COUNTERS}
+        message = {"pid": os.getpid(), "counters": {k: v for k, v in deltas.items() if v},
+                   "gauges": gauges}
+        if self.per_key:
+            message["keys"] = {key.decode("utf-8", "replace"): [
+                self.forwarded_per_key.get(key, 0), self.rejected_per_key.get(key, 0)]
+                for key in set(self.forwarded_per_key) | set(self.rejected_per_key)}
+        data = json.dumps(message).encode()
+        try:
+            self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return False  # the master is busy: the next report carries these too
+        except OSError as e:
+            log.debug("stats report not sent: %s", e)
+            return False
+        self._reported = dict(counters)
+        if self.per_key:
+            self.forwarded_per_key.clear()
+            self.rejected_per_key.clear()
+        return True
+
+
+class StatsCollector:
+    """The master's side: totals since start, and the current interval."""
+
+    def __init__(self, channels, prefix, per_key):
+        self.channels = channels
+        self.prefix = prefix
+        self.per_key = per_key
+        self.totals = dict.fromkeys(COUNTERS, 0)
+        self.interval = dict.fromkeys(COUNTERS, 0)
+        self.gauges = {}  # worker pid -> its latest gauges
+        self.key_totals = {}
+        self.key_interval = {}
+
+    def drain(self):
+        """Take every report that is waiting."""
+        while True:
+            try:
+                data = self.channels.reports_in.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                report = json.loads(data)
+            except ValueError:
+                continue
+            for name, value in report.get("counters", {}).items():
+                if name in self.totals:
+                    self.totals[name] += value
+                    self.interval[name] += value
+            self.gauges[report.get("pid")] = report.get("gauges", {})
+            for key, (forwarded, rejected) in report.get("keys", {}).items():
+                for table in (self.key_totals, self.key_interval):
+                    counts = table.setdefault(key, [0, 0])
+                    counts[0] += forwarded
+                    counts[1] += rejected
+
+    def forget_worker(self, pid):
+        self.gauges.pop(pid, None)
+
+    def current_gauges(self, workers):
+        summed = dict.fromkeys(GAUGES, 0)
+        for pid in workers:
+            for name, value in self.gauges.get(pid, {}).items():
+                if name in summed:
+                    summed[name] += value
+        summed["workers"] = len(workers)
+        return summed
+
+    def snapshot(self, workers):
+        """Totals since start, for ``amproxy stats``."""
+        self.drain()
+        data = {"prefix": self.prefix, "totals": dict(self.totals),
+                "gauges": self.current_gauges(workers)}
+        if self.per_key:
+            data["keys"] = {key: {"linesForwarded": f, "rejected": r}
+                            for key, (f, r) in sorted(self.key_totals.items())}
+        return data
+
+    def flush(self, workers, timestamp):
+        """Send this interval's metrics to Carbon through a worker; start a new interval."""
+        self.drain()
+        values = dict(self.interval)
+        values.update(self.current_gauges(workers))
+        lines = ["%s.%s %d %d\n" % (self.prefix, name, value, timestamp)
+                 for name, value in values.items()]
+        if self.per_key:
+            for key, (forwarded, rejected) in sorted(self.key_interval.items()):
+                node = "%s.keys.%s" % (self.prefix, metric_node(key))
+                lines.append("%s.linesForwarded %d %d\n" % (node, forwarded, timestamp))
+                lines.append("%s.rejected %d %d\n" % (node, rejected, timestamp))
+        if not send_chunks(self.channels.outbox_in, [line.encode() for line in lines]):
+            log.warning("self-metrics for this interval not sent: no worker took them")
+        self.interval = dict.fromkeys(COUNTERS, 0)
+        self.key_interval = {}

@@ -1,0 +1,120 @@
+import socket
+import subprocess
+import threading
+import time
+
+from amproxy.auth import AuthKey
+from amproxy.client import Client
+from amproxy.protocol import filter_lines
+from conftest import AMPROXY, KEYS, free_port, wait_for, wait_points
+
+
+class Collector:
+    """A TCP server that records what each connection sent."""
+
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.connections = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            received = []
+            self.connections.append(received)
+            threading.Thread(target=self._read, args=(conn, received), daemon=True).start()
+
+    @staticmethod
+    def _read(conn, received):
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                received.append(data)
+
+    def lines(self):
+        return b"".join(b"".join(c) for c in self.connections).splitlines()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_client_batches_over_one_connection_and_signs_correctly():
+    server = Collector()
+    try:
+        with Client("127.0.0.1:%d" % server.port, "alpha", "alpha-secret",
+                    batch_size=10) as client:
+            for i in range(25):
+                client.send("e2e.alpha.temp", i, 1764201600 + i)
+            assert client.queued == 5  # two batches of 10 went out
+        wait_for(lambda: len(server.lines()) == 25, 5, what="25 lines")
+        assert len(server.connections) == 1
+        key = {b"alpha": AuthKey("alpha", "alpha-secret", ["e2e.alpha.temp"])}
+        accepted = filter_lines(server.lines(), key, 1764201600, 3600, None)
+        assert len(accepted) == 25
+    finally:
+        server.close()
+
+
+def test_client_buffers_while_unreachable_and_resends_after_reconnect():
+    port = free_port()
+    client = Client("127.0.0.1:%d" % port, "alpha", "alpha-secret", timeout=1)
+    client.send("m", 1, 1764201600)
+    assert not client.flush()  # nobody listens yet
+    client.send("m", 2, 1764201601)
+    assert client.queued == 2
+    server = Collector(port)
+    try:
+        assert client.flush()
+        assert client.queued == 0
+        wait_for(lambda: len(server.lines()) == 2, 5, what="the buffered lines")
+        client.close()
+    finally:
+        server.close()
+
+
+def test_client_queue_is_bounded():
+    client = Client("127.0.0.1:%d" % free_port(), "k", "s", batch_size=1000, max_queued=3)
+    for i in range(5):
+        client.send("m", i, 1764201600)
+    assert client.queued == 3
+
+
+def test_cli_send_one_point(carbon, auth_file, make_proxy):
+    proxy = make_proxy(carbon.address, auth_file)
+    ts = int(time.time()) - 42
+    result = subprocess.run(
+        [AMPROXY, "client", "send", "e2e.beta.temp", "21.5", str(ts), "--server-addr",
+         "127.0.0.1:%d" % proxy.port],
+        env={"KEY_PUBLIC": "beta", "KEY_PRIVATE": KEYS["beta"][0], "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    wait_points(carbon, "e2e.beta.temp", {ts: 21.5}, ts)
+
+
+def test_cli_send_reports_an_unreachable_server():
+    result = subprocess.run(
+        [AMPROXY, "client", "send", "m", "1", "--server-addr", "127.0.0.1:%d" % free_port(),
+         "--key-public", "k", "--key-private", "s"], capture_output=True, text=True,
+        timeout=30)
+    assert result.returncode == 1
+    assert "could not send to 127.0.0.1" in result.stderr
+
+
+def test_cli_signature_reproduces_the_contract_example():
+    result = subprocess.run([AMPROXY, "client", "signature", "foo 1234 1425059762 my_public_key"],
+                            env={"KEY_PRIVATE": "my_secret_key"}, capture_output=True,
+                            text=True, timeout=30)
+    assert result.stdout.strip() == "lT9zOeBVNfTdogqKE5J7p3XWprfu/gOI5D7aWRzjJtc="
+    missing = subprocess.run([AMPROXY, "client", "signature", "x"], env={},
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode != 0 and "KEY_PRIVATE" in missing.stderr
