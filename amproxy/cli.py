@@ -43,7 +43,8 @@ def cmd_server(argv):
     try:
         setup_logging(options.log_format, options.log_level, options.log_file)
     except OSError as e:
-        raise AmproxyError("cannot open log file %s: %s" % (options.log_file, e.strerror))
+        raise AmproxyError("cannot open log file %s: %s" % (options.log_file, e.strerror)) \
+            from None
     try:
         return Master(options, argv).run()
     except AmproxyError as e:
@@ -146,7 +147,7 @@ def cmd_stats(argv):
                     break
                 chunks.append(chunk)
     except OSError as e:
-        raise AmproxyError("cannot read stats from %s: %s" % (path, e.strerror or e))
+        raise AmproxyError("cannot read stats from %s: %s" % (path, e.strerror or e)) from None
     print(json.dumps(json.loads(b"".join(chunks)), indent=2, sort_keys=True))
     return 0
 

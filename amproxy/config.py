@@ -102,10 +102,6 @@ class Option:
         self.choices = choices
         self.extra = extra
 
-    @property
-    def dest(self):
-        return self.flag.lstrip("-").replace("-", "_")
-
     def add_to(self, parser):
         kwargs = dict(self.extra)
         if self.env:
@@ -142,8 +138,8 @@ SERVER_OPTIONS = [
     Option("--workers", os.cpu_count() or 1, "how many worker processes to run",
            env="WORKERS", type=positive_int),
     Option("--auth-reload-interval", "1s",
-           "how often workers check whether the auth file changed", env="AMPROXY_AUTH_RELOAD_INTERVAL",
-           type=duration),
+           "how often workers check whether the auth file changed",
+           env="AMPROXY_AUTH_RELOAD_INTERVAL", type=duration),
     Option("--max-line-length", 16384,
            "the longest line accepted, in bytes; a client sending a longer one is "
            "disconnected", env="AMPROXY_MAX_LINE_LENGTH", type=positive_int),

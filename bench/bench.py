@@ -223,7 +223,8 @@ class Proxy:
             amproxy = os.path.join(os.path.dirname(sys.executable), "amproxy")
             self.argv = [amproxy, "server", "--addr", fields["addr"], "--carbon-addr",
                          fields["carbon_addr"], "--auth-file", auth_file, "--workers",
-                         str(workers), "--skew", "1h", "--log-level", os.environ.get("BENCH_LOG_LEVEL", "err")] + list(extra)
+                         str(workers), "--skew", "1h", "--log-level",
+                         os.environ.get("BENCH_LOG_LEVEL", "err")] + list(extra)
         else:
             self.argv = shlex.split(command.format(**fields))
         self.workers = workers if command is None else None
@@ -309,7 +310,8 @@ def latency(command, sink, auth_file, keys, workers, samples=50):
                 before = sink.count.value
                 sent = time.monotonic()
                 s.sendall(text + b" " + sig + b"\n")
-                wait_for(lambda: sink.count.value > before, 5, "one line", interval=0.0001)
+                wait_for(lambda before=before: sink.count.value > before, 5, "one line",
+                         interval=0.0001)
                 times.append(sink.last.value - sent)
                 time.sleep(0.01)  # idle between samples
         return round(statistics.median(times) * 1000, 3)

@@ -3,10 +3,13 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from amproxy.auth import AuthKey
 from amproxy.client import Client
 from amproxy.protocol import filter_lines
 from conftest import AMPROXY, KEYS, free_port, wait_for, wait_points
+from test_protocol import VECTORS
 
 
 class Collector:
@@ -110,11 +113,16 @@ def test_cli_send_reports_an_unreachable_server():
     assert "could not send to 127.0.0.1" in result.stderr
 
 
-def test_cli_signature_reproduces_the_contract_example():
-    result = subprocess.run([AMPROXY, "client", "signature", "foo 1234 1425059762 my_public_key"],
-                            env={"KEY_PRIVATE": "my_secret_key"}, capture_output=True,
-                            text=True, timeout=30)
-    assert result.stdout.strip() == "lT9zOeBVNfTdogqKE5J7p3XWprfu/gOI5D7aWRzjJtc="
+@pytest.mark.parametrize("vector", VECTORS, ids=[v["note"] for v in VECTORS])
+def test_cli_signature_reproduces_every_vector(vector):
+    result = subprocess.run([AMPROXY, "client", "signature", vector["signed_text"]],
+                            env={"KEY_PRIVATE": vector["secret_key"], "LANG": "C.UTF-8"},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == vector["signature"]
+
+
+def test_cli_signature_needs_a_secret():
     missing = subprocess.run([AMPROXY, "client", "signature", "x"], env={},
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode != 0 and "KEY_PRIVATE" in missing.stderr

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import (AMPROXY, KEYS, ROOT, children_of, free_port, line_for, pid_alive,
-                      port_open, wait_for, wait_points, write_auth)
+                      wait_for, wait_points, write_auth)
 
 
 def test_ttin_and_ttou_change_the_number_of_workers(carbon, auth_file, make_proxy):

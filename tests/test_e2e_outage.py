@@ -51,6 +51,8 @@ def wait_all_stored(carbon, points, since, timeout=60):
     try:
         wait_for(lambda: not missing_points(carbon, points, since), timeout, interval=0.5,
                  what="every point in whisper")
+        print("sent %d lines, %d of them in whisper" % (
+            len(points), len(points) - len(missing_points(carbon, points, since))))
     except TimeoutError:
         missing = missing_points(carbon, points, since)
         raise AssertionError("%d of %d points never reached whisper, e.g. %r" % (

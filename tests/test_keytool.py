@@ -1,13 +1,14 @@
 import os
 import stat
 import subprocess
+import time
 
 import pytest
 
 from amproxy import keytool
 from amproxy.auth import load_auth_file
 from amproxy.errors import AuthFileError
-from conftest import AMPROXY
+from conftest import AMPROXY, line_for, wait_points
 
 COMMENTED = """\
 # devices at home
@@ -123,8 +124,6 @@ def test_cli_check_fails_on_a_bad_file(tmp_path):
 
 
 def test_running_server_picks_up_new_and_revoked_keys(carbon, auth_file, make_proxy):
-    from conftest import line_for, wait_for, wait_points
-    import time
     proxy = make_proxy(carbon.address, auth_file)
     result = run("keys", "new", "frank", "--metric", "e2e.frank.*", "--auth-file",
                  str(auth_file))
