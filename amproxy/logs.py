@@ -132,25 +132,22 @@ def reopen_log_files():
 class RejectionLog:
     """Logs rejected lines, at most ``per_second`` per reason per second.
 
-    When a second had more, the first log line of the next second says how
-    many were left out, so a flood cannot fill the disk but is never hidden.
+    The caller counts every rejection in ``counts`` (reason -> total) and logs
+    one only while ``budget[reason]`` is not used up: two dict operations per
+    rejected line, so a flood of bad lines costs less than good ones.  Each
+    second ``tick`` refills the budget and logs, per reason, how many lines
+    were left out, so a flood cannot fill the disk but is never hidden.
     """
 
-    def __init__(self, logger, per_second):
+    def __init__(self, logger, per_second, counts):
         self.logger = logger
         self.per_second = per_second
-        self._second = 0
-        self._logged = {}
-        self._suppressed = {}
+        self.counts = counts
+        self.budget = dict.fromkeys(counts, per_second)
+        self._counts_at_start = dict(counts)
+        self._second = None
 
-    def __call__(self, now, reason, remote, public_key, metric):
-        if now != self._second:
-            self._roll(now)
-        logged = self._logged.get(reason, 0)
-        if logged >= self.per_second:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
-            return
-        self._logged[reason] = logged + 1
+    def log(self, reason, remote, public_key, metric):
         fields = {"reason": reason, "remote": remote}
         if public_key is not None:
             fields["public_key"] = public_key
@@ -158,18 +155,20 @@ class RejectionLog:
             fields["metric"] = metric
         self.logger.warning("line rejected", extra=fields)
 
-    def _roll(self, now):
-        for reason, count in self._suppressed.items():
-            self.logger.warning("rejection log lines suppressed", extra={
-                "reason": reason, "suppressed": count, "limit_per_second": self.per_second})
-        self._second = now
-        self._logged = {}
-        self._suppressed = {}
-
     def tick(self, now):
-        """Called every so often, so a count of suppressed lines is not held back."""
-        if now != self._second:
-            self._roll(now)
+        """Call at least once a second: reports what was left out, refills the budget."""
+        if now == self._second:
+            return
+        self.flush()
+        self._second = now
 
     def flush(self):
-        self._roll(self._second)
+        for reason, count in self.counts.items():
+            logged = self.per_second - self.budget[reason]
+            suppressed = count - self._counts_at_start[reason] - logged
+            if suppressed > 0:
+                self.logger.warning("rejection log lines suppressed", extra={
+                    "reason": reason, "suppressed": suppressed,
+                    "limit_per_second": self.per_second})
+        self.budget = dict.fromkeys(self.counts, self.per_second)
+        self._counts_at_start = dict(self.counts)

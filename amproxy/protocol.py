@@ -37,6 +37,7 @@ except ImportError:
         _sha256 = hashlib.sha256
 
 _b2a_base64 = binascii.b2a_base64
+_SIGNATURE_LENGTH = 44  # base64 of 32 bytes
 
 
 def _as_bytes(text):
@@ -124,8 +125,11 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None):
         outer = key.outer.copy()
         outer.update(inner.digest())
         if not compare(_b2a_base64(outer.digest(), newline=False), signature):
-            if _retry_trimmed(line, accepted, keys, now, max_skew, reject,
-                              forwarded_per_key):
+            # Whitespace around the line (a tab, say) shows as a signature of
+            # the wrong length or a metric starting with it.
+            if (len(signature) != _SIGNATURE_LENGTH or not metric[:1] > b" ") and \
+                    _retry_trimmed(line, accepted, keys, now, max_skew, reject,
+                                   forwarded_per_key):
                 continue
             reject(BAD_SIGNATURE, public_key, metric)
             continue

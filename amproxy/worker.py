@@ -141,7 +141,7 @@ class Worker:
         self.sender = CarbonSender(options.carbon_addr, self.selector, self.clock,
                                    options.buffer_size, spool, options.replay_rate,
                                    options.resend_window)
-        self.reject_log = RejectionLog(log, self.options.log_rejections)
+        self.reject_log = RejectionLog(log, self.options.log_rejections, self.rejected)
         self.stats = WorkerStats(self.stats_channels, options.stats_per_key)
         self.selector.register(self.stats_channels.outbox_out, selectors.EVENT_READ,
                                self._on_stats_lines)
@@ -259,7 +259,7 @@ class Worker:
         for name in LIVE_OPTIONS:
             setattr(self.options, name, getattr(new, name))
         set_level(self.options.log_level)
-        self.reject_log.per_second = self.options.log_rejections
+        self.reject_log.per_second = self.options.log_rejections  # from the next second
         self.sender.replay_rate = self.options.replay_rate
         self.sender.resend_window = self.options.resend_window
 
@@ -342,19 +342,8 @@ class Worker:
             conn.partial = b""
             self._close(conn)
         keys = self.auth_file.db.keys
-        now = int(time.time())
-        remote = conn.remote
-        reject_log = self.reject_log
-        rejected = self.rejected
-        rejected_per_key = self.stats.rejected_per_key
-
-        def reject(reason, public_key, metric):
-            rejected[reason] += 1
-            reject_log(now, reason, remote, public_key, metric)
-            if rejected_per_key is not None and public_key in keys:
-                rejected_per_key[public_key] = rejected_per_key.get(public_key, 0) + 1
-
-        accepted = filter_lines(lines, keys, now, self.options.skew, reject,
+        accepted = filter_lines(lines, keys, int(time.time()), self.options.skew,
+                                self._rejecter(conn.remote, keys),
                                 self.stats.forwarded_per_key)
         if accepted:
             self.forwarded += len(accepted)
@@ -363,9 +352,24 @@ class Worker:
                 and not conn.partial):
             self._close(conn)  # stopping, and everything the client sent is read
 
+    def _rejecter(self, remote, keys):
+        """The callback that counts (and within the log budget, logs) a rejected line."""
+        rejected = self.rejected
+        budget = self.reject_log.budget
+        log_rejection = self.reject_log.log
+        rejected_per_key = self.stats.rejected_per_key
+
+        def reject(reason, public_key, metric):
+            rejected[reason] += 1
+            if budget[reason]:
+                budget[reason] -= 1
+                log_rejection(reason, remote, public_key, metric)
+            if rejected_per_key is not None and public_key in keys:
+                rejected_per_key[public_key] = rejected_per_key.get(public_key, 0) + 1
+        return reject
+
     def _line_too_long(self, conn):
-        self.rejected[LINE_TOO_LONG] += 1
-        self.reject_log(int(time.time()), LINE_TOO_LONG, conn.remote, None, None)
+        self._rejecter(conn.remote, {})(LINE_TOO_LONG, None, None)
         log.warning("closing client connection: line longer than --max-line-length",
                     extra={"remote": conn.remote,
                            "max_line_length": self.options.max_line_length})

@@ -48,25 +48,36 @@ def make_logger():
     return logger, stream
 
 
+def reject_many(rejections, reason, count):
+    """What the worker's callback does for each rejected line."""
+    for _ in range(count):
+        rejections.counts[reason] += 1
+        if rejections.budget[reason]:
+            rejections.budget[reason] -= 1
+            rejections.log(reason, "r", b"k", b"m")
+
+
 def test_rejection_log_is_rate_limited_per_reason_and_reports_suppressed():
     logger, stream = make_logger()
-    rejections = RejectionLog(logger, per_second=3)
-    for _ in range(1000):
-        rejections(100, "badSignature", "r", b"k", b"m")
-    for _ in range(2):
-        rejections(100, "skew", "r", b"k", b"m")
+    rejections = RejectionLog(logger, 3, {"badSignature": 0, "skew": 0})
+    rejections.tick(100)
+    reject_many(rejections, "badSignature", 1000)
+    reject_many(rejections, "skew", 2)
     assert stream.getvalue().count("line rejected") == 5
-    rejections(101, "skew", "r", b"k", b"m")
+    rejections.tick(100)  # same second: nothing yet
+    assert "suppressed" not in stream.getvalue()
+    rejections.tick(101)
     text = stream.getvalue()
     assert "suppressed=997" in text and "reason=badSignature" in text
-    assert text.count("line rejected") == 6
+    assert "reason=skew suppressed" not in text
+    reject_many(rejections, "skew", 4)  # a new second, a new budget
+    assert stream.getvalue().count("line rejected") == 8
 
 
 def test_rejection_log_zero_logs_nothing_but_counts():
     logger, stream = make_logger()
-    rejections = RejectionLog(logger, per_second=0)
-    for _ in range(10):
-        rejections(5, "skew", "r", b"k", b"m")
+    rejections = RejectionLog(logger, 0, {"skew": 0})
+    reject_many(rejections, "skew", 10)
     rejections.flush()
     assert "line rejected" not in stream.getvalue()
     assert "suppressed=10" in stream.getvalue()
