@@ -159,3 +159,20 @@ def test_signer_matches_hmac_for_all_key_lengths():
         msg = b"a 1 2 k"
         want = base64.b64encode(hmac.new(secret, msg, hashlib.sha256).digest())
         assert Signer(secret).signature(msg) == want
+
+
+def signed_raw(text, secret="sekrit"):
+    return text.encode() + b" " + sign(secret, text).encode()
+
+
+def test_skew_with_leading_zeros_and_other_lengths():
+    assert reasons(signed_raw("a.b 1 0%d pub" % NOW))[1] == []  # leading zero: int()
+    assert reasons(signed_raw("a.b 1 0%d pub" % (NOW - 301)))[1][0][0] == SKEW
+    assert reasons(signed_raw("a.b 1 %d pub" % (NOW * 10)))[1][0][0] == SKEW
+    assert reasons(signed_raw("a.b 1 5 pub"))[1][0][0] == SKEW
+    # Around a change in the number of digits, both sides of the window count.
+    edge = 10 ** 10
+    keys = KEYS
+    for ts, ok in ((edge - 300, True), (edge + 300, True), (edge - 301, False)):
+        raw = signed_line("sekrit", "a.b", 1, ts, "pub").rstrip(b"\n")
+        assert (check_line(raw, keys, edge, 300) is None) is ok
