@@ -383,9 +383,12 @@ def median_of(runs, field):
 
 def summarize(runs):
     summary = dict(runs[0])
-    for field in ("lines_per_s", "cpu_us_per_line", "lost", "extra"):
+    for field in ("lines_per_s", "cpu_us_per_line"):
         if field in summary:
-            summary[field] = median_of(runs, field)
+            value = median_of(runs, field)
+            summary[field] = round(value, 3) if isinstance(value, float) else value
+    for field in ("lost", "extra"):  # any loss in any run counts
+        summary[field] = max(r[field] for r in runs)
     if "peak_rss_mb_per_worker" in summary:
         summary["peak_rss_mb_per_worker"] = max(max(r["peak_rss_mb_per_worker"] or [0])
                                                 for r in runs)
@@ -435,13 +438,24 @@ def main():
                 result["repeat"] = repeat + 1
                 print(json.dumps(result), flush=True)
                 results.setdefault((name, workers), []).append(result)
-        summaries = [summarize(runs) for runs in results.values()]
-        for reference in ("no-proxy", "plain-verifier"):
-            base = next((s for s in summaries if s["proxy"] == reference), None)
-            for s in summaries:
-                if base and s is not base and s["proxy"] != "no-proxy":
-                    s["ratio_to_" + reference.replace("-", "_")] = round(
-                        s["lines_per_s"] / base["lines_per_s"], 3)
+        summaries = {key: summarize(runs) for key, runs in results.items()}
+        # Ratios are taken within each repeat (same minute, same machine load)
+        # and then the median: on a shared machine that is steadier than a
+        # ratio of medians.
+        first_amproxy = ("amproxy", args.workers[0])
+        for key, summary in summaries.items():
+            if key[0] == "no-proxy":
+                continue
+            for reference, field in ((("no-proxy", None), "ratio_to_no_proxy"),
+                                     (("plain-verifier", None), "ratio_to_plain_verifier"),
+                                     (first_amproxy, "vs_%d_workers" % args.workers[0])):
+                if field.startswith("vs_") and key[0] != "amproxy":
+                    continue
+                if reference in results and reference != key:
+                    summary[field] = round(statistics.median(
+                        run["lines_per_s"] / base["lines_per_s"]
+                        for run, base in zip(results[key], results[reference])), 3)
+        summaries = list(summaries.values())
         extra = {"calibration": calibrate()}
         if args.latency:
             extra["idle_latency_ms_median"] = latency(None, sink, auth_file, keys,
@@ -459,14 +473,18 @@ def main():
 
 
 def print_table(summaries, extra):
+    scaling = next((k for s in summaries for k in s if k.startswith("vs_")), None)
     print("\n| proxy | workers | bad | lines/s (median) | vs no proxy | vs plain verifier | "
-          "CPU us/line | peak RSS/worker MB | lost |", file=sys.stderr)
-    print("|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
+          "%sCPU us/line | peak RSS/worker MB | lost |" % (
+              "%s | " % scaling.replace("_", " ") if scaling else ""), file=sys.stderr)
+    print("|---|---|---|---|---|---|%s---|---|---|" % ("---|" if scaling else ""),
+          file=sys.stderr)
     for s in summaries:
-        print("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        print("| %s | %s | %s | %s | %s | %s | %s%s | %s | %s |" % (
             s["proxy"], s.get("workers") or "-", s["bad_fraction"],
             "{:,}".format(int(s["lines_per_s"])), s.get("ratio_to_no_proxy", "-"),
-            s.get("ratio_to_plain_verifier", "-"), s.get("cpu_us_per_line", "-"),
+            s.get("ratio_to_plain_verifier", "-"),
+            "%s | " % s.get(scaling, "-") if scaling else "", s.get("cpu_us_per_line", "-"),
             s.get("peak_rss_mb_per_worker", "-"), s["lost"]), file=sys.stderr)
     for key, value in extra.items():
         print("%s: %s" % (key, value), file=sys.stderr)
