@@ -262,6 +262,8 @@ class Worker:
         self.reject_log.per_second = self.options.log_rejections  # from the next second
         self.sender.replay_rate = self.options.replay_rate
         self.sender.resend_window = self.options.resend_window
+        log.debug("options re-read", extra={"skew": self.options.skew,
+                                            "log_level": self.options.log_level})
 
     # -- clients -------------------------------------------------------------
 

@@ -21,12 +21,12 @@ def test_ttin_and_ttou_change_the_number_of_workers(carbon, auth_file, make_prox
     proxy.wait_workers(3)
     proxy.signal(signal.SIGTTOU)
     proxy.wait_workers(2)
-    for _ in range(3):
+    for count in range(2, 5):
         proxy.signal(signal.SIGTTOU)
-        time.sleep(0.1)  # separate signals, not merged into one
-    proxy.wait_workers(1)
-    time.sleep(1.5)  # the master's loop runs at least once a second
-    assert len(proxy.workers()) == 1  # never fewer than one
+        # One at a time: two pending signals of a kind would merge into one.
+        proxy.wait_log("received SIGTTOU", count=count)
+    proxy.wait_workers(1)  # and not fewer: the last TTOU has been handled
+    assert len(proxy.workers()) == 1
     assert_forwards(carbon, proxy, 11.0)
 
 
@@ -60,7 +60,7 @@ def test_hup_rereads_workers_and_skew_from_the_config_file(carbon, auth_file, ma
     proxy.signal(signal.SIGHUP)
     proxy.wait_workers(3)
     proxy.wait_log(r"config reloaded.*changed=.*skew")
-    time.sleep(0.5)  # let the workers take their own HUP (they reread at once)
+    proxy.wait_log(r"options re-read.*skew=30", count=2)  # the two older workers
     proxy.send(line_for(KEYS, "beta", "e2e.beta.temp", 62, now - 120))
     proxy.wait_log(r"reason=skew.*public_key=beta")
     assert now - 120 not in carbon.points("e2e.beta.temp", now - 130)
