@@ -27,7 +27,7 @@ _OPAD = bytes(x ^ 0x5C for x in range(256))
 
 # CPython's own SHA-256 copies its state with a memcpy where OpenSSL's copies
 # an EVP context; for the two copies per line of a short HMAC that is about
-# 30% faster (see bench/README.md).  Use it when this Python has it.
+# 30% faster (see the README, Performance).  Use it when this Python has it.
 try:
     from _sha2 import sha256 as _sha256  # Python 3.12 and newer
 except ImportError:
