@@ -92,6 +92,8 @@ class Master:
             self.pidfile = daemon.Pidfile(options.pidfile)
             self.pidfile.check()
         if options.daemon:
+            if not options.log_file:
+                log.warning("running as a daemon without --log-file: nothing will be logged")
             daemon.daemonize()
         self.pid = os.getpid()
         if self.pidfile is not None:

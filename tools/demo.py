@@ -23,9 +23,11 @@ def main():
     proxy_port = int(os.environ.get("PROXY_PORT", 0)) or free_port()
     env = dict(os.environ, AUTH_FILE=os.path.join(ROOT, "etc", "auth_file.yaml"),
                ADDR="127.0.0.1:%d" % proxy_port, CARBON_ADDR=carbon.address, WORKERS="2")
+    # The sample config, with paths a user without root can write.
     proxy = subprocess.Popen([os.path.join(BIN, "amproxy"), "server", "--config",
                               os.path.join(ROOT, "etc", "amproxy.conf"), "--addr",
-                              env["ADDR"], "--carbon-addr", carbon.address], env=env)
+                              env["ADDR"], "--carbon-addr", carbon.address,
+                              "--spool-dir", os.path.join(run_dir, "spool")], env=env)
     client = None
     try:
         wait_for(lambda: port_open(proxy_port), 10, what="amproxy to listen")
