@@ -1,5 +1,6 @@
 # amproxy: make run | make test | make bench | make install
-PYTHON ?= python3
+# carbon-cache (for the tests and make run) needs Python 3.11; take it when present.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 # make install: the usual variables of distribution packaging.
