@@ -66,9 +66,8 @@ class AuthKey(Signer):
 class AuthDB:
     """Public key (bytes) -> :class:`AuthKey`, as read from one version of the file."""
 
-    def __init__(self, keys, source=None):
+    def __init__(self, keys):
         self.keys = {k.name.encode("utf-8"): k for k in keys}
-        self.source = source
 
     def __len__(self):
         return len(self.keys)
@@ -135,7 +134,7 @@ def parse_auth_data(data, path):
             raise AuthFileError("auth file %s: key %r: metric %r must be a non-empty "
                                 "string without spaces" % (path, name, bad))
         keys.append(AuthKey(name, secret, *_split_patterns(metrics, name, path, compiled)))
-    return AuthDB(keys, source=path)
+    return AuthDB(keys)
 
 
 # A plain scalar that means the same string in every YAML schema: no quotes,

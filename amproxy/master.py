@@ -347,7 +347,6 @@ class Master:
         pid = os.fork()
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            worker.pid = pid
             self.workers[pid] = worker
             log.debug("worker started", extra={"worker_pid": pid, "slot": slot})
             return pid

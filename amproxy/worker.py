@@ -98,7 +98,6 @@ class Worker:
         self.auth_file = auth_file
         self.heartbeat = heartbeat
         self.ppid = os.getpid()  # built in the master, before the fork
-        self.pid = None
         self.alive = True
         self.stopping_since = None
         self.stop_deadline = None
@@ -118,7 +117,6 @@ class Worker:
 
         ``reread_options`` parses the options again, for SIGHUP.
         """
-        self.pid = os.getpid()
         self.reread_options = reread_options
         self.clock = time.monotonic
         self.selector = selectors.DefaultSelector()
