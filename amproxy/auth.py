@@ -230,17 +230,29 @@ def load_auth_file(path):
     except OSError as e:
         raise AuthFileError("cannot read auth file %s: %s" % (path, e.strerror or e)) from None
     try:
-        data = parse_simple_layout(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        data = None
-    if data is None:
-        try:
-            data = yaml.load(raw, Loader=_YAML_LOADER)
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            line = " at line %d" % (where.line + 1) if where is not None else ""
-            raise AuthFileError("auth file %s is not valid YAML%s" % (path, line)) from None
+        data = parse_auth_text(raw)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = " at line %d" % (where.line + 1) if where is not None else ""
+        raise AuthFileError("auth file %s is not valid YAML%s" % (path, line)) from None
     return parse_auth_data(data, path)
+
+
+def parse_auth_text(raw):
+    """The document in an auth file (bytes or str), not yet validated.
+
+    The usual layout goes through the fast parser, anything else through
+    PyYAML, both reading every scalar as the string written.  Raises
+    yaml.YAMLError.
+    """
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        text = None
+    data = parse_simple_layout(text) if text is not None else None
+    if data is None:
+        data = yaml.load(raw, Loader=_YAML_LOADER)
+    return data
 
 
 def _file_identity(path):

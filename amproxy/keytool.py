@@ -14,7 +14,7 @@ import tempfile
 
 import yaml
 
-from .auth import load_auth_file, parse_auth_data, parse_simple_layout
+from .auth import load_auth_file, parse_auth_data, parse_auth_text
 from .errors import AuthFileError
 
 SECRET_BYTES = 32
@@ -102,9 +102,7 @@ def _replace_file(path, text, expected, fallback_data):
             candidate = "---\n" + yaml.safe_dump(fallback_data, default_flow_style=False,
                                                  sort_keys=False)
         try:
-            data = parse_simple_layout(candidate) or yaml.load(candidate,
-                                                               Loader=yaml.BaseLoader)
-            if _summary_of(parse_auth_data(data, path)) == expected:
+            if _summary_of(parse_auth_data(parse_auth_text(candidate), path)) == expected:
                 _write_atomically(path, candidate)
                 return candidate is text
         except (yaml.YAMLError, AuthFileError):
@@ -149,7 +147,7 @@ def add_key(path, public_key, patterns):
 
 
 def _data_of(path, text):
-    data = parse_simple_layout(text) or yaml.load(text, Loader=yaml.BaseLoader) or {}
+    data = parse_auth_text(text) or {}
     data.setdefault("apikeys", {})
     if data["apikeys"] is None or data["apikeys"] == "":
         data["apikeys"] = {}
