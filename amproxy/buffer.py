@@ -75,9 +75,9 @@ class Spool:
     The directory is locked (``flock``) while a worker owns it.  At open, the
     spools of other directories beside it that nobody holds (left by a killed
     worker, or a previous run with more workers) are adopted.  A segment is
-    deleted once it has been read to its end and handed to Carbon; a worker
-    that dies mid-segment leaves it whole, so its successor sends it again
-    (at least once, never lost).
+    deleted once it has been read to its end and its last lines written to
+    Carbon; a worker that dies before that leaves it whole, so its successor
+    sends it again (at least once, never lost).
     """
 
     def __init__(self, directory, max_bytes):
@@ -192,7 +192,8 @@ class Spool:
     def read_chunk(self, limit=READ_BYTES):
         """The next whole lines, up to ``limit`` bytes, and their count; None if empty.
 
-        The lines leave the spool: a segment is deleted once read to its end.
+        A segment read to its end stays on disk until ``release_read``, so a
+        worker killed before it sent the last chunk leaves it to its successor.
         """
         while self._segments:
             seq = self._segments[0]
@@ -209,10 +210,13 @@ class Spool:
             data = data[:end]
             self._read_offset += end
             self.bytes -= end
-            if self._read_offset >= size:
-                self._drop_first_segment()
             return data, data.count(b"\n") or 1
         return None
+
+    def release_read(self):
+        """Everything read so far is safe elsewhere: delete a segment read to its end."""
+        if self._segments and self._read_offset >= self._sizes[self._segments[0]]:
+            self._drop_first_segment()
 
     def _drop_first_segment(self):
         seq = self._segments.pop(0)

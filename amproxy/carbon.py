@@ -55,6 +55,7 @@ class CarbonSender:
         self._tokens = 0.0
         self._tokens_at = 0.0
         self._spilling = False
+        self._window_cut_logged = False
         self.full = False
         self.reconnects = 0
         self.dropped_lines = 0
@@ -128,19 +129,20 @@ class CarbonSender:
         """Make sure ``_current`` holds the next chunk to write; False if none may go now."""
         if self._current is not None:
             return True
-        if self._replaying and self.replay_rate:
-            if not self._take_tokens():
-                return False
-        if self.spool:
-            self._current = self.spool.read_chunk()
-        elif self.buffer:
-            self._current = self.buffer.popleft()
-        else:
+        if not self.spool and not self.buffer:
+            # Checked before the rate limit: an empty backlog with no tokens left
+            # would otherwise never be declared delivered.
             if self._replaying:
                 self._replaying = False
                 self._spilling = False
                 log.info("backlog delivered to Carbon", extra={"carbon": self._where()})
             return False
+        if self._replaying and self.replay_rate and not self._take_tokens():
+            return False
+        if self.spool:
+            self._current = self.spool.read_chunk()
+        else:
+            self._current = self.buffer.popleft()
         self._offset = 0
         if self._replaying and self.replay_rate:
             self._tokens -= self._current[1]
@@ -164,6 +166,8 @@ class CarbonSender:
 
     def _sent(self, data, line_count):
         self._current = None
+        if self.spool is not None:
+            self.spool.release_read()
         if not self.resend_window:
             return
         now = self.clock()
@@ -171,10 +175,18 @@ class CarbonSender:
         self._recent_lines += line_count
         horizon = now - self.resend_window
         recent = self._recent
-        # Kept sent lines count against the buffer's bound, oldest go first.
+        # Kept sent lines are bounded by --buffer-size too, oldest go first.
         while recent and (recent[0][0] < horizon or
                           self._recent_lines > self.buffer.max_lines):
-            self._recent_lines -= recent.popleft()[2]
+            sent_at, _, lines = recent.popleft()
+            self._recent_lines -= lines
+            if sent_at >= horizon and not self._window_cut_logged:
+                self._window_cut_logged = True
+                log.warning("--buffer-size cannot hold --resend-window of sent lines; "
+                            "a Carbon crash may lose the older ones", extra={
+                                "buffer_lines": self.buffer.max_lines,
+                                "resend_window": self.resend_window,
+                                "kept_seconds": round(now - sent_at, 2)})
 
     def _requeue_recent(self):
         """After a break: what Carbon may have lost goes to the front of the queue."""
@@ -198,12 +210,13 @@ class CarbonSender:
             self.buffer.appendleft(*self._current)
             self._current = None
         data, lines = self.buffer.pop_all()
-        if not lines:
-            return 0
         if self.spool is not None:
             try:
-                self.spool.append(data)
-                self.spool.sync()
+                if lines:
+                    self.spool.append(data)
+                    self.spool.sync()
+                # What was read from the oldest segment is now sent or saved again.
+                self.spool.release_read()
                 return 0
             except SpoolError as e:
                 log.error(str(e))

@@ -69,6 +69,20 @@ def test_spool_survives_its_worker(tmp_path):
     assert first[0] in data
 
 
+def test_a_segment_read_to_its_end_stays_until_released(tmp_path):
+    spool = Spool(str(tmp_path / "worker-0"), 1 << 20).open()
+    spool.append(lines(0, 10))
+    last = spool.read_chunk()  # the last chunk, still on its way to Carbon
+    assert last == (lines(0, 10), 10) and not spool
+    spool._lock_fd and os.close(spool._lock_fd)  # the worker dies before sending it
+    successor = Spool(str(tmp_path / "worker-0"), 1 << 20).open()
+    assert successor.read_chunk() == last
+    successor.release_read()  # sent
+    assert [f for f in os.listdir(successor.directory) if f.endswith(".spool")] == []
+    successor.append(lines(10, 5))
+    assert read_all(successor) == lines(10, 5)
+
+
 def test_orphaned_spools_are_adopted_but_live_ones_are_not(tmp_path):
     live = Spool(str(tmp_path / "worker-1"), 1 << 20).open()
     live.append(lines(100, 10))

@@ -93,16 +93,21 @@ def test_long_outage_overflows_into_the_spool(own_carbon, outage_auth, make_prox
                                               tmp_path):
     own_carbon.start()
     spool = tmp_path / "spool"
+    # 4,000 lines per worker: less than the 8,000 that a worker serving two of
+    # the four connections queues during the outage, so it spills; more than the
+    # 3,000 it can send before the outage, so the resend window covers what
+    # carbon-cache loses when it is stopped.  (A smaller buffer shortens the
+    # resend window; amproxy then logs that it "cannot hold --resend-window".)
     proxy = make_proxy(own_carbon.address, outage_auth,
-                       args=["--skew", "2h", "--buffer-size", "500",
+                       args=["--skew", "2h", "--buffer-size", "4000",
                              "--spool-dir", str(spool), "--replay-rate", "20000"])
     start = int(time.time()) - 3000
     points = make_points(20000, start)
     run_outage(own_carbon, proxy, points)
     wait_all_stored(own_carbon, points, start)
-    log = proxy.log()
-    assert "spilling lines to the spool" in log
-    assert "backlog delivered to Carbon" in log
+    assert "spilling lines to the spool" in proxy.log()
+    wait_for(lambda: proxy.log().count("backlog delivered to Carbon") >= 1, 10,
+             what="the end of the backlog to be logged")
     wait_for(lambda: not any(f.endswith(".spool") for _, _, files in os.walk(spool)
                              for f in files), 10, what="the spool to empty")
 

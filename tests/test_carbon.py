@@ -1,0 +1,138 @@
+"""The Carbon sender against a real socket, with a clock the test moves."""
+import logging
+import selectors
+import socket
+import time
+
+import pytest
+
+from amproxy.carbon import CarbonSender
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def carbon_listener():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+    sock.settimeout(5)
+    yield sock
+    sock.close()
+
+
+def pump(selector, until, timeout=5.0):
+    """Dispatch the sender's socket events until ``until()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the sender never reached the expected state")
+        for key, mask in selector.select(0.05):
+            key.data(mask)
+
+
+def read_exactly(conn, size):
+    conn.settimeout(5)
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        assert chunk, "the sender closed the connection early"
+        data += chunk
+    return data
+
+
+def chunk_of(start, count):
+    return b"".join(b"m.%d %d 1700000000\n" % (i, i) for i in range(start, start + count))
+
+
+def test_rate_limited_backlog_is_declared_delivered_when_the_last_chunk_goes(
+        carbon_listener, caplog):
+    caplog.set_level(logging.INFO, logger="amproxy.carbon")
+    clock = FakeClock()
+    selector = selectors.DefaultSelector()
+    sender = CarbonSender(carbon_listener.getsockname(), selector, clock,
+                          buffer_lines=1000, replay_rate=100)
+    sender.flush()
+    pump(selector, lambda: sender.connected)
+    first, _ = carbon_listener.accept()
+    first.close()
+    pump(selector, lambda: not sender.connected)
+
+    chunks = [chunk_of(n * 100, 100) for n in range(3)]
+    for data in chunks:
+        sender.enqueue(data, 100)
+    clock.now += 60
+    sender.flush()
+    pump(selector, lambda: sender.connected)
+    second, _ = carbon_listener.accept()
+    assert "sending the backlog" in caplog.text
+
+    received = b""
+    for data in chunks:
+        assert sender.seconds_to_next_write(clock.now) is not None
+        clock.now += 1.0  # exactly enough tokens for one chunk of 100 lines
+        sender.flush()
+        received += read_exactly(second, len(data))
+    assert received == b"".join(chunks)
+    # The tokens are spent, yet the empty backlog must be noticed at once:
+    # nothing would call the sender again to notice it later.
+    assert "backlog delivered to Carbon" in caplog.text
+    assert sender.memory_empty and sender.seconds_to_next_write(clock.now) is None
+    second.close()
+    sender.close()
+    selector.close()
+
+
+def connected_sender(listener, **options):
+    clock = FakeClock()
+    selector = selectors.DefaultSelector()
+    sender = CarbonSender(listener.getsockname(), selector, clock, **options)
+    sender.flush()
+    pump(selector, lambda: sender.connected)
+    conn, _ = listener.accept()
+    return sender, selector, clock, conn
+
+
+def send_now(sender, conn, data, lines):
+    sender.enqueue(data, lines)
+    sender.flush()
+    assert read_exactly(conn, len(data)) == data
+
+
+def test_after_a_break_the_lines_of_the_resend_window_go_again(carbon_listener, caplog):
+    sender, selector, clock, conn = connected_sender(
+        carbon_listener, buffer_lines=1000, resend_window=5.0)
+    old, kept, newest = chunk_of(0, 10), chunk_of(10, 10), chunk_of(20, 10)
+    send_now(sender, conn, old, 10)
+    clock.now += 3
+    send_now(sender, conn, kept, 10)
+    clock.now += 3  # ``old`` is now 6 s old: out of the window
+    send_now(sender, conn, newest, 10)
+    conn.close()  # Carbon dies with those lines in memory
+    pump(selector, lambda: not sender.connected)
+    clock.now += 1
+    sender.flush()
+    pump(selector, lambda: sender.connected)
+    again, _ = carbon_listener.accept()
+    assert read_exactly(again, len(kept + newest)) == kept + newest
+    assert sender.reconnects == 1
+    assert "cannot hold --resend-window" not in caplog.text
+    again.close()
+    sender.close()
+
+
+def test_a_buffer_too_small_for_the_resend_window_is_logged_once(carbon_listener, caplog):
+    sender, selector, clock, conn = connected_sender(
+        carbon_listener, buffer_lines=100, resend_window=5.0)
+    for n in range(5):
+        send_now(sender, conn, chunk_of(n * 100, 100), 100)
+        clock.now += 0.1
+    assert caplog.text.count("--buffer-size cannot hold --resend-window") == 1
+    conn.close()
+    sender.close()
