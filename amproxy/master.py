@@ -17,6 +17,7 @@ import time
 
 from . import daemon
 from .auth import AuthFile, warn_if_world_readable
+from .balance import NOT_ACCEPTING, ConnectionTable
 from .config import LIVE_OPTIONS, reread_server_args, stats_socket_path
 from .errors import AmproxyError
 from .logs import reopen_log_files, set_level
@@ -73,6 +74,7 @@ class Master:
         self._booted = set()
         self._worker_age = 0
         self.stats_channels = None
+        self.connection_table = None
         self.stats = None
         self.stats_listener = None
         self._next_stats = None
@@ -100,6 +102,7 @@ class Master:
             self.pidfile.create(self.pid)
         daemon.drop_privileges(options.user, options.group)
         self.stats_channels = StatsChannels()
+        self.connection_table = ConnectionTable()
         self.stats = StatsCollector(self.stats_channels, options.stats_prefix or
                                     default_prefix(), options.stats_per_key)
         self._open_stats_socket(stats_socket_path(options))
@@ -340,7 +343,8 @@ class Master:
         used = {w.slot for w in self.workers.values()}
         slot = min(set(range(len(self.workers) + 1)) - used)
         worker = Worker(slot, self._worker_age, self.listener, self.options,
-                        self.auth_file, Heartbeat(), self.stats_channels)
+                        self.auth_file, Heartbeat(), self.stats_channels,
+                        self.connection_table)
         # Signals stay blocked across the fork until the child has its own
         # handlers, so none is lost to the master's handler in the child.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -393,6 +397,7 @@ class Master:
             if worker is None:
                 continue
             worker.heartbeat.close()
+            self.connection_table.publish(worker.slot, NOT_ACCEPTING)
             code = os.waitstatus_to_exitcode(status)
             if code == WORKER_BOOT_ERROR:
                 raise HaltServer("a worker failed to start (see its error above); "

@@ -7,13 +7,13 @@ connections, the Carbon connection and a wakeup pipe for signals.
 import errno
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
 import tempfile
 import time
 
+from .balance import NOT_ACCEPTING
 from .buffer import SPOOL_PREFIX, Spool
 from .carbon import CarbonSender
 from .config import LIVE_OPTIONS
@@ -26,28 +26,18 @@ log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
 TICK = 0.5  # the longest the loop sleeps, so it notices a dead master quickly
+# A worker that leaves new connections to less loaded ones looks again this
+# often, since nothing tells it when they have caught up.
+REBALANCE_INTERVAL = 0.05
 STATS_REPORT_INTERVAL = 1.0
 # Exit status of a worker that could not start; the master stops instead of
 # respawning it forever.
 WORKER_BOOT_ERROR = 3
+# Connections a worker that is not the least loaded takes per tick, when no
+# other worker has taken them.
+FALLBACK_ACCEPTS = 64
 # When the master dies there is no one to wait for: leave quickly.
 ORPHAN_STOP_SECONDS = 1.0
-
-
-def _watch_listener(selector, listener, callback):
-    """Register the shared listening socket so that one worker wakes per connection.
-
-    With plain epoll every idle worker wakes for each new connection and all
-    but one find nothing to accept; EPOLLEXCLUSIVE (Linux 4.5) wakes one, which
-    also spreads connections more evenly over the workers.
-    """
-    key = selector.register(listener, selectors.EVENT_READ, callback)
-    exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
-    epoll = getattr(selector, "_selector", None)
-    if exclusive and isinstance(epoll, select.epoll):
-        epoll.unregister(key.fd)
-        epoll.register(key.fd, select.EPOLLIN | exclusive)
-    return key
 
 
 class Heartbeat:
@@ -89,9 +79,12 @@ def _remote_text(address):
 class Worker:
     """Built by the master before the fork; ``run`` is called in the child."""
 
-    def __init__(self, slot, age, listener, options, auth_file, heartbeat, stats_channels):
+    def __init__(self, slot, age, listener, options, auth_file, heartbeat, stats_channels,
+                 connection_table):
         self.slot = slot
         self.stats_channels = stats_channels
+        self.connection_table = connection_table
+        self.watching_listener = False
         self.age = age
         self.listener = listener
         self.options = options
@@ -129,7 +122,6 @@ class Worker:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
-        _watch_listener(self.selector, self.listener, self._on_accept)
         self.auth_file.reload_if_changed()
         options = self.options
         spool = None
@@ -145,6 +137,7 @@ class Worker:
                                self._on_stats_lines)
         self.sender.flush()
         self.heartbeat.notify()
+        self._balance_accepting()
 
     def _record_signal(self, signum, frame):
         self._signals.append(signum)
@@ -162,7 +155,8 @@ class Worker:
         next_housekeeping = 0.0
         next_auth_check = self.clock() + self.options.auth_reload_interval
         while self.alive:
-            timeout = TICK
+            accepting = self.stopping_since is None and not self.paused
+            timeout = REBALANCE_INTERVAL if accepting and not self.watching_listener else TICK
             retry = self.sender.seconds_to_next_write(self.clock())
             if retry is not None:
                 timeout = min(timeout, retry)
@@ -173,6 +167,7 @@ class Worker:
             pause = self.sender.full and self.stopping_since is None
             if self.paused != pause:
                 self._set_paused(pause)
+            self._balance_accepting()
             if self._signals:
                 self._handle_signals()
             now = self.clock()
@@ -186,6 +181,11 @@ class Worker:
 
     def _housekeeping(self, now):
         self.heartbeat.notify()
+        if not self.watching_listener and not self.paused and self.stopping_since is None:
+            # The least loaded worker may be hung: do not leave clients waiting on it.
+            for _ in range(FALLBACK_ACCEPTS):
+                if not self._on_accept(selectors.EVENT_READ):
+                    break
         if now >= self._next_stats_report:
             self._next_stats_report = now + STATS_REPORT_INTERVAL
             self.report_stats()
@@ -266,25 +266,46 @@ class Worker:
     # -- clients -------------------------------------------------------------
 
     def _on_accept(self, mask):
+        """Take one waiting connection; False if there was none to take."""
         try:
             sock, address = self.listener.accept()
         except (BlockingIOError, InterruptedError):
-            return  # another worker took it
+            return False  # another worker took it
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 log.error("cannot accept a connection: %s", e.strerror)
-                return
+                return False
             raise
         if len(self.connections) >= self.options.max_connections:
             self.connections_refused += 1
             sock.close()
-            return
+            return True
         sock.setblocking(False)
         conn = Connection(sock, _remote_text(address), self.clock())
         self.connections[sock.fileno()] = conn
         self.connections_opened += 1
         self.selector.register(sock, selectors.EVENT_READ,
                                lambda mask, conn=conn: self._on_readable(conn))
+        return True
+
+    def _balance_accepting(self):
+        """Watch the listening socket only while no running worker holds fewer clients."""
+        if self.paused or self.stopping_since is not None:
+            return
+        count = len(self.connections)
+        self.connection_table.publish(self.slot, count)
+        self._watch_listener(self.connection_table.is_least_loaded(self.slot, count))
+
+    def _watch_listener(self, watch):
+        if watch == self.watching_listener:
+            return
+        if watch:
+            # Level-triggered and shared: every watching worker sees a waiting
+            # connection, so none is left behind when one of them stops watching.
+            self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+        else:
+            self.selector.unregister(self.listener)
+        self.watching_listener = watch
 
     def _close(self, conn):
         if not self.paused:
@@ -295,18 +316,14 @@ class Worker:
     def _set_paused(self, paused):
         """Stop or resume reading clients: back-pressure while Carbon cannot keep up."""
         self.paused = paused
-        socks = [conn.sock for conn in self.connections.values()]
-        if self.stopping_since is None:
-            socks.append(self.listener)
-        for sock in socks:
+        if paused:
+            self._stop_accepting()
+        for conn in self.connections.values():
             if paused:
-                self.selector.unregister(sock)
-            elif sock is self.listener:
-                _watch_listener(self.selector, sock, self._on_accept)
+                self.selector.unregister(conn.sock)
             else:
-                conn = self.connections[sock.fileno()]
                 conn.last_active = self.clock()
-                self.selector.register(sock, selectors.EVENT_READ,
+                self.selector.register(conn.sock, selectors.EVENT_READ,
                                        lambda mask, conn=conn: self._on_readable(conn))
         if paused:
             log.warning("Carbon backlog is full (memory and spool); pausing reads from "
@@ -377,12 +394,16 @@ class Worker:
 
     # -- stopping --------------------------------------------------------------
 
+    def _stop_accepting(self):
+        """Paused or stopping: other workers must not wait for this one to accept."""
+        self._watch_listener(False)
+        self.connection_table.publish(self.slot, NOT_ACCEPTING)
+
     def begin_stop(self, graceful, seconds=None):
         """Stop accepting; a graceful stop also drains clients and Carbon first."""
         if self.stopping_since is None:
             self.stopping_since = self.clock()
-            if not self.paused:
-                self.selector.unregister(self.listener)
+            self._stop_accepting()
             self.listener.close()
         if not graceful:
             self.alive = False

@@ -84,6 +84,27 @@ def children_of(pid):
     return sorted(found)
 
 
+def client_connections(pid, port):
+    """How many established TCP connections to local ``port`` process ``pid`` holds."""
+    inodes = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for row in f:
+            fields = row.split()
+            local_port = int(fields[1].split(":")[1], 16)
+            if local_port == port and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
+
+
 def pid_alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:

@@ -5,8 +5,8 @@ import socket
 import subprocess
 import time
 
-from conftest import (AMPROXY, KEYS, line_for, pid_alive, wait_for, wait_points,
-                      write_auth)
+from conftest import (AMPROXY, KEYS, client_connections, line_for, pid_alive, wait_for,
+                      wait_points, write_auth)
 
 
 def test_signed_lines_from_several_keys_and_connections_reach_whisper(carbon, auth_file,
@@ -197,3 +197,42 @@ def test_busy_port_is_one_clear_error(carbon, auth_file):
     assert result.returncode != 0
     assert "127.0.0.1:%d" % port in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def connections_per_worker(proxy):
+    return sorted(client_connections(pid, proxy.port) for pid in proxy.workers())
+
+
+def test_connections_are_shared_evenly_between_the_workers(carbon, auth_file, make_proxy):
+    # Left to the kernel, six connections arriving at once land 3/3 on two
+    # workers less than a third of the time; an uneven split makes one worker
+    # the bottleneck of a few busy clients.
+    proxy = make_proxy(carbon.address, auth_file)
+    sockets = [proxy.connect() for _ in range(6)]
+    wait_for(lambda: connections_per_worker(proxy) == [3, 3], 3,
+             what="three client connections on each worker")
+    for sock in sockets[:3]:
+        sock.close()
+    wait_for(lambda: sum(connections_per_worker(proxy)) == 3, 3, what="three closed")
+    sockets = sockets[3:] + [proxy.connect() for _ in range(3)]
+    wait_for(lambda: connections_per_worker(proxy) == [3, 3], 3,
+             what="the new connections to even the workers out again")
+    for sock in sockets:
+        sock.close()
+
+
+def test_a_hung_least_loaded_worker_does_not_hold_up_new_clients(carbon, auth_file,
+                                                                 make_proxy):
+    proxy = make_proxy(carbon.address, auth_file)
+    first = proxy.connect()
+    wait_for(lambda: connections_per_worker(proxy) == [0, 1], 3, what="one connection")
+    idle = next(pid for pid in proxy.workers() if client_connections(pid, proxy.port) == 0)
+    os.kill(idle, signal.SIGSTOP)  # the worker that should take the next client
+    try:
+        now = int(time.time())
+        with proxy.connect() as second:
+            second.sendall(line_for(KEYS, "alpha", "e2e.alpha.temp", 42.5, now - 5))
+            wait_points(carbon, "e2e.alpha.temp", {now - 5: 42.5}, now - 10, timeout=5)
+    finally:
+        os.kill(idle, signal.SIGCONT)
+        first.close()

@@ -5,7 +5,7 @@ import os
 import amproxy
 
 LAYERS = ["errors", "protocol", "patterns", "buffer", "logs", "auth", "config", "daemon",
-          "stats", "carbon", "worker", "master", "client", "keytool", "cli", "__main__"]
+          "balance", "stats", "carbon", "worker", "master", "client", "keytool", "cli", "__main__"]
 PACKAGE_DIR = os.path.dirname(amproxy.__file__)
 
 
