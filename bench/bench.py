@@ -229,19 +229,30 @@ class Proxy:
             self.argv = shlex.split(command.format(**fields))
         self.workers = workers if command is None else None
         self.log = tempfile.TemporaryFile()
+        env = dict(os.environ, AMPROXY_CONFIG="/dev/null")
+        notify = None
+        if self.workers:
+            # amproxy says READY=1 (systemd's notify protocol) once every worker
+            # is up; traffic sent before that would all go to the first worker.
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            notify.bind(os.path.join(tempfile.mkdtemp(prefix="amproxy-bench-"), "notify"))
+            env["NOTIFY_SOCKET"] = notify.getsockname()
         started = time.monotonic()
         self.process = subprocess.Popen(self.argv, stdout=self.log, stderr=self.log,
-                                        start_new_session=True,
-                                        env=dict(os.environ, AMPROXY_CONFIG="/dev/null"))
+                                        start_new_session=True, env=env)
         wait_for(lambda: self.process.poll() is not None or port_open(self.port), 120,
                  "the proxy to listen")
         self.startup_seconds = time.monotonic() - started
         if self.process.poll() is not None:
             self.log.seek(0)
             raise RuntimeError("proxy exited: %s" % self.log.read().decode()[-2000:])
-        if self.workers:
-            wait_for(lambda: len(proc_children(self.process.pid)) >= self.workers, 30,
-                     "the workers")
+        if notify is not None:
+            notify.settimeout(60)
+            while b"READY=1" not in notify.recv(4096).split(b"\n"):
+                pass
+            notify.close()
+            os.unlink(env["NOTIFY_SOCKET"])
+            os.rmdir(os.path.dirname(env["NOTIFY_SOCKET"]))
 
     def pids(self):
         return [self.process.pid] + proc_children(self.process.pid)
