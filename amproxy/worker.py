@@ -155,8 +155,8 @@ class Worker:
         next_housekeeping = 0.0
         next_auth_check = self.clock() + self.options.auth_reload_interval
         while self.alive:
-            accepting = self.stopping_since is None and not self.paused
-            timeout = REBALANCE_INTERVAL if accepting and not self.watching_listener else TICK
+            leaving_to_others = self.accepting and not self.watching_listener
+            timeout = REBALANCE_INTERVAL if leaving_to_others else TICK
             retry = self.sender.seconds_to_next_write(self.clock())
             if retry is not None:
                 timeout = min(timeout, retry)
@@ -181,7 +181,7 @@ class Worker:
 
     def _housekeeping(self, now):
         self.heartbeat.notify()
-        if not self.watching_listener and not self.paused and self.stopping_since is None:
+        if self.accepting and not self.watching_listener:
             # The least loaded worker may be hung: do not leave clients waiting on it.
             for _ in range(FALLBACK_ACCEPTS):
                 if not self._on_accept(selectors.EVENT_READ):
@@ -288,9 +288,14 @@ class Worker:
                                lambda mask, conn=conn: self._on_readable(conn))
         return True
 
+    @property
+    def accepting(self):
+        """Taking new clients: neither paused by back-pressure nor stopping."""
+        return not self.paused and self.stopping_since is None
+
     def _balance_accepting(self):
         """Watch the listening socket only while no running worker holds fewer clients."""
-        if self.paused or self.stopping_since is not None:
+        if not self.accepting:
             return
         count = len(self.connections)
         self.connection_table.publish(self.slot, count)

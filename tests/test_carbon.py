@@ -51,16 +51,21 @@ def chunk_of(start, count):
     return b"".join(b"m.%d %d 1700000000\n" % (i, i) for i in range(start, start + count))
 
 
+def connected_sender(listener, **options):
+    clock = FakeClock()
+    selector = selectors.DefaultSelector()
+    sender = CarbonSender(listener.getsockname(), selector, clock, **options)
+    sender.flush()
+    pump(selector, lambda: sender.connected)
+    conn, _ = listener.accept()
+    return sender, selector, clock, conn
+
+
 def test_rate_limited_backlog_is_declared_delivered_when_the_last_chunk_goes(
         carbon_listener, caplog):
     caplog.set_level(logging.INFO, logger="amproxy.carbon")
-    clock = FakeClock()
-    selector = selectors.DefaultSelector()
-    sender = CarbonSender(carbon_listener.getsockname(), selector, clock,
-                          buffer_lines=1000, replay_rate=100)
-    sender.flush()
-    pump(selector, lambda: sender.connected)
-    first, _ = carbon_listener.accept()
+    sender, selector, clock, first = connected_sender(carbon_listener, buffer_lines=1000,
+                                                      replay_rate=100)
     first.close()
     pump(selector, lambda: not sender.connected)
 
@@ -87,16 +92,6 @@ def test_rate_limited_backlog_is_declared_delivered_when_the_last_chunk_goes(
     second.close()
     sender.close()
     selector.close()
-
-
-def connected_sender(listener, **options):
-    clock = FakeClock()
-    selector = selectors.DefaultSelector()
-    sender = CarbonSender(listener.getsockname(), selector, clock, **options)
-    sender.flush()
-    pump(selector, lambda: sender.connected)
-    conn, _ = listener.accept()
-    return sender, selector, clock, conn
 
 
 def send_now(sender, conn, data, lines):

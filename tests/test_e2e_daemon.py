@@ -46,13 +46,19 @@ def test_hup_ttin_ttou_sent_to_a_worker_do_not_kill_it(carbon, auth_file, make_p
     assert_forwards(carbon, proxy, 12.0)
 
 
-def test_hup_rereads_workers_and_skew_from_the_config_file(carbon, auth_file, make_proxy,
-                                                           tmp_path):
-    conf = tmp_path / "amproxy.conf"
-    conf.write_text("workers = 2\nskew = 1h\n")
+def proxy_with_config(carbon, auth_file, make_proxy, conf, text):
+    """A proxy whose worker count comes from config file ``conf``, started with ``text``."""
+    conf.write_text(text)
     proxy = make_proxy(carbon.address, auth_file, args=["--config", str(conf)],
                        workers=None)
     proxy.wait_workers(2)
+    return proxy
+
+
+def test_hup_rereads_workers_and_skew_from_the_config_file(carbon, auth_file, make_proxy,
+                                                           tmp_path):
+    conf = tmp_path / "amproxy.conf"
+    proxy = proxy_with_config(carbon, auth_file, make_proxy, conf, "workers = 2\nskew = 1h\n")
     now = int(time.time())
     proxy.send(line_for(KEYS, "beta", "e2e.beta.temp", 61, now - 600))
     wait_points(carbon, "e2e.beta.temp", {now - 600: 61.0}, now - 600)
@@ -69,10 +75,7 @@ def test_hup_rereads_workers_and_skew_from_the_config_file(carbon, auth_file, ma
 def test_bad_config_on_hup_keeps_the_running_options(carbon, auth_file, make_proxy,
                                                      tmp_path):
     conf = tmp_path / "amproxy.conf"
-    conf.write_text("workers = 2\n")
-    proxy = make_proxy(carbon.address, auth_file, args=["--config", str(conf)],
-                       workers=None)
-    proxy.wait_workers(2)
+    proxy = proxy_with_config(carbon, auth_file, make_proxy, conf, "workers = 2\n")
     conf.write_text("workers = many\n")
     proxy.signal(signal.SIGHUP)
     proxy.wait_log(r"config not reloaded, keeping the running options.*workers", count=1)
