@@ -17,7 +17,7 @@ import yaml
 
 from .errors import AuthFileError
 from .patterns import GLOB_CHARS, PatternError, compile_patterns
-from .protocol import Signer
+from .protocol import Signer, metric_problem
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,11 @@ class AuthKey(Signer):
         if attribute in ("inner", "outer"):
             Signer.__init__(self, self._secret)
         elif attribute == "metrics":
-            self.metrics = frozenset(m.encode("utf-8") for m in self._metric_names)
+            # A name that no line could pass (see protocol.metric_problem) is
+            # left out, so that the exact lookup alone proves a name valid.
+            self.metrics = frozenset(
+                name for name in (m.encode("utf-8") for m in self._metric_names)
+                if metric_problem(name) is None)
         else:
             raise AttributeError(attribute)
         return object.__getattribute__(self, attribute)

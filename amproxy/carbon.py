@@ -13,6 +13,12 @@ dropped while the worker runs.
 Carbon acknowledges nothing, and carbon-cache loses the points it holds in
 memory when it dies.  So lines sent in the last ``resend_window`` seconds are
 kept, and sent again after the connection breaks: delivery is at least once.
+A resent line keeps the time it was first sent, so it leaves the window.
+
+A connection counts as healthy once it has stayed up ``PROBATION`` seconds;
+only then does the reconnect backoff start again from its shortest delay.
+When connections keep breaking right after the resent lines go out, one of
+them is poison to Carbon: see :mod:`amproxy.deadletter`.
 """
 
 import collections
@@ -22,35 +28,52 @@ import selectors
 import socket
 
 from .buffer import LineBuffer, SpoolError
+from .deadletter import PoisonSearch
 
 log = logging.getLogger(__name__)
 
 INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 10.0
+# A connection that breaks sooner than this after it was made is suspect.
+PROBATION = 1.0
+# How long a probe must survive to count as delivered: carbon-cache drops the
+# connection as soon as it reads a line it chokes on.
+PROBE_WAIT = 0.5
+# After back-pressure, reading resumes only below this share of the buffer (as
+# carbon's QUEUE_LOW_WATERMARK_PCT), so that an overload does not flap.
+RESUME_FILL = 0.8
 # Carbon never writes to us; reading only tells us that it closed the connection.
 _DRAIN_SIZE = 4096
 
 
 class CarbonSender:
     def __init__(self, address, selector, clock, buffer_lines, spool=None,
-                 replay_rate=0, resend_window=0.0):
+                 replay_rate=0, resend_window=0.0, dead_letters=None):
         self.address = address
         self.selector = selector
         self.clock = clock
         self.buffer = LineBuffer(buffer_lines)
         self.spool = spool
+        self.dead_letters = dead_letters
         self.replay_rate = replay_rate
         self.resend_window = resend_window
         self.sock = None
         self.connected = False
         self._events = 0
         self._backoff = INITIAL_BACKOFF
+        self._max_backoff = MAX_BACKOFF
         self._next_attempt = 0.0
         self._down_since = None
+        self._connected_at = None
+        self._healthy = False  # up for PROBATION seconds
+        self._quick_breaks = 0  # breaks in a row, each soon after the one before
         self._current = None  # (data, line_count) being written
+        self._current_sent_at = None  # when a resent chunk was first sent
         self._offset = 0
         self._recent = collections.deque()  # (sent_at, data, line_count)
         self._recent_lines = 0
+        self._resend = collections.deque()  # (sent_at, data, line_count), goes first
+        self._search = None  # a PoisonSearch while one runs
         self._replaying = False  # sending a backlog: the replay rate applies
         self._tokens = 0.0
         self._tokens_at = 0.0
@@ -62,10 +85,16 @@ class CarbonSender:
 
     # -- the worker's side -------------------------------------------------
 
+    def _held_for_resend(self):
+        """Chunks to send before the queue: a search's suspects, then resent ones."""
+        suspects = self._search.suspects if self._search is not None else ()
+        return list(suspects) + list(self._resend)
+
     @property
     def queued_lines(self):
         """Lines in memory, waiting or being written (the spool is not counted)."""
-        return self.buffer.lines + (self._current[1] if self._current else 0)
+        held = sum(count for _, _, count in self._held_for_resend())
+        return self.buffer.lines + held + (self._current[1] if self._current else 0)
 
     @property
     def spooled_bytes(self):
@@ -73,7 +102,8 @@ class CarbonSender:
 
     @property
     def memory_empty(self):
-        return not self.buffer and self._current is None
+        return (not self.buffer and self._current is None and not self._resend
+                and self._search is None)
 
     def enqueue(self, data, line_count):
         """Queue a chunk of Carbon lines.  Never drops: may set ``full``."""
@@ -106,6 +136,17 @@ class CarbonSender:
             if self.sock is None and self.clock() >= self._next_attempt:
                 self._connect()
             return
+        now = self.clock()
+        if not self._healthy and now - self._connected_at >= PROBATION:
+            self._healthy = True
+            self._quick_breaks = 0
+            self._backoff = INITIAL_BACKOFF
+        search = self._search
+        if search is not None and search.written_at is not None and \
+                now - search.written_at >= PROBE_WAIT:
+            self._recent_add(search.passed())
+            if search.done:
+                self._end_search(None)
         try:
             while self._next_chunk():
                 data, line_count = self._current
@@ -123,16 +164,29 @@ class CarbonSender:
         self._watch(selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0))
         if self.full:
             self._spill()  # the spool may have room again
-            self.full = not self.buffer.has_room()
+            self.full = self.buffer.lines > self.buffer.max_lines * RESUME_FILL
 
     def _next_chunk(self):
         """Make sure ``_current`` holds the next chunk to write; False if none may go now."""
         if self._current is not None:
             return True
+        self._current_sent_at = None
+        if self._search is not None:
+            if self._search.probe:
+                return False  # one probe at a time: wait for its verdict
+            self._current = self._search.next_probe()
+            self._offset = 0
+            return True
+        if self._resend:
+            self._current_sent_at, data, line_count = self._resend.popleft()
+            self._current = (data, line_count)
+            self._offset = 0
+            return True
         if not self.spool and not self.buffer:
             # Checked before the rate limit: an empty backlog with no tokens left
-            # would otherwise never be declared delivered.
-            if self._replaying:
+            # would otherwise never be declared delivered.  A connection that
+            # has not proved healthy may still break and take it back.
+            if self._replaying and self._healthy:
                 self._replaying = False
                 self._spilling = False
                 log.info("backlog delivered to Carbon", extra={"carbon": self._where()})
@@ -159,6 +213,10 @@ class CarbonSender:
         """How long the worker may sleep before ``flush`` has work it cannot get by event."""
         if self.sock is None:
             return max(0.0, self._next_attempt - now)
+        if self.connected and not self._healthy:
+            return max(0.0, self._connected_at + PROBATION - now) + 0.001
+        if self._search is not None and self._search.written_at is not None:
+            return max(0.0, self._search.written_at + PROBE_WAIT - now) + 0.001
         if self._replaying and self.replay_rate and self._current is None and (
                 self.spool or self.buffer):
             return max(0.0, -self._tokens / self.replay_rate) + 0.001
@@ -166,13 +224,21 @@ class CarbonSender:
 
     def _sent(self, data, line_count):
         self._current = None
+        if self._search is not None:
+            self._search.written_at = self.clock()  # the verdict comes in flush()
+            return
         if self.spool is not None:
             self.spool.release_read()
+        self._recent_add([(self._current_sent_at or self.clock(), data, line_count)])
+
+    def _recent_add(self, chunks):
+        """Keep sent chunks for the resend window (their first send time counts)."""
         if not self.resend_window:
             return
         now = self.clock()
-        self._recent.append((now, data, line_count))
-        self._recent_lines += line_count
+        for chunk in chunks:
+            self._recent.append(chunk)
+            self._recent_lines += chunk[2]
         horizon = now - self.resend_window
         recent = self._recent
         # Kept sent lines are bounded by --buffer-size too, oldest go first.
@@ -189,26 +255,61 @@ class CarbonSender:
                                 "kept_seconds": round(now - sent_at, 2)})
 
     def _requeue_recent(self):
-        """After a break: what Carbon may have lost goes to the front of the queue."""
-        if self._current is not None:
-            self.buffer.appendleft(*self._current)
-            self._current = None
-        lines = 0
-        while self._recent:
-            _, data, line_count = self._recent.pop()
-            self.buffer.appendleft(data, line_count)
-            lines += line_count
+        """After a break: what Carbon may have lost is sent first, in order."""
+        if self._current is not None and self._search is None:
+            data, line_count = self._current
+            self._resend.appendleft((self._current_sent_at or self.clock(), data, line_count))
+        self._current = None
+        lines = self._recent_lines
+        self._resend.extendleft(reversed(self._recent))
+        self._recent.clear()
         self._recent_lines = 0
         return lines
+
+    def _after_break(self, quick):
+        """A connection broke: a probe failed, or maybe a search must start."""
+        search = self._search
+        if search is not None:
+            if search.probe:
+                culprit = search.failed()
+                if culprit is not None:
+                    self._end_search(culprit)
+            return
+        self._quick_breaks = self._quick_breaks + 1 if quick else 1
+        if self._quick_breaks >= 2 and self._resend:
+            # The same lines broke the connection twice: one of them is poison.
+            self._search = PoisonSearch(self._resend)
+            self._resend.clear()
+            log.warning("Carbon dropped the connection twice on the same lines; looking "
+                        "for the line it refuses", extra={
+                            "carbon": self._where(), "lines": self._search.lines})
+
+    def _end_search(self, culprit):
+        search, self._search = self._search, None
+        self._quick_breaks = 0
+        if self.connected:
+            self._down_since = None  # the outage kept open for the search is over
+        self._resend.extendleft(reversed(search.suspects))  # not probed yet: sent next
+        if culprit is None:
+            log.warning("every line went through on its own; resuming", extra={
+                "carbon": self._where()})
+            return
+        sent_at, line, _ = culprit
+        self.dead_letters.add(line, self._where())
 
     def save_to_spool(self):
         """On the way out: put everything not yet sent into the spool.
 
         Returns the number of lines that could not be kept (no spool, or it failed).
         """
-        if self._current is not None:
-            self.buffer.appendleft(*self._current)
-            self._current = None
+        if self._current is not None and self._search is None:  # a probe is a suspect
+            self._resend.appendleft((None,) + self._current)
+        self._current = None
+        held = self._held_for_resend()
+        self._search = None
+        self._resend.clear()
+        for _, chunk, line_count in reversed(held):
+            self.buffer.appendleft(chunk, line_count)
         data, lines = self.buffer.pop_all()
         if self.spool is not None:
             try:
@@ -267,7 +368,11 @@ class CarbonSender:
         except OSError as e:
             self._down("cannot resolve Carbon's address", str(e))
             return
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:  # out of descriptors, say: try again later
+            self._down("cannot open a socket to Carbon", e.strerror or str(e))
+            return
         sock.setblocking(False)
         err = sock.connect_ex(sockaddr)
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
@@ -285,8 +390,11 @@ class CarbonSender:
             self._down("cannot reach Carbon", errno.errorcode.get(err, str(err)))
             return
         self.connected = True
-        self._backoff = INITIAL_BACKOFF
-        if self._down_since is not None:
+        self._connected_at = self.clock()
+        self._healthy = False
+        if self._search is not None:
+            log.debug("connected to Carbon to send a probe", extra={"carbon": self._where()})
+        elif self._down_since is not None:
             self._replaying = True
             self._tokens, self._tokens_at = 0.0, self.clock()
             log.warning("Carbon connection restored; sending the backlog", extra={
@@ -300,9 +408,13 @@ class CarbonSender:
 
     def _lost(self, why):
         """An established connection broke."""
+        quick = not self._healthy
         self.close()
         self.reconnects += 1
         resent = self._requeue_recent()
+        self._after_break(quick)
+        if self._search is not None:
+            self._backoff = INITIAL_BACKOFF  # the probes break it on purpose
         self._down("lost the connection to Carbon", why, resent_lines=resent)
 
     def _down(self, what, why, **extra):
@@ -312,4 +424,10 @@ class CarbonSender:
             log.error("%s; keeping lines until it is back", what,
                       extra=dict(carbon=self._where(), error=why, **extra))
         self._next_attempt = self.clock() + self._backoff
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+        self._backoff = min(self._backoff * 2, self._max_backoff)
+
+    def retry_within(self, seconds):
+        """From now on, never wait longer than ``seconds`` between attempts (for a stop)."""
+        self._max_backoff = seconds
+        self._backoff = min(self._backoff, seconds)
+        self._next_attempt = min(self._next_attempt, self.clock() + seconds)

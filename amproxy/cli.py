@@ -8,7 +8,7 @@ import sys
 from . import __version__
 from . import keytool
 from .auth import warn_if_world_readable
-from .client import Client, run_test_client
+from .client import Client, format_address, run_test_client
 from .config import (AUTH_FILE, KEY_PRIVATE, KEY_PUBLIC, SERVER_ADDR, TEST_CLIENT_OPTIONS,
                      build_parser, parse_server_args, stats_socket_path)
 from .errors import AmproxyError
@@ -60,8 +60,22 @@ def cmd_client_signature(argv):
     args = parser.parse_args(argv)
     if not args.key_private:
         raise AmproxyError("no secret key: pass --key-private or set KEY_PRIVATE")
+    _check_signed_text(args.text)
     print(sign(args.key_private, args.text))
     return 0
+
+
+def _check_signed_text(text):
+    """Refuse what the proxy would reject as malformed, as the original's command does."""
+    fields = text.split(" ")
+    if len(fields) != 4 or not all(fields):
+        raise AmproxyError('%r is not "metric value timestamp public_key" (4 fields '
+                           'separated by single spaces), so it cannot be signed' % text)
+    timestamp = fields[2]
+    if not (timestamp.isascii() and timestamp.isdigit()):
+        raise AmproxyError('the timestamp %r in %r is not whole Unix seconds, so it is not '
+                           '"metric value timestamp public_key" and cannot be signed'
+                           % (timestamp, text))
 
 
 def cmd_client_test_client(argv):
@@ -165,8 +179,12 @@ def cmd_client_send(argv):
     value = int(args.value) if args.value.is_integer() else args.value
     client = Client(args.server_addr, args.key_public, args.key_private)
     client.send(args.metric, value, args.timestamp)
-    if not client.flush():
-        raise AmproxyError("could not send to %s:%d" % args.server_addr)
+    # No later flush will come, so a point kept for later would be lost.
+    try:
+        client.flush(raise_errors=True)
+    except OSError as e:
+        raise AmproxyError("cannot reach amproxy at %s: %s; the point was not sent" % (
+            format_address(client.address), e.strerror or e)) from None
     client.close()
     return 0
 

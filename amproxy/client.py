@@ -23,13 +23,20 @@ def _parse_address(address):
     return host.strip("[]"), int(port)
 
 
+def format_address(address):
+    """``host:port``, with an IPv6 host in brackets: ``[::1]:2005``."""
+    host, port = address
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
 class Client:
     """Signs lines with one key and sends them over one connection.
 
     Lines are queued by ``send`` and written in batches by ``flush`` (at the
     latest when ``batch_size`` lines are queued).  If the server cannot be
     reached the lines stay queued, up to ``max_queued`` (the oldest go first
-    beyond that), and are sent by the next successful ``flush``.
+    beyond that), and are sent by the next successful ``flush``; a caller
+    that cannot wait for a next one passes ``flush(raise_errors=True)``.
     """
 
     def __init__(self, address, public_key, secret_key, batch_size=500,
@@ -64,8 +71,12 @@ class Client:
     def queued(self):
         return len(self._queue)
 
-    def flush(self):
-        """Send every queued line; return True if the queue is now empty."""
+    def flush(self, raise_errors=False):
+        """Send every queued line; return True if the queue is now empty.
+
+        If sending fails the lines stay queued and a warning is logged, or
+        with ``raise_errors`` the OSError is raised instead (lines still queued).
+        """
         if not self._queue:
             return True
         batch = list(self._queue)
@@ -74,9 +85,11 @@ class Client:
                 self._sock = socket.create_connection(self.address, timeout=self.timeout)
             self._sock.sendall(b"".join(batch))
         except OSError as e:
-            log.warning("cannot send to %s:%d (%s); %d lines kept for later",
-                        self.address[0], self.address[1], e, len(self._queue))
             self._drop_connection()
+            if raise_errors:
+                raise
+            log.warning("cannot send to %s (%s); %d lines kept for later",
+                        format_address(self.address), e, len(self._queue))
             return False
         for _ in batch:
             self._queue.popleft()
@@ -108,4 +121,4 @@ def run_test_client(address, public_key, secret_key, metric, interval, count=Non
         sent += 1
         log.info("sent a data point" if ok else "could not send a data point",
                  extra={"metric": metric, "value": value,
-                        "server": "%s:%s" % _parse_address(address)})
+                        "server": format_address(_parse_address(address))})

@@ -148,6 +148,14 @@ SERVER_OPTIONS = [
     Option("--max-connections", 1024,
            "client connections per worker; beyond that new connections are closed at once",
            env="AMPROXY_MAX_CONNECTIONS", type=positive_int),
+    Option("--max-connections-per-source", 0,
+           "client connections per worker from one source address; 0: half of "
+           "--max-connections, so that one address cannot take every slot while a "
+           "fleet behind one NAT still fits", env="AMPROXY_MAX_CONNECTIONS_PER_SOURCE",
+           type=non_negative_int),
+    Option("--allow-tags", False,
+           "forward tagged series (name;tag=value;...); the key's metrics apply to "
+           "the name", env="AMPROXY_ALLOW_TAGS", type=bool),
     Option("--buffer-size", 200000,
            "lines each worker holds in memory while Carbon is unreachable",
            env="AMPROXY_BUFFER_SIZE", type=positive_int),
@@ -199,7 +207,8 @@ SERVER_OPTIONS = [
 
 # What SIGHUP can change in a running server; the rest needs a restart.
 LIVE_OPTIONS = ("workers", "skew", "log_level", "log_rejections", "auth_reload_interval",
-                "max_line_length", "idle_timeout", "max_connections", "replay_rate",
+                "max_line_length", "idle_timeout", "max_connections",
+                "max_connections_per_source", "allow_tags", "replay_rate",
                 "resend_window", "graceful_timeout", "worker_timeout", "stats_interval")
 
 

@@ -1,6 +1,7 @@
 """Logging: logfmt or JSON lines, the original's level names, reopenable files."""
 
 import logging
+import os
 import sys
 import time
 
@@ -8,6 +9,8 @@ try:  # python-json-logger 3.1 and newer
     from pythonjsonlogger.json import JsonFormatter
 except ImportError:  # pragma: no cover - older python-json-logger
     from pythonjsonlogger.jsonlogger import JsonFormatter
+
+from .protocol import UNKNOWN_KEY
 
 LEVELS = {"all": 1, "debug": logging.DEBUG, "info": logging.INFO,
           "warn": logging.WARNING, "err": logging.ERROR}
@@ -18,7 +21,10 @@ _LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime", "taskName"}
 
+# Fields are cut to this length, so a flood of junk cannot fill the disk; a
+# traceback is the exception: it is logged once per crash and needed whole.
 MAX_FIELD_LENGTH = 200
+LOG_FILE_MODE = 0o640  # a new log file: the daemon's group (adm, say) may read it
 
 
 def _timestamp(record):
@@ -30,12 +36,12 @@ def _extra_fields(record):
     return [(k, v) for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS]
 
 
-def _logfmt_value(value):
+def _logfmt_value(value, max_length=MAX_FIELD_LENGTH):
     if isinstance(value, bytes):
         value = value.decode("utf-8", "backslashreplace")
     text = str(value)
-    if len(text) > MAX_FIELD_LENGTH:
-        text = text[:MAX_FIELD_LENGTH] + "..."
+    if max_length is not None and len(text) > max_length:
+        text = text[:max_length] + "..."
     if text and not any(c in text for c in ' ="\\') and text.isprintable():
         return text
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
@@ -44,7 +50,10 @@ def _logfmt_value(value):
 
 
 class LogfmtFormatter(logging.Formatter):
-    """``ts=... level=info pid=123 msg="..." key=value`` on one line."""
+    """``ts=... level=info pid=123 msg="..." key=value`` on one line.
+
+    A traceback comes last, as ``error="..."``, whole, its newlines escaped.
+    """
 
     def format(self, record):
         parts = [("ts", _timestamp(record)),
@@ -52,9 +61,15 @@ class LogfmtFormatter(logging.Formatter):
                  ("pid", record.process),
                  ("msg", record.getMessage())]
         parts.extend(_extra_fields(record))
+        line = " ".join("%s=%s" % (k, _logfmt_value(v)) for k, v in parts)
         if record.exc_info:
-            parts.append(("error", self.formatException(record.exc_info)))
-        return " ".join("%s=%s" % (k, _logfmt_value(v)) for k, v in parts)
+            line += " error=" + _logfmt_value(self.formatException(record.exc_info),
+                                             max_length=None)
+        return line
+
+
+# The formatted traceback and stack in a JSON line: never cut.
+_JSON_TRACEBACK_FIELDS = frozenset({"exc_info", "stack_info"})
 
 
 class JsonLineFormatter(JsonFormatter):
@@ -66,20 +81,28 @@ class JsonLineFormatter(JsonFormatter):
         for key, value in list(log_record.items()):
             if isinstance(value, bytes):
                 value = value.decode("utf-8", "backslashreplace")
-            if isinstance(value, str) and len(value) > MAX_FIELD_LENGTH:
+            if isinstance(value, str) and len(value) > MAX_FIELD_LENGTH and \
+                    key not in _JSON_TRACEBACK_FIELDS:
                 value = value[:MAX_FIELD_LENGTH] + "..."
             log_record[key] = value
 
 
 class ReopenableFileHandler(logging.StreamHandler):
-    """A log file that ``reopen()`` opens again by name, after logrotate moved it."""
+    """A log file that ``reopen()`` opens again by name, after logrotate moved it.
+
+    A file that does not exist is created with mode 0640 (less any umask bits);
+    one that exists keeps its mode.
+    """
 
     def __init__(self, path):
         self.path = path
         super().__init__(self._open())
 
     def _open(self):
-        return open(self.path, "a", encoding="utf-8", buffering=1)
+        # os.open takes the mode for a new file, so the process umask (which
+        # also applies to the spool and pidfile) stays as it is.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_FILE_MODE)
+        return open(fd, "a", encoding="utf-8", buffering=1)
 
     def reopen(self):
         self.acquire()
@@ -129,6 +152,9 @@ def reopen_log_files():
             handler.reopen()
 
 
+UNKNOWN_KEY_PREFIX = 4  # characters, at most, of an unknown key in the rejection log
+
+
 class RejectionLog:
     """Logs rejected lines, at most ``per_second`` per reason per second.
 
@@ -148,8 +174,22 @@ class RejectionLog:
         self._second = None
 
     def log(self, reason, remote, public_key, metric):
+        """Log one rejected line.
+
+        A key that is not in the auth file may be a secret key sent in its
+        place (a device with its keys swapped), so for ``unknownKey`` only
+        its start is logged, and its length in bytes:
+        ``public_key=Zm9v... public_key_length=44``.  The start is at most
+        4 characters and a quarter of the key.  Known keys are logged whole.
+        """
         fields = {"reason": reason, "remote": remote}
-        if public_key is not None:
+        if reason == UNKNOWN_KEY and public_key is not None:
+            prefix = public_key[:min(UNKNOWN_KEY_PREFIX, len(public_key) // 4)]
+            if isinstance(prefix, bytes):
+                prefix = prefix.decode("utf-8", "backslashreplace")
+            fields["public_key"] = prefix + "..."
+            fields["public_key_length"] = len(public_key)
+        elif public_key is not None:
             fields["public_key"] = public_key
         if metric is not None:
             fields["metric"] = metric

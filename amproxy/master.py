@@ -379,6 +379,7 @@ class Master:
             return 0
         except Exception:
             log.exception("worker crashed")
+            worker.save_what_is_held()
             return 1
         finally:
             logging.shutdown()

@@ -8,6 +8,8 @@ text is exactly the received bytes before the last space.
 import binascii
 import hashlib
 import hmac
+import re
+import unicodedata
 
 # Rejection reasons.  The values are the names used in logs and self-metrics.
 MALFORMED = "malformed"
@@ -17,9 +19,21 @@ SKEW = "skew"
 METRIC_NOT_ALLOWED = "metricNotAllowed"
 BAD_VALUE = "badValue"
 LINE_TOO_LONG = "lineTooLong"
+BAD_METRIC = "badMetric"
 
-REJECTION_REASONS = (MALFORMED, UNKNOWN_KEY, BAD_SIGNATURE, SKEW,
+REJECTION_REASONS = (MALFORMED, UNKNOWN_KEY, BAD_SIGNATURE, SKEW, BAD_METRIC,
                      METRIC_NOT_ALLOWED, BAD_VALUE, LINE_TOO_LONG)
+
+# Bounds that keep every forwarded line far below carbon's 16,384-byte line
+# limit (a longer line makes carbon-cache drop the connection) and every
+# whisper path below Linux's PATH_MAX of 4,096 bytes.
+MAX_METRIC_BYTES = 4000
+MAX_NODE_BYTES = 255      # a file or directory name (NAME_MAX)
+MAX_LAST_NODE_BYTES = 251  # carbon appends ".wsp" to the last node
+MAX_VALUE_BYTES = 64
+MAX_TIMESTAMP_BYTES = 20
+# Integers up to this many digits are exact in a double: no float() needed.
+_EXACT_DIGITS = 15
 
 _BLOCK_SIZE = 64  # SHA-256 block size, which HMAC pads the key to
 _IPAD = bytes(x ^ 0x36 for x in range(256))
@@ -82,14 +96,94 @@ class Signer:
         return _b2a_base64(outer.digest(), newline=False)
 
 
-def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None):
+# Metric names.  carbon-cache decodes a line as UTF-8 (a bad byte drops the
+# connection), splits it on any Unicode whitespace, turns dots into
+# directories and takes "/" as one more; ";" starts tags and "{" an
+# OpenMetrics name; a leading "~" is stripped (TaggedSeries.parse, even for a
+# name without tags); glob characters are stored literally but cannot be
+# queried.  A name is forwarded only if carbon stores it as exactly the
+# series it names.  The common case, a short ASCII name, is one regex match.
+_NAME_FORBIDDEN = "/;*?[]{}"
+_NODE_CHAR = rb"[^\x00-\x20\x7f-\xff./;*?\[\]{}]"
+_PLAIN_NAME = re.compile(rb"(?!~)%s+(?:\.%s+)*\Z" % (_NODE_CHAR, _NODE_CHAR)).match
+
+
+def _character_problem(text, forbidden):
+    for char in text:
+        if char.isspace() or char in forbidden or \
+                unicodedata.category(char) in ("Cc", "Cf"):
+            return "character %r" % char
+    return None
+
+
+def _name_problem(name):
+    """Why carbon would not store ``name`` (bytes, no tags) as that series; None if it would."""
+    if len(name) <= MAX_LAST_NODE_BYTES and _PLAIN_NAME(name):
+        return None
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    if len(name) > MAX_METRIC_BYTES:
+        return "longer than %d bytes" % MAX_METRIC_BYTES
+    nodes = name.split(b".")
+    if not all(nodes):
+        return "an empty node (a leading, trailing or doubled dot)"
+    if max(map(len, nodes[:-1]), default=0) > MAX_NODE_BYTES:
+        return "a node longer than %d bytes" % MAX_NODE_BYTES
+    if len(nodes[-1]) > MAX_LAST_NODE_BYTES:
+        return "a last node longer than %d bytes" % MAX_LAST_NODE_BYTES
+    if text.startswith("~"):
+        return "a leading ~, which carbon strips"
+    return _character_problem(text, _NAME_FORBIDDEN)
+
+
+def _tag_problem(tag):
+    """Why carbon's TaggedSeries.parse_carbon would refuse ``tag`` (text); None if not."""
+    key, _, value = tag.partition("=")
+    if not key or not value:
+        return "tag %r is not key=value" % tag
+    if any(char in key for char in "!^"):
+        return "tag name %r has ! or ^" % key
+    if value.startswith("~"):
+        return "tag value %r starts with ~" % value
+    return _character_problem(tag, _NAME_FORBIDDEN)
+
+
+def metric_problem(metric, allow_tags=False):
+    """Why the metric (bytes) of a signed line is refused (text); None if it passes.
+
+    With ``allow_tags``, ``name;tag=value;...`` is checked as carbon parses it.
+    """
+    if allow_tags and b";" in metric:
+        if len(metric) > MAX_METRIC_BYTES:
+            return "longer than %d bytes" % MAX_METRIC_BYTES
+        name, _, tags = metric.partition(b";")
+        try:
+            tags = tags.decode("utf-8")
+        except UnicodeDecodeError:
+            return "not UTF-8"
+        return _name_problem(name) or next(
+            filter(None, map(_tag_problem, tags.split(";"))), None)
+    problem = _name_problem(metric)
+    if problem is None:
+        return None
+    if b";" in metric and not allow_tags:
+        return "tags, which need --allow-tags"
+    return problem
+
+
+def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
+                 allow_tags=False):
     """Check lines (bytes, without line ending); return the Carbon lines of those that pass.
 
     ``keys`` maps a public key (bytes) to a :class:`Signer` that also has
     ``metrics`` (a set of bytes) and ``allows_pattern(metric)``.  For each line
     that fails, ``reject(reason, public_key, metric)`` is called; the fields
     are None when the line could not be split.  The checks run in the
-    original's order (shape, key, signature, skew, metric) and then the value.
+    original's order (shape, key, signature, skew, metric) and then the value;
+    the metric name is checked (:func:`metric_problem`) before the allow list,
+    except for exact names from the auth file, which were checked at load.
     Surrounding whitespace is trimmed and empty lines are skipped, as the
     original does.  Each accepted line gives its ``metric value timestamp``
     part, without a newline: see :func:`carbon_payload`.  If a dict is given
@@ -111,7 +205,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None):
         fields = line.split(b" ")
         if len(fields) != 5:
             if _retry_trimmed(line, accepted, keys, now, max_skew, reject,
-                              forwarded_per_key):
+                              forwarded_per_key, allow_tags):
                 continue
             reject(MALFORMED, None, None)
             continue
@@ -133,23 +227,32 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None):
             # the wrong length or a metric starting with it.
             if (len(signature) != _SIGNATURE_LENGTH or not metric[:1] > b" ") and \
                     _retry_trimmed(line, accepted, keys, now, max_skew, reject,
-                                   forwarded_per_key):
+                                   forwarded_per_key, allow_tags):
                 continue
             reject(BAD_SIGNATURE, public_key, metric)
             continue
         if len(timestamp) == digits:
             in_window = oldest_text <= timestamp <= newest_text
+        elif len(timestamp) > MAX_TIMESTAMP_BYTES:  # leading zeros; int() has limits
+            reject(MALFORMED, public_key, metric)
+            continue
         else:
             in_window = oldest <= int(timestamp) <= newest
         if not in_window:
             reject(SKEW, public_key, metric)
             continue
-        if metric not in key.metrics and not key.allows_pattern(metric):
-            reject(METRIC_NOT_ALLOWED, public_key, metric)
-            continue
-        if not value.isdigit():
+        if metric not in key.metrics:
+            if metric_problem(metric, allow_tags) is not None:
+                reject(BAD_METRIC, public_key, metric)
+                continue
+            name = metric.partition(b";")[0] if allow_tags else metric
+            if name not in key.metrics and not key.allows_pattern(name):
+                reject(METRIC_NOT_ALLOWED, public_key, metric)
+                continue
+        if not value.isdigit() or len(value) > _EXACT_DIGITS:
             try:
-                number = float(value)  # from bytes: ASCII only
+                # From bytes: ASCII only.  Overlong digit strings become inf.
+                number = float(value) if len(value) <= MAX_VALUE_BYTES else None
             except ValueError:
                 number = None
             if number is None or number - number != 0.0:  # not a number, inf or nan
@@ -161,7 +264,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None):
     return accepted
 
 
-def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key):
+def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key, allow_tags):
     """A line that failed may pass without surrounding whitespace (or be empty).
 
     Returns True if the trimmed line was handled (checked, or skipped as empty).
@@ -170,7 +273,8 @@ def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key):
     if trimmed == line and trimmed:
         return False
     if trimmed:
-        accepted.extend(filter_lines((trimmed,), keys, now, max_skew, reject, per_key))
+        accepted.extend(filter_lines((trimmed,), keys, now, max_skew, reject, per_key,
+                                     allow_tags))
     return True
 
 
@@ -179,9 +283,10 @@ def carbon_payload(accepted):
     return b"\n".join(accepted) + b"\n"
 
 
-def check_line(line, keys, now, max_skew):
+def check_line(line, keys, now, max_skew, allow_tags=False):
     """Check one line; return None if it passes (or is empty), else the rejection reason."""
     reasons = []
     filter_lines((line,), keys, now, max_skew,
-                 lambda reason, public_key, metric: reasons.append(reason))
+                 lambda reason, public_key, metric: reasons.append(reason),
+                 allow_tags=allow_tags)
     return reasons[0] if reasons else None

@@ -1,9 +1,10 @@
 """Self-metrics, the Graphite way: counters per interval under a prefix.
 
 Workers keep plain integer counters (no lock, no syscall per line) and
-report the change once a second in one datagram to the master.  The master
-adds them up, and every ``--stats-interval`` hands the lines to a worker,
-which sends them to Carbon like any forwarded line.
+report the change once a second to the master: the global counters and
+gauges in one datagram, then any per-key counts in as many more as they
+need.  The master adds them up, and every ``--stats-interval`` hands the
+lines to a worker, which sends them to Carbon like any forwarded line.
 """
 
 import json
@@ -19,9 +20,12 @@ log = logging.getLogger(__name__)
 COUNTERS = (("linesReceived", "linesForwarded")
             + tuple("rejected." + reason for reason in REJECTION_REASONS)
             + ("connectionsOpened", "connectionsRefused", "carbonReconnects",
-               "droppedLines", "authReloads", "authReloadErrors"))
+               "droppedLines", "deadLetters", "internalErrors", "authReloads",
+               "authReloadErrors"))
 GAUGES = ("activeConnections", "bufferedLines", "spooledBytes")
 MAX_DATAGRAM = 60000
+# The per-key counts in one datagram; the rest of MAX_DATAGRAM holds the envelope.
+KEYS_PER_DATAGRAM_BYTES = MAX_DATAGRAM - 1000
 
 
 def default_prefix():
@@ -77,27 +81,68 @@ class WorkerStats:
         self._reported = dict.fromkeys(COUNTERS, 0)
         self.forwarded_per_key = {} if per_key else None
         self.rejected_per_key = {} if per_key else None
+        self._warned = False
 
     def report(self, counters, gauges):
-        deltas = {name: counters[name] - self._reported[name] for name in COUNTERS}
-        message = {"pid": os.getpid(), "counters": {k: v for k, v in deltas.items() if v},
-                   "gauges": gauges}
+        """Send what changed; True if all of it went out.
+
+        Whatever was not sent stays counted here and goes with the next
+        report, so nothing is lost and nothing is counted twice.
+        """
+        pid = os.getpid()
+        # .get: a worker that does not count a newer counter yet reports 0.
+        current = {name: counters.get(name, 0) for name in COUNTERS}
+        deltas = {name: current[name] - self._reported[name] for name in COUNTERS}
+        totals = {"pid": pid, "counters": {k: v for k, v in deltas.items() if v},
+                  "gauges": gauges}
+        if not self._send(totals):
+            return False
+        self._reported = current
         if self.per_key:
-            message["keys"] = {key.decode("utf-8", "replace"): [
-                self.forwarded_per_key.get(key, 0), self.rejected_per_key.get(key, 0)]
-                for key in set(self.forwarded_per_key) | set(self.rejected_per_key)}
-        data = json.dumps(message).encode()
+            for counts, keys in self._key_counts_in_chunks():
+                if not self._send({"pid": pid, "keys": counts}):
+                    return False
+                for key in keys:
+                    self.forwarded_per_key.pop(key, None)
+                    self.rejected_per_key.pop(key, None)
+        return True
+
+    def _key_counts_in_chunks(self):
+        """The per-key counts, in parts that each fit one datagram, with the keys each covers.
+
+        Sized by the JSON text itself: keys can be long and any UTF-8.  A key
+        sent and counted again goes back at the end of its dict, so keys a
+        cut-short report left behind tend to go first next time.
+        """
+        counts, keys, size = {}, [], 0
+        for key in dict.fromkeys([*self.forwarded_per_key, *self.rejected_per_key]):
+            name = key.decode("utf-8", "replace")
+            forwarded = self.forwarded_per_key.get(key, 0)
+            rejected = self.rejected_per_key.get(key, 0)
+            # '"name": [f, r], ' as json.dumps writes it (ASCII: non-ASCII is escaped)
+            entry_size = len(json.dumps(name)) + len("%d%d" % (forwarded, rejected)) + 8
+            if counts and size + entry_size > KEYS_PER_DATAGRAM_BYTES:
+                yield counts, keys
+                counts, keys, size = {}, [], 0
+            previous = counts.get(name, (0, 0))  # two keys that decode alike
+            counts[name] = [previous[0] + forwarded, previous[1] + rejected]
+            keys.append(key)
+            size += entry_size
+        if counts:
+            yield counts, keys
+
+    def _send(self, message):
+        """One datagram to the master; False if it was not sent."""
         try:
-            self.sock.send(data)
+            self.sock.send(json.dumps(message).encode())
         except (BlockingIOError, InterruptedError):
             return False  # the master is busy: the next report carries these too
         except OSError as e:
-            log.debug("stats report not sent: %s", e)
+            # Once a second for ever would flood the log; once says what broke.
+            level = logging.DEBUG if self._warned else logging.WARNING
+            self._warned = True
+            log.log(level, "stats report not sent (self-metrics wait for the next): %s", e)
             return False
-        self._reported = dict(counters)
-        if self.per_key:
-            self.forwarded_per_key.clear()
-            self.rejected_per_key.clear()
         return True
 
 
@@ -129,7 +174,8 @@ class StatsCollector:
                 if name in self.totals:
                     self.totals[name] += value
                     self.interval[name] += value
-            self.gauges[report.get("pid")] = report.get("gauges", {})
+            if "gauges" in report:  # a datagram of per-key counts carries none
+                self.gauges[report.get("pid")] = report["gauges"]
             for key, (forwarded, rejected) in report.get("keys", {}).items():
                 for table in (self.key_totals, self.key_interval):
                     counts = table.setdefault(key, [0, 0])

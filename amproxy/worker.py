@@ -4,6 +4,7 @@ One thread, one selector: the shared listening socket, the client
 connections, the Carbon connection and a wakeup pipe for signals.
 """
 
+import collections
 import errno
 import logging
 import os
@@ -17,9 +18,11 @@ from .balance import NOT_ACCEPTING
 from .buffer import SPOOL_PREFIX, Spool
 from .carbon import CarbonSender
 from .config import LIVE_OPTIONS
+from .deadletter import DeadLetters
 from .errors import AmproxyError
 from .logs import RejectionLog, reopen_log_files, set_level
-from .protocol import LINE_TOO_LONG, REJECTION_REASONS, carbon_payload, filter_lines
+from .protocol import (LINE_TOO_LONG, MALFORMED, REJECTION_REASONS, carbon_payload,
+                       filter_lines)
 from .stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,12 @@ WORKER_BOOT_ERROR = 3
 FALLBACK_ACCEPTS = 64
 # When the master dies there is no one to wait for: leave quickly.
 ORPHAN_STOP_SECONDS = 1.0
+# On a graceful stop, how long a client may take to finish a half-sent line.
+PARTIAL_LINE_GRACE = 1.0
+# On a graceful stop, the longest wait between attempts to reach Carbon.
+STOPPING_MAX_BACKOFF = 1.0
+# Out of file descriptors: stop accepting this long instead of spinning.
+ACCEPT_BACKOFF = 0.5
 
 
 class Heartbeat:
@@ -59,21 +68,23 @@ class Heartbeat:
 
 
 class Connection:
-    """One client connection and the partial line it has sent so far."""
+    """One client connection and the partial line it has sent so far.
 
-    __slots__ = ("sock", "remote", "partial", "last_active")
+    ``last_active`` is when it last sent a line that was accepted: a client
+    that sends nothing valid is idle, however much it sends.
+    """
 
-    def __init__(self, sock, remote, now):
+    __slots__ = ("sock", "remote", "source", "partial", "last_active")
+
+    def __init__(self, sock, address, now):
         self.sock = sock
-        self.remote = remote
+        if isinstance(address, tuple):
+            self.source = address[0]
+            self.remote = "%s:%d" % address[:2]
+        else:
+            self.source = self.remote = str(address) or "unix"
         self.partial = b""
         self.last_active = now
-
-
-def _remote_text(address):
-    if isinstance(address, tuple):
-        return "%s:%d" % address[:2]
-    return str(address) or "unix"
 
 
 class Worker:
@@ -97,7 +108,11 @@ class Worker:
         self.paused = False
         self._next_stats_report = 0.0
         self.connections = {}
+        self.connections_per_source = collections.Counter()
+        self.accept_paused_until = 0.0
         self.forwarded = 0
+        self.internal_errors = 0
+        self._internal_error_logged_at = None
         self.connections_opened = 0
         self.connections_refused = 0
         self.rejected = dict.fromkeys(REJECTION_REASONS, 0)
@@ -130,7 +145,7 @@ class Worker:
                           options.spool_max_bytes).open()
         self.sender = CarbonSender(options.carbon_addr, self.selector, self.clock,
                                    options.buffer_size, spool, options.replay_rate,
-                                   options.resend_window)
+                                   options.resend_window, DeadLetters(options.spool_dir))
         self.reject_log = RejectionLog(log, self.options.log_rejections, self.rejected)
         self.stats = WorkerStats(self.stats_channels, options.stats_per_key)
         self.selector.register(self.stats_channels.outbox_out, selectors.EVENT_READ,
@@ -227,6 +242,8 @@ class Worker:
             "connectionsRefused": self.connections_refused,
             "carbonReconnects": self.sender.reconnects,
             "droppedLines": self.sender.dropped_lines,
+            "deadLetters": self.sender.dead_letters.count,
+            "internalErrors": self.internal_errors,
             "authReloads": self.auth_file.reloads,
             "authReloadErrors": self.auth_file.reload_errors,
         })
@@ -273,25 +290,37 @@ class Worker:
             return False  # another worker took it
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log.error("cannot accept a connection: %s", e.strerror)
+                # The connection stays queued; retrying at once would only spin.
+                log.error("cannot accept a connection: %s; not accepting for %.1f s",
+                          e.strerror, ACCEPT_BACKOFF)
+                self.accept_paused_until = self.clock() + ACCEPT_BACKOFF
+                self._stop_accepting()
                 return False
             raise
-        if len(self.connections) >= self.options.max_connections:
+        conn = Connection(sock, address, self.clock())
+        if not self._has_slot_for(conn.source):
             self.connections_refused += 1
             sock.close()
             return True
         sock.setblocking(False)
-        conn = Connection(sock, _remote_text(address), self.clock())
         self.connections[sock.fileno()] = conn
+        self.connections_per_source[conn.source] += 1
         self.connections_opened += 1
         self.selector.register(sock, selectors.EVENT_READ,
                                lambda mask, conn=conn: self._on_readable(conn))
         return True
 
+    def _has_slot_for(self, source):
+        options = self.options
+        per_source = options.max_connections_per_source or max(1, options.max_connections // 2)
+        return (len(self.connections) < options.max_connections
+                and self.connections_per_source[source] < per_source)
+
     @property
     def accepting(self):
-        """Taking new clients: neither paused by back-pressure nor stopping."""
-        return not self.paused and self.stopping_since is None
+        """Taking new clients: not paused by back-pressure or by a lack of descriptors, not stopping."""
+        return (not self.paused and self.stopping_since is None
+                and self.clock() >= self.accept_paused_until)
 
     def _balance_accepting(self):
         """Watch the listening socket only while no running worker holds fewer clients."""
@@ -316,6 +345,9 @@ class Worker:
         if not self.paused:
             self.selector.unregister(conn.sock)
         del self.connections[conn.sock.fileno()]
+        self.connections_per_source[conn.source] -= 1
+        if not self.connections_per_source[conn.source]:
+            del self.connections_per_source[conn.source]
         conn.sock.close()
 
     def _set_paused(self, paused):
@@ -346,7 +378,6 @@ class Worker:
         except OSError:
             data = b""
         if data:
-            conn.last_active = self.clock()
             if conn.partial:
                 data = conn.partial + data
             end = data.rfind(b"\n") + 1
@@ -364,10 +395,15 @@ class Worker:
             conn.partial = b""
             self._close(conn)
         keys = self.auth_file.db.keys
-        accepted = filter_lines(lines, keys, int(time.time()), self.options.skew,
-                                self._rejecter(conn.remote, keys),
-                                self.stats.forwarded_per_key)
+        try:
+            accepted = filter_lines(lines, keys, int(time.time()), self.options.skew,
+                                    self._rejecter(conn.remote, keys),
+                                    self.stats.forwarded_per_key, self.options.allow_tags)
+        except Exception:  # a bug must cost this read's lines, not the worker
+            self._internal_error(conn, len(lines))
+            return
         if accepted:
+            conn.last_active = self.clock()
             self.forwarded += len(accepted)
             self.sender.enqueue(carbon_payload(accepted), len(accepted))
         if (self.stopping_since is not None and data and len(data) < RECV_SIZE
@@ -389,6 +425,14 @@ class Worker:
             if rejected_per_key is not None and public_key in keys:
                 rejected_per_key[public_key] = rejected_per_key.get(public_key, 0) + 1
         return reject
+
+    def _internal_error(self, conn, lines):
+        self.internal_errors += lines
+        now = self.clock()
+        if self._internal_error_logged_at is None or now - self._internal_error_logged_at >= 1:
+            self._internal_error_logged_at = now  # a traceback a second at most
+            log.exception("unexpected error while checking a client's lines; they are "
+                          "dropped", extra={"remote": conn.remote, "lines": lines})
 
     def _line_too_long(self, conn):
         self._rejecter(conn.remote, {})(LINE_TOO_LONG, None, None)
@@ -414,17 +458,23 @@ class Worker:
             self.alive = False
             return
         self.stop_deadline = self.options.graceful_timeout if seconds is None else seconds
+        # Keep trying Carbon until the deadline; spooling is the last resort.
+        self.sender.retry_within(STOPPING_MAX_BACKOFF)
         # Clients stay open until what they already sent has been read.
         self._check_stop_done(self.stopping_since)
 
     def _check_stop_done(self, now):
+        stopping_for = now - self.stopping_since
         for conn in list(self.connections.values()):
             if not conn.partial:
                 self._close_if_drained(conn)
-        deadline_passed = now - self.stopping_since >= self.stop_deadline
-        # What Carbon cannot take now waits in the spool for the next worker.
-        carbon_done = self.sender.memory_empty or not self.sender.connected
-        if deadline_passed or (not self.connections and carbon_done):
+            elif stopping_for >= PARTIAL_LINE_GRACE:
+                self._rejecter(conn.remote, {})(MALFORMED, None, None)
+                log.warning("closing client connection at stop: it did not finish its "
+                            "line", extra={"remote": conn.remote})
+                self._close(conn)
+        deadline_passed = stopping_for >= self.stop_deadline
+        if deadline_passed or (not self.connections and self.sender.memory_empty):
             self.alive = False
 
     def _close_if_drained(self, conn):
@@ -439,6 +489,19 @@ class Worker:
             self._on_readable(conn)  # reads the end of the stream and closes
         elif pending is None:
             self._close(conn)
+
+    def save_what_is_held(self):
+        """After a crash: keep the lines not yet sent for the next worker, if there is a spool."""
+        try:
+            lost = self.sender.save_to_spool()
+            if self.sender.spool is not None:
+                self.sender.spool.close()
+        except Exception:
+            log.exception("could not save the lines held by the crashed worker")
+            return
+        if lost:
+            log.error("crashed worker held lines that no spool can keep; they are lost",
+                      extra={"lines": lost})
 
     def _shutdown(self):
         for conn in list(self.connections.values()):

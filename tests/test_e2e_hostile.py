@@ -94,7 +94,9 @@ def test_idle_connections_are_closed(carbon, hostile_proxy):
 
 
 def test_connection_cap_refuses_new_but_serves_existing(carbon, hostile_proxy):
-    proxy = hostile_proxy("--max-connections", "5", workers=1)
+    # Every test client has the same source address: let it take every slot.
+    proxy = hostile_proxy("--max-connections", "5", "--max-connections-per-source", "5",
+                          workers=1)
     held = [proxy.connect() for _ in range(5)]
     # Each held connection is known to the worker once it has been served.
     now = int(time.time())

@@ -136,4 +136,4 @@ def test_running_server_picks_up_new_and_revoked_keys(carbon, auth_file, make_pr
     assert run("keys", "revoke", "frank", "--auth-file", str(auth_file)).returncode == 0
     proxy.wait_log(r"auth file reloaded", count=4)
     proxy.send(line_for(keys, "frank", "e2e.frank.temp", 8, ts + 1))
-    proxy.wait_log(r"reason=unknownKey.*public_key=frank")
+    proxy.wait_log(r"reason=unknownKey.*public_key=f\.\.\. public_key_length=5")

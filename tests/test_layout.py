@@ -4,7 +4,7 @@ import os
 
 import amproxy
 
-LAYERS = ["errors", "protocol", "patterns", "buffer", "logs", "auth", "config", "daemon",
+LAYERS = ["errors", "protocol", "patterns", "buffer", "deadletter", "logs", "auth", "config", "daemon",
           "balance", "stats", "carbon", "worker", "master", "client", "keytool", "cli", "__main__"]
 PACKAGE_DIR = os.path.dirname(amproxy.__file__)
 

@@ -1,8 +1,13 @@
 import io
 import json
 import logging
+import os
+import sys
 
-from amproxy.logs import JsonLineFormatter, LogfmtFormatter, RejectionLog
+import pytest
+
+from amproxy.logs import (MAX_FIELD_LENGTH, JsonLineFormatter, LogfmtFormatter, RejectionLog,
+                          ReopenableFileHandler)
 
 
 def record(msg, level=logging.INFO, **extra):
@@ -28,6 +33,36 @@ def test_logfmt_cuts_long_fields():
     assert len(line) < 400
 
 
+def crash_record(**extra):
+    """A record of a crash whose traceback is well over MAX_FIELD_LENGTH."""
+    def deep(n):
+        if n:
+            deep(n - 1)
+        raise ValueError("the last line of the traceback " + "x" * 300)
+    try:
+        deep(10)
+    except ValueError:
+        exc_info = sys.exc_info()
+    return logging.getLogger("t").makeRecord("t", logging.ERROR, __file__, 1, "worker crashed",
+                                             (), exc_info, extra=extra)
+
+
+def test_logfmt_keeps_the_whole_traceback_on_one_line():
+    line = LogfmtFormatter().format(crash_record(metric="m" * 5000))
+    assert "\n" not in line
+    assert "Traceback (most recent call last)" in line
+    assert "ValueError: the last line of the traceback " + "x" * 300 in line
+    assert "m" * MAX_FIELD_LENGTH + "..." in line and "m" * (MAX_FIELD_LENGTH + 1) not in line
+
+
+def test_json_keeps_the_whole_traceback():
+    fmt = JsonLineFormatter("%(message)s", rename_fields={"message": "msg"})
+    data = json.loads(fmt.format(crash_record(metric="m" * 5000)))
+    assert data["exc_info"].startswith("Traceback (most recent call last)")
+    assert data["exc_info"].endswith("ValueError: the last line of the traceback " + "x" * 300)
+    assert data["metric"] == "m" * MAX_FIELD_LENGTH + "..."
+
+
 def test_json_lines():
     fmt = JsonLineFormatter("%(message)s", rename_fields={"message": "msg"})
     data = json.loads(fmt.format(record("hello", public_key=b"k\xff", n=1)))
@@ -35,6 +70,44 @@ def test_json_lines():
     assert data["level"] == "info"
     assert data["public_key"] == "k\\xff"
     assert data["n"] == 1
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def file_mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_log_file_is_created_0640_and_again_on_reopen(tmp_path, umask_022):
+    path = tmp_path / "amproxy.log"
+    handler = ReopenableFileHandler(str(path))
+    try:
+        assert file_mode(path) == 0o640
+        os.rename(path, tmp_path / "amproxy.log.1")  # what logrotate does
+        handler.reopen()
+        assert file_mode(path) == 0o640
+        handler.emit(logging.makeLogRecord({"msg": "after reopen"}))
+        assert path.read_text() == "after reopen\n"
+    finally:
+        handler.close()
+
+
+def test_existing_log_file_keeps_its_mode_and_content(tmp_path, umask_022):
+    path = tmp_path / "amproxy.log"
+    path.write_text("old line\n")
+    os.chmod(path, 0o604)
+    handler = ReopenableFileHandler(str(path))
+    try:
+        handler.emit(logging.makeLogRecord({"msg": "new line"}))
+        assert file_mode(path) == 0o604
+        assert path.read_text() == "old line\nnew line\n"
+    finally:
+        handler.close()
 
 
 def make_logger():
@@ -81,3 +154,19 @@ def test_rejection_log_zero_logs_nothing_but_counts():
     rejections.flush()
     assert "line rejected" not in stream.getvalue()
     assert "suppressed=10" in stream.getvalue()
+
+
+def test_unknown_key_is_logged_as_a_short_prefix_and_its_length():
+    """A device that swapped its keys sends its secret as the public key."""
+    logger, stream = make_logger()
+    rejections = RejectionLog(logger, 3, {"unknownKey": 0, "badSignature": 0})
+    secret = b"Zm9vYmFyYmF6cXV4c2VjcmV0a2V5MTIzNDU2Nzg5MA=="
+    rejections.log("unknownKey", "1.2.3.4:5", secret, b"m")
+    rejections.log("unknownKey", "1.2.3.4:5", b"s3cr3t", b"m")
+    rejections.log("badSignature", "1.2.3.4:5", b"alpha", b"m")
+    lines = stream.getvalue().splitlines()
+    assert "Zm9vYmFy" not in lines[0]
+    assert " public_key=Zm9v... public_key_length=44 " in lines[0]
+    assert "s3cr" not in lines[1]
+    assert " public_key=s... public_key_length=6 " in lines[1]
+    assert " public_key=alpha " in lines[2] and "public_key_length" not in lines[2]

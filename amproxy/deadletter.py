@@ -1,0 +1,113 @@
+"""Lines that Carbon refuses by dropping the connection: find them, set them aside.
+
+carbon-cache has no way to refuse one line: a line it cannot decode, or one
+longer than its 16,384-byte limit, makes it drop the connection, and the lines
+after it in that read are lost.  The sender resends what Carbon may have lost,
+so such a line would break every new connection.  When a batch breaks the
+connection twice, :class:`PoisonSearch` sends it again in halves, one probe at
+a time, until one line alone breaks the connection; that line goes to
+:class:`DeadLetters` and everything else is delivered in order.
+"""
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_FILE = "dead-letters"
+# A file an operator reads, not a second spool: past this size lines are only counted.
+DEAD_LETTER_MAX_BYTES = 64 << 20
+
+
+class DeadLetters:
+    """Appends refused lines, as sent, to one file shared by the workers.
+
+    Each line is one ``write`` on an ``O_APPEND`` descriptor, so lines from
+    several workers never interleave.  Without a directory, lines are only
+    counted and logged.
+    """
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, DEAD_LETTER_FILE) if directory else None
+        self.count = 0
+
+    def add(self, line, carbon):
+        self.count += 1
+        where = "not kept (no --spool-dir)"
+        if self.path is not None:
+            try:
+                if os.path.getsize(self.path) < DEAD_LETTER_MAX_BYTES:
+                    where = self._append(line)
+                else:
+                    where = "not kept: %s is full" % self.path
+            except FileNotFoundError:
+                where = self._append(line)
+            except OSError as e:
+                where = "not kept: %s" % (e.strerror or e)
+        log.error("Carbon drops the connection on this line; set aside, the other lines "
+                  "are delivered", extra={"carbon": carbon, "line": line.rstrip(b"\n"),
+                                          "dead_letter": where})
+
+    def _append(self, line):
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                os.write(fd, line if line.endswith(b"\n") else line + b"\n")
+            finally:
+                os.close(fd)
+        except OSError as e:
+            return "not kept: cannot write %s: %s" % (self.path, e.strerror or e)
+        return self.path
+
+
+class PoisonSearch:
+    """Halves a list of suspect chunks until one line alone breaks the connection.
+
+    Suspects are ``(sent_at, data, line_count)`` chunks, oldest first.  The
+    culprit is known to lie within the first ``span`` of them.  Each probe is
+    the first half of that span: if the connection survives it, those chunks
+    were delivered; if it breaks, the culprit is among them.  A single chunk
+    of several lines is split into lines when the span comes down to it.
+    """
+
+    def __init__(self, suspects):
+        self.suspects = list(suspects)
+        self.span = len(self.suspects)
+        self.probe = 0  # suspects in the probe being written or awaited; 0: none
+        self.written_at = None
+
+    @property
+    def done(self):
+        return self.span == 0
+
+    @property
+    def lines(self):
+        return sum(count for _, _, count in self.suspects)
+
+    def next_probe(self):
+        """The next probe, as ``(data, line_count)``."""
+        if self.span == 1 and self.suspects[0][2] > 1:
+            sent_at, data, _ = self.suspects.pop(0)
+            lines = [(sent_at, line + b"\n", 1) for line in data.split(b"\n") if line]
+            self.suspects[0:0] = lines
+            self.span = len(lines)
+        self.probe = (self.span + 1) // 2
+        self.written_at = None
+        chunks = self.suspects[:self.probe]
+        return b"".join(data for _, data, _ in chunks), sum(c for _, _, c in chunks)
+
+    def passed(self):
+        """The probe went through: return its chunks, which are delivered."""
+        delivered = self.suspects[:self.probe]
+        del self.suspects[:self.probe]
+        self.span -= self.probe
+        self.probe = 0
+        return delivered
+
+    def failed(self):
+        """The probe broke the connection: return the culprit line if it is found, else None."""
+        if self.probe == 1 and self.suspects[0][2] == 1:
+            self.probe = self.span = 0
+            return self.suspects.pop(0)
+        self.span, self.probe = self.probe, 0
+        return None
