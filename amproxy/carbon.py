@@ -132,10 +132,15 @@ class CarbonSender:
 
     def flush(self):
         """Write what the socket takes now; connect first if it is time to."""
-        if not self.connected:
-            if self.sock is None and self.clock() >= self._next_attempt:
-                self._connect()
-            return
+        if self.connected:
+            self._write()
+        elif self.sock is None and self.clock() >= self._next_attempt:
+            self._connect()
+        if self.full:
+            self._spill()  # the spool may have room again
+            self.full = self.buffer.lines > self.buffer.max_lines * RESUME_FILL
+
+    def _write(self):
         now = self.clock()
         if not self._healthy and now - self._connected_at >= PROBATION:
             self._healthy = True
@@ -162,9 +167,6 @@ class CarbonSender:
             return
         waiting = self._current is not None
         self._watch(selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0))
-        if self.full:
-            self._spill()  # the spool may have room again
-            self.full = self.buffer.lines > self.buffer.max_lines * RESUME_FILL
 
     def _next_chunk(self):
         """Make sure ``_current`` holds the next chunk to write; False if none may go now."""
@@ -260,11 +262,12 @@ class CarbonSender:
             data, line_count = self._current
             self._resend.appendleft((self._current_sent_at or self.clock(), data, line_count))
         self._current = None
-        lines = self._recent_lines
-        self._resend.extendleft(reversed(self._recent))
+        horizon = self.clock() - self.resend_window
+        recent = [chunk for chunk in self._recent if chunk[0] >= horizon]
+        self._resend.extendleft(reversed(recent))
         self._recent.clear()
         self._recent_lines = 0
-        return lines
+        return sum(count for _, _, count in recent)
 
     def _after_break(self, quick):
         """A connection broke: a probe failed, or maybe a search must start."""
@@ -408,7 +411,7 @@ class CarbonSender:
 
     def _lost(self, why):
         """An established connection broke."""
-        quick = not self._healthy
+        quick = self.clock() - self._connected_at < PROBATION
         self.close()
         self.reconnects += 1
         resent = self._requeue_recent()

@@ -7,6 +7,7 @@ is parsed back and compared with what was intended before it replaces the
 file, atomically (temp file, fsync, rename), with the old file's mode and owner.
 """
 
+import logging
 import os
 import re
 import secrets
@@ -16,6 +17,9 @@ import yaml
 
 from .auth import load_auth_file, parse_auth_data, parse_auth_text
 from .errors import AuthFileError
+from .protocol import metric_problem
+
+log = logging.getLogger(__name__)
 
 SECRET_BYTES = 32
 _KEY_LINE = re.compile(r"( +)([^\s#:][^:]*):\s*$")
@@ -194,7 +198,17 @@ def describe(path):
 
 
 def check(path):
-    """Validate the file; return a one-line summary (raises AuthFileError)."""
+    """Validate the file; return a one-line summary (raises AuthFileError).
+
+    An exact metric name that every line would be refused for (see
+    protocol.metric_problem) is logged as a warning: the file still loads.
+    """
     db = load_auth_file(path)
+    for name, key in sorted(db.keys.items()):
+        for metric in key._metric_names:
+            problem = metric_problem(metric.encode("utf-8"))
+            if problem is not None:
+                log.warning("auth file %s: key %r: metric %r can never be written: %s",
+                            path, name.decode(), metric, problem)
     return "auth file %s is valid: %d keys, %d exact metric names, %d patterns" % (
         path, len(db), db.metric_count, db.pattern_count)

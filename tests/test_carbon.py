@@ -131,3 +131,67 @@ def test_a_buffer_too_small_for_the_resend_window_is_logged_once(carbon_listener
     assert caplog.text.count("--buffer-size cannot hold --resend-window") == 1
     conn.close()
     sender.close()
+
+
+def test_resent_lines_keep_their_first_send_time(carbon_listener):
+    """A line resent after a break must leave the window like any other, or it loops."""
+    sender, selector, clock, conn = connected_sender(
+        carbon_listener, buffer_lines=1000, resend_window=5.0)
+    first = chunk_of(0, 10)
+    send_now(sender, conn, first, 10)
+    conn.close()
+    pump(selector, lambda: not sender.connected)
+    clock.now += 3
+    sender.flush()
+    pump(selector, lambda: sender.connected)
+    again, _ = carbon_listener.accept()
+    assert read_exactly(again, len(first)) == first  # resent, 3 s after its first send
+    clock.now += 3  # 6 s after the first send: out of the window
+    again.close()
+    pump(selector, lambda: not sender.connected)
+    clock.now += 1
+    sender.flush()
+    pump(selector, lambda: sender.connected)
+    third, _ = carbon_listener.accept()
+    newest = chunk_of(10, 5)
+    send_now(sender, third, newest, 5)  # the next bytes are the new lines, not `first`
+    third.close()
+    sender.close()
+
+
+def test_reading_resumes_only_below_the_low_watermark(carbon_listener):
+    sender, selector, clock, conn = connected_sender(carbon_listener, buffer_lines=100)
+    conn.close()
+    pump(selector, lambda: not sender.connected)
+    for n in range(11):
+        sender.enqueue(chunk_of(n * 10, 10), 10)
+    assert sender.full
+    for _ in range(2):
+        sender.buffer.popleft()  # delivered: 90% full
+    sender.flush()
+    assert sender.full, "resumed at 90%: the next read would pause again"
+    sender.buffer.popleft()
+    sender.flush()
+    assert not sender.full  # 80%
+    sender.close()
+
+
+def test_a_connection_that_breaks_again_at_once_backs_off(carbon_listener):
+    """Reconnects after quick breaks wait longer each time, not 0.1 s for ever."""
+    sender, selector, clock, conn = connected_sender(carbon_listener, buffer_lines=100)
+    delays = []
+    for _ in range(4):
+        conn.close()
+        pump(selector, lambda: not sender.connected)
+        delays.append(sender.seconds_to_next_write(clock.now))
+        clock.now += delays[-1]
+        sender.flush()
+        pump(selector, lambda: sender.connected)
+        conn, _ = carbon_listener.accept()
+    assert delays == sorted(delays) and delays[-1] >= 4 * delays[0], delays
+    clock.now += 2  # a connection that stays up resets the backoff
+    sender.flush()
+    conn.close()
+    pump(selector, lambda: not sender.connected)
+    assert sender.seconds_to_next_write(clock.now) == pytest.approx(delays[0])
+    sender.close()

@@ -193,3 +193,71 @@ def test_world_readable_auth_file_warns(carbon, auth_file, make_proxy):
     os.chmod(auth_file, 0o600)
     quiet = make_proxy(carbon.address, auth_file)
     assert "can be read by every user" not in quiet.log()
+
+
+def test_idle_connections_cannot_lock_devices_out(carbon, hostile_proxy):
+    """Connections that send nothing valid lose their slot; one source never takes all."""
+    proxy = hostile_proxy("--max-connections", "4", "--idle-timeout", "2s", workers=1)
+    squatters = [proxy.connect() for _ in range(2)]  # half the slots: the per-source share
+    started = time.monotonic()
+    refused = proxy.connect()
+    refused.settimeout(5)
+    assert refused.recv(1) == b""  # over this source's share: closed at once
+    refused.close()
+    wait_for(lambda: counters(proxy)["connectionsRefused"] == 1, 5,
+             what="the connectionsRefused counter")
+    closed = []
+    while len(closed) < len(squatters) and time.monotonic() - started < 6:
+        for sock in squatters:
+            if sock in closed:
+                continue
+            try:
+                sock.sendall(b"x\n")  # garbage keeps no connection alive
+                sock.settimeout(0.2)
+                if sock.recv(1) == b"":
+                    closed.append(sock)
+            except socket.timeout:
+                pass
+            except OSError:
+                closed.append(sock)
+    elapsed = time.monotonic() - started
+    for sock in squatters:
+        sock.close()
+    assert len(closed) == len(squatters), "garbage kept a connection open past the timeout"
+    assert 1.5 < elapsed < 4.5, elapsed
+    assert_valid_client_served(carbon, proxy)
+    assert_workers_healthy(proxy)
+
+
+def test_out_of_descriptors_backs_off_and_survives_a_carbon_restart(own_carbon, auth_file,
+                                                                     make_proxy, tmp_path):
+    own_carbon.start()
+    stats_socket = str(tmp_path / "stats.sock")
+    proxy = make_proxy(own_carbon.address, auth_file, workers=1, start=False,
+                       args=["--stats-socket", stats_socket])
+    proxy.stats_socket = stats_socket
+    proxy.args = ["prlimit", "--nofile=48:48", "--"] + proxy.args
+    proxy.start()
+    worker = proxy.workers()
+    clients = []
+    try:
+        for _ in range(60):
+            clients.append(proxy.connect())
+        wait_for(lambda: "cannot accept a connection" in proxy.log(), 10,
+                 what="the worker to run out of descriptors")
+        before = proxy.log().count("cannot accept a connection")
+        # Two seconds out of descriptors: about one line per ACCEPT_BACKOFF, not
+        # one per attempt (the old loop logged 45,000 a second).
+        with pytest.raises(TimeoutError):
+            wait_for(lambda: proxy.log().count("cannot accept a connection") - before > 8,
+                     2.0, interval=0.1)
+        print("'cannot accept' logged %d times in 2 s" % (
+            proxy.log().count("cannot accept a connection") - before))
+        own_carbon.stop()
+        own_carbon.start()
+        assert proxy.workers() == worker and "worker crashed" not in proxy.log()
+    finally:
+        for sock in clients:
+            sock.close()
+    assert_valid_client_served(own_carbon, proxy)
+    assert proxy.workers() == worker and "worker crashed" not in proxy.log()

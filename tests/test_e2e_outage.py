@@ -7,6 +7,7 @@ import time
 import pytest
 
 from conftest import line_for, pid_alive, wait_for, write_auth
+from test_e2e_hostile import counters
 
 METRICS = ["outage.m%02d" % i for i in range(20)]
 KEYS = {"dev": ("dev-secret", METRICS)}
@@ -115,7 +116,8 @@ def test_long_outage_overflows_into_the_spool(own_carbon, outage_auth, make_prox
 def test_sigterm_while_carbon_is_down_then_restart_delivers_everything(
         own_carbon, outage_auth, make_proxy, tmp_path):
     spool = tmp_path / "spool"
-    args = ["--skew", "2h", "--spool-dir", str(spool)]
+    # A stop tries Carbon until --graceful-timeout before it spools: keep it short.
+    args = ["--skew", "2h", "--spool-dir", str(spool), "--graceful-timeout", "2s"]
     first = make_proxy(own_carbon.address, outage_auth, args=args)  # Carbon is not running
     start = int(time.time()) - 3000
     points = make_points(10000, start)
@@ -191,3 +193,50 @@ def test_hung_worker_is_killed_and_replaced(carbon, outage_auth, make_proxy):
     wait_for(lambda: hung not in proxy.workers() and len(proxy.workers()) == 2, 6,
              what="the hung worker to be replaced")
     assert "worker hung" in proxy.log()
+
+
+def test_a_stop_without_a_spool_waits_for_carbon_to_come_back(own_carbon, outage_auth,
+                                                               make_proxy, tmp_path):
+    """No spool: what the workers hold must reach Carbon if it returns within the timeout."""
+    stats = str(tmp_path / "stats.sock")
+    proxy = make_proxy(own_carbon.address, outage_auth,  # Carbon is not running
+                       args=["--skew", "2h", "--stats-socket", stats])
+    proxy.stats_socket = stats
+    start = int(time.time()) - 3000
+    points = make_points(400, start)
+    with proxy.connect() as sock:
+        sock.sendall(b"".join(line_for(KEYS, "dev", m, v, ts) for m, ts, v in points))
+        wait_for(lambda: counters(proxy)["linesForwarded"] == 400, 10,
+                 what="the lines to be accepted")
+    proxy.signal(signal.SIGTERM)
+    time.sleep(1.0)  # the scenario: Carbon comes back a second after the stop began
+    own_carbon.start()
+    assert proxy.wait_exit(40) == 0
+    wait_all_stored(own_carbon, points, start)
+    assert "they are lost" not in proxy.log()
+
+
+def test_idle_clients_and_a_half_line_do_not_hold_up_a_stop(carbon, outage_auth, make_proxy,
+                                                            tmp_path):
+    stats = str(tmp_path / "stats.sock")
+    proxy = make_proxy(carbon.address, outage_auth, args=["--skew", "2h",
+                                                          "--stats-socket", stats])
+    proxy.stats_socket = stats
+    start = int(time.time()) - 3000
+    points = make_points(200, start)
+    idle = [proxy.connect() for _ in range(5)]
+    half = proxy.connect()
+    half.sendall(b"".join(line_for(KEYS, "dev", m, v, ts) for m, ts, v in points) +
+                 b"outage.m00 1 ")
+    wait_for(lambda: counters(proxy)["linesForwarded"] == 200, 10,
+             what="the complete lines to be read")
+    stopped = time.monotonic()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait_exit(10) == 0
+    elapsed = time.monotonic() - stopped
+    print("stopped %.2f s after TERM with 5 idle clients and a half line" % elapsed)
+    assert elapsed < 3.0
+    for sock in idle + [half]:
+        sock.close()
+    wait_all_stored(carbon, points, start)
+    assert "did not finish its line" in proxy.log()

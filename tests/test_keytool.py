@@ -114,6 +114,19 @@ def test_cli_keys_new_list_revoke_and_check(auth):
     assert "alice-secret" not in check.stdout + check.stderr
 
 
+def test_cli_check_warns_about_names_no_line_can_pass(tmp_path):
+    path = tmp_path / "names.yaml"
+    path.write_text("apikeys:\n  k:\n    secret_key: s\n    metrics:\n"
+                    "      - good.name\n      - bad..name\n      - bad/name\n"
+                    "      - tagged;a=b\n      - pat.*\n")
+    result = run("auth-file", "check", str(path))
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "can never be written" in line]
+    assert len(warned) == 3, result.stderr
+    for name in ("bad..name", "bad/name", "tagged;a=b"):
+        assert any(name in line for line in warned), (name, warned)
+
+
 def test_cli_check_fails_on_a_bad_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("apikeys:\n  k:\n    metrics: [a]\n")

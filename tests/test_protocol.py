@@ -176,3 +176,47 @@ def test_skew_with_leading_zeros_and_other_lengths():
     for ts, ok in ((edge - 300, True), (edge + 300, True), (edge - 301, False)):
         raw = signed_line("sekrit", "a.b", 1, ts, "pub").rstrip(b"\n")
         assert (check_line(raw, keys, edge, 300) is None) is ok
+
+
+def _pattern_keys(*patterns, exact=()):
+    from amproxy.patterns import compile_patterns
+    return {b"pk": AuthKey("pk", "s3cret", list(exact), tuple(patterns),
+                           compile_patterns(patterns) if patterns else None)}
+
+
+@pytest.mark.parametrize("metric, allow_tags, reason", [
+    ("home.bob.temp", False, None),
+    ("home.bob/kitchen/x.temp", False, "badMetric"),   # "/" is a directory to carbon
+    ("home..temp", False, "badMetric"),                # "*" must not match an empty node
+    ("home.~x.temp", False, None),                     # "~" only matters leading the name
+    ("home.bob;x=y.temp", False, "badMetric"),         # tags need --allow-tags
+    ("home.bob;x=y.temp", True, "metricNotAllowed"),   # then the name is home.bob
+    ("home.bob.temp;x=y", True, None),
+    ("home.bob.temp;x=~y", True, "badMetric"),         # carbon refuses the tag
+    ("home.b\u00e9b.temp", False, None),               # UTF-8 is fine
+    ("home.b\u00a0b.temp", False, "badMetric"),        # carbon splits on U+00A0
+    ("home.%s.temp" % ("n" * 256), False, "badMetric"),
+    ("home.*.temp", False, "badMetric"),               # a glob stored literally
+])
+def test_metric_names_are_checked_before_the_allow_list(metric, allow_tags, reason):
+    keys = _pattern_keys("home.*.temp")
+    line = signed_line("s3cret", metric, 1, NOW, "pk").rstrip(b"\n")
+    assert check_line(line, keys, NOW, 300, allow_tags=allow_tags) == reason
+
+
+def test_an_exact_name_no_line_can_pass_is_not_a_way_around_the_rules():
+    keys = _pattern_keys(exact=["good.name", "bad..name"])
+    for metric, reason in (("good.name", None), ("bad..name", "badMetric")):
+        line = signed_line("s3cret", metric, 1, NOW, "pk").rstrip(b"\n")
+        assert check_line(line, keys, NOW, 300) == reason
+
+
+def test_absurd_numbers_are_refused_without_raising():
+    keys = _pattern_keys(exact=["m"])
+    def check(value, timestamp):
+        text = b"m %s %s pk" % (value, timestamp)
+        return check_line(text + b" " + sign("s3cret", text).encode(), keys, NOW, 300)
+    assert check(b"1", b"0" * 4400 + b"%d" % NOW) == "malformed"  # int() would raise
+    assert check(b"1", b"000%d" % NOW) is None
+    assert check(b"9" * 5000, b"%d" % NOW) == "badValue"  # carbon would store inf
+    assert check(b"9" * 40, b"%d" % NOW) is None

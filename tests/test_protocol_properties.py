@@ -3,11 +3,13 @@ import base64
 import hashlib
 import hmac
 import math
+import unicodedata
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from amproxy.auth import AuthKey
+from amproxy.patterns import compile_patterns
 from amproxy.protocol import filter_lines
 
 NOW = 1764201600
@@ -101,3 +103,48 @@ def test_the_generator_reaches_accepted_lines():
             seen.append(bool(run([line])[0]))
     collect()
     assert any(seen) and not all(seen)
+
+
+# Metric names: a key allowed "p.**" signs arbitrary bytes after "p.".  Carbon
+# (its own parser as the oracle) must store such a line as exactly that series.
+PATTERN_KEY = AuthKey("pk", b"pattern-secret", [], ("p.**",), compile_patterns(["p.**"]))
+NAME_BYTES = [b"a", b"0", b"-", b".", b"/", b";", b"=", b"*", b"?", b"[", b"{", b"}", b"~",
+              b"\t", b"\x00", b"\x7f", b"\xff", b"\xc3", b"\xc3\xa9", b"\xc2\x85", b"\xc2\xa0",
+              b"\xe2\x80\xa8", b"\xe2\x80\x8b", b"\x1c", b"\\", b"%", b"x" * 120]
+
+
+def carbon_stores_as_named(metric):
+    """Independent of amproxy: does carbon-cache 1.1.10 store this line's metric under that name?"""
+    from carbon.util import TaggedSeries
+    try:
+        text = metric.decode("utf-8")
+    except UnicodeDecodeError:
+        return False  # carbon's lineReceived raises: the connection is dropped
+    if text.split() != [text] or "\x00" in text:
+        return False  # split apart (or cut by the C file API)
+    try:
+        if TaggedSeries.parse(text).path != text:
+            return False  # tags, or a stripped "~"
+    except Exception:
+        return False
+    nodes = text.split(".")
+    return (";" not in text and "/" not in text and all(nodes)
+            and not any(c in text for c in "*?[]{}")
+            and all(len(n.encode()) <= 255 for n in nodes) and len(nodes[-1].encode()) <= 251
+            and len(metric) <= 4000
+            and not any(unicodedata.category(c) in ("Cc", "Cf") for c in text))
+
+
+@settings(max_examples=1500)
+@given(st.lists(st.sampled_from(NAME_BYTES), min_size=1, max_size=8))
+def test_a_pattern_key_forwards_only_names_carbon_stores_as_named(parts):
+    metric = b"p." + b"".join(parts)
+    text = b"%s 1 %d pk" % (metric, NOW)
+    line = text + b" " + base64.b64encode(hmac.new(b"pattern-secret", text,
+                                                   hashlib.sha256).digest())
+    if b"\n" in line or b"\r" in line:
+        return
+    rejected = []
+    accepted = filter_lines([line], {b"pk": PATTERN_KEY}, NOW, SKEW,
+                            lambda *r: rejected.append(r))
+    assert bool(accepted) == carbon_stores_as_named(metric), (metric, rejected)
