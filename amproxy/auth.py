@@ -25,6 +25,11 @@ _YAML_LOADER = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
 _WHITESPACE = re.compile(r"\s")
 
 
+# Per key: enough for every series of a busy device, bounded against one that
+# makes up a new name for every line.
+MAX_REMEMBERED_MATCHES = 10000
+
+
 def _never(metric):
     return False
 
@@ -39,7 +44,7 @@ class AuthKey(Signer):
     cost little memory.
     """
 
-    __slots__ = ("name", "metrics", "allows_pattern", "patterns", "_secret",
+    __slots__ = ("name", "metrics", "allows_pattern", "patterns", "matched", "_secret",
                  "_metric_names")
 
     def __init__(self, name, secret, metric_names, patterns=(), matcher=None):
@@ -53,6 +58,8 @@ class AuthKey(Signer):
         # Only called for a slot not yet set: build it now.
         if attribute in ("inner", "outer"):
             Signer.__init__(self, self._secret)
+        elif attribute == "matched":
+            self.matched = set()
         elif attribute == "metrics":
             # A name that no line could pass (see protocol.metric_problem) is
             # left out, so that the exact lookup alone proves a name valid.
@@ -65,6 +72,18 @@ class AuthKey(Signer):
 
     def allows(self, metric):
         return metric in self.metrics or self.allows_pattern(metric)
+
+    def remember_match(self, metric):
+        """Remember a metric that passed the name checks and a pattern.
+
+        Devices send the same names again and again: the next line with this
+        one costs a set lookup instead of the checks and the pattern.  Tagged
+        names are not kept, since --allow-tags can be turned off live.
+        """
+        if len(self.matched) >= MAX_REMEMBERED_MATCHES:
+            self.matched.clear()
+        if b";" not in metric:
+            self.matched.add(metric)
 
 
 class AuthDB:

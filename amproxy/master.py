@@ -229,10 +229,14 @@ class Master:
             watched.append(self.stats_listener)
         if self.options.stats_interval and self._next_stats is not None:
             timeout = max(0.0, min(timeout, self._next_stats - time.monotonic()))
+        # Self-metrics the workers had no room for go as soon as there is.
+        outbox = [self.stats_channels.outbox_in] if self.stats.pending else []
         try:
-            ready = select.select(watched, [], [], timeout)[0]
+            ready, writable, _ = select.select(watched, outbox, [], timeout)
         except InterruptedError:
             return
+        if writable:
+            self.stats.send_pending()
         if self.stats_channels.reports_in in ready:
             self.stats.drain()
         if self.stats_listener is not None and self.stats_listener in ready:

@@ -178,7 +178,8 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
     """Check lines (bytes, without line ending); return the Carbon lines of those that pass.
 
     ``keys`` maps a public key (bytes) to a :class:`Signer` that also has
-    ``metrics`` (a set of bytes) and ``allows_pattern(metric)``.  For each line
+    ``metrics`` (a set of bytes), ``allows_pattern(metric)``, and ``matched``
+    and ``remember_match(metric)`` for names a pattern has already allowed.  For each line
     that fails, ``reject(reason, public_key, metric)`` is called; the fields
     are None when the line could not be split.  The checks run in the
     original's order (shape, key, signature, skew, metric) and then the value;
@@ -241,7 +242,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
         if not in_window:
             reject(SKEW, public_key, metric)
             continue
-        if metric not in key.metrics:
+        if metric not in key.metrics and metric not in key.matched:
             if metric_problem(metric, allow_tags) is not None:
                 reject(BAD_METRIC, public_key, metric)
                 continue
@@ -249,6 +250,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
             if name not in key.metrics and not key.allows_pattern(name):
                 reject(METRIC_NOT_ALLOWED, public_key, metric)
                 continue
+            key.remember_match(metric)
         if not value.isdigit() or len(value) > _EXACT_DIGITS:
             try:
                 # From bytes: ASCII only.  Overlong digit strings become inf.

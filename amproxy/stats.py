@@ -55,21 +55,21 @@ class StatsChannels:
         self.outbox_in, self.outbox_out = _datagram_pair()    # master -> a worker
 
 
-def send_chunks(sock, lines):
-    """Send whole lines in datagrams of at most MAX_DATAGRAM bytes; False if it would block."""
+def datagrams(lines):
+    """Whole lines (bytes) joined into datagrams of at most MAX_DATAGRAM bytes."""
     chunk, size = [], 0
-    try:
-        for line in lines:
-            if size + len(line) > MAX_DATAGRAM and chunk:
-                sock.send(b"".join(chunk))
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        if chunk:
-            sock.send(b"".join(chunk))
-    except (BlockingIOError, InterruptedError):
-        return False
-    return True
+    for line in lines:
+        if size + len(line) > MAX_DATAGRAM and chunk:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield b"".join(chunk)
+
+
+# Intervals of self-metrics the master keeps while no worker takes them.
+MAX_PENDING_DATAGRAMS = 1000
 
 
 class WorkerStats:
@@ -158,6 +158,7 @@ class StatsCollector:
         self.gauges = {}  # worker pid -> its latest gauges
         self.key_totals = {}
         self.key_interval = {}
+        self.pending = []  # datagrams of lines for Carbon that no worker took yet
 
     def drain(self):
         """Take every report that is waiting."""
@@ -216,7 +217,19 @@ class StatsCollector:
                 node = "%s.keys.%s" % (self.prefix, metric_node(key))
                 lines.append("%s.linesForwarded %d %d\n" % (node, forwarded, timestamp))
                 lines.append("%s.rejected %d %d\n" % (node, rejected, timestamp))
-        if not send_chunks(self.channels.outbox_in, [line.encode() for line in lines]):
-            log.warning("self-metrics for this interval not sent: no worker took them")
+        self.pending.extend(datagrams([line.encode() for line in lines]))
+        if len(self.pending) > MAX_PENDING_DATAGRAMS:
+            del self.pending[:len(self.pending) - MAX_PENDING_DATAGRAMS]
+            log.warning("self-metrics dropped: no worker has taken them for a long time")
+        self.send_pending()
         self.interval = dict.fromkeys(COUNTERS, 0)
         self.key_interval = {}
+
+    def send_pending(self):
+        """Hand what the workers have room for to them; the rest waits (``pending``)."""
+        while self.pending:
+            try:
+                self.channels.outbox_in.send(self.pending[0])
+            except (BlockingIOError, InterruptedError):
+                return
+            self.pending.pop(0)

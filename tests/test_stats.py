@@ -193,3 +193,23 @@ def test_the_new_counters_are_reported_and_may_be_missing():
     assert worker.report(dict.fromkeys(COUNTERS, 3), GAUGE_VALUES) is True
     collector.drain()
     assert collector.totals == dict(dict.fromkeys(COUNTERS, 3))
+
+
+def test_an_interval_of_many_keys_waits_for_room_instead_of_being_dropped(pipeline, caplog):
+    """The master's lines for Carbon outgrow the channel: the rest goes when there is room."""
+    channels, _, collector = pipeline
+    collector.key_interval = {"key-%05d" % n: [n, 1] for n in range(10000)}
+    collector.flush(workers=[], timestamp=1700000000)
+    assert collector.pending, "the channel took 20,000 lines at once: the test proves nothing"
+    received = []
+    for _ in range(1000):  # a worker reading while the master's loop sends the rest
+        try:
+            received.append(channels.outbox_out.recv(1 << 20))
+        except BlockingIOError:
+            if not collector.pending:
+                break
+            collector.send_pending()
+    lines = b"".join(received).splitlines()
+    assert len(lines) == len(COUNTERS) + len(GAUGES) + 1 + 2 * 10000
+    assert b"p.keys.key-09999.linesForwarded 9999 1700000000" in lines
+    assert "not sent" not in caplog.text and "dropped" not in caplog.text
