@@ -9,8 +9,9 @@ from . import __version__
 from . import keytool
 from .auth import warn_if_world_readable
 from .client import Client, format_address, run_test_client
-from .config import (AUTH_FILE, KEY_PRIVATE, KEY_PUBLIC, SERVER_ADDR, TEST_CLIENT_OPTIONS,
-                     build_parser, parse_server_args, stats_socket_path)
+from .config import (AUTH_FILE, KEY_PRIVATE, KEY_PUBLIC, PIDFILE, SERVER_ADDR, STATS_SOCKET,
+                     TEST_CLIENT_OPTIONS, build_parser, config_parser, parse_server_args,
+                     stats_socket_path)
 from .errors import AmproxyError
 from .logs import setup_logging
 from .master import Master
@@ -92,8 +93,9 @@ def cmd_client_test_client(argv):
     return 0
 
 
-def _keys_parser(prog, description):
-    return build_parser(prog, description, [AUTH_FILE])
+def _keys_parser(prog, description, argv):
+    """The auth file comes from the flag, AUTH_FILE or the config file, as for the server."""
+    return config_parser(prog, description, [AUTH_FILE], argv)
 
 
 LAYOUT_LOST = ("note: %s did not have the usual layout, so it was rewritten from its "
@@ -101,7 +103,7 @@ LAYOUT_LOST = ("note: %s did not have the usual layout, so it was rewritten from
 
 
 def cmd_keys_new(argv):
-    parser = _keys_parser("amproxy keys new", "Add a key with a new random secret.")
+    parser = _keys_parser("amproxy keys new", "Add a key with a new random secret.", argv)
     parser.add_argument("public_key")
     parser.add_argument("--metric", action="append", required=True, metavar="PATTERN",
                         help="a metric name or Graphite pattern the key may write "
@@ -117,15 +119,15 @@ def cmd_keys_new(argv):
 
 
 def cmd_keys_list(argv):
-    args = _keys_parser("amproxy keys list", "Show keys and what they may write.").parse_args(
-        argv)
+    args = _keys_parser("amproxy keys list", "Show keys and what they may write.",
+                        argv).parse_args(argv)
     for line in keytool.describe(args.auth_file):
         print(line)
     return 0
 
 
 def cmd_keys_revoke(argv):
-    parser = _keys_parser("amproxy keys revoke", "Remove a key from the auth file.")
+    parser = _keys_parser("amproxy keys revoke", "Remove a key from the auth file.", argv)
     parser.add_argument("public_key")
     args = parser.parse_args(argv)
     if not keytool.revoke_key(args.auth_file, args.public_key):
@@ -135,17 +137,20 @@ def cmd_keys_revoke(argv):
 
 
 def cmd_auth_file_check(argv):
-    parser = build_parser("amproxy auth-file check", "Validate an auth file.", [])
-    parser.add_argument("file", nargs="?", default=AUTH_FILE.default)
+    parser = _keys_parser("amproxy auth-file check", "Validate an auth file.", argv)
+    parser.add_argument("file", nargs="?", help="the file to check (default: the server's "
+                        "auth file, from --auth-file, AUTH_FILE or the config file)")
     args = parser.parse_args(argv)
+    path = args.file or args.auth_file
     setup_logging()
-    print(keytool.check(args.file))
-    warn_if_world_readable(args.file)
+    print(keytool.check(path))
+    warn_if_world_readable(path)
     return 0
 
 
 def cmd_stats(argv):
-    options = parse_server_args(argv)
+    options = config_parser("amproxy stats", "Print a running server's totals since it "
+                            "started, as JSON.", [STATS_SOCKET, PIDFILE], argv).parse_args(argv)
     path = stats_socket_path(options)
     if not path:
         raise AmproxyError("no stats socket: pass --stats-socket or --pidfile (or set them "
@@ -216,9 +221,40 @@ def main(argv=None):
                 return 1
             except KeyboardInterrupt:
                 return 130
-    print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
-          end="")
-    return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return _usage(argv)
+
+
+def _usage(argv):
+    """Help for ``amproxy``, or for a group of commands (``amproxy keys --help``)."""
+    asked = any(arg in ("-h", "--help") for arg in argv[:2])
+    words = [arg for arg in argv[:2] if not arg.startswith("-")]
+    groups = {words[0] for words in COMMANDS}
+    if words and words[0] in groups:
+        usage = "usage: amproxy %s COMMAND [options]\n\ncommands:\n" % words[0] + "".join(
+            line + "\n" for line in _command_lines(words[0]))
+        if not asked and len(words) > 1:
+            print("amproxy: unknown command '%s %s'; see 'amproxy %s --help'" % (
+                words[0], words[1], words[0]), file=sys.stderr)
+            return 2
+    elif words and not asked:
+        print("amproxy: unknown command '%s'; see 'amproxy --help'" % words[0],
+              file=sys.stderr)
+        return 2
+    else:
+        usage = USAGE
+    print(usage, file=sys.stdout if asked else sys.stderr, end="")
+    return 0 if asked else 2
+
+
+def _command_lines(group):
+    """The lines of USAGE about one group's commands (with their continuation lines)."""
+    lines, taking = [], False
+    for line in USAGE.splitlines():
+        if line.startswith("  ") and not line.startswith("   "):
+            taking = line.split()[0] == group
+        if taking:
+            lines.append(line)
+    return lines
 
 
 if __name__ == "__main__":

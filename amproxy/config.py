@@ -2,7 +2,9 @@
 
 The config file uses configargparse's ``key = value`` syntax, with the long
 flag name as the key (``auth-file = /etc/amproxy/auth_file.yaml``).
-Precedence: command line > environment > config file > default.
+Precedence: command line > environment > config file > default.  The config
+file is ``--config`` (or ``AMPROXY_CONFIG``) if given, else
+``/etc/amproxy/amproxy.conf`` if it exists: never both.
 """
 
 import os
@@ -92,7 +94,7 @@ size = _named(parse_size, "size")
 class Option:
     """One option: everything about it, in one place."""
 
-    def __init__(self, flag, default, help, env=None, type=str, choices=None,
+    def __init__(self, flag, default, help, env=None, type=str, choices=None, live=False,
                  **extra):
         self.flag = flag
         self.default = default
@@ -100,7 +102,12 @@ class Option:
         self.env = env
         self.type = type
         self.choices = choices
+        self.live = live  # SIGHUP applies a new value to a running server
         self.extra = extra
+
+    @property
+    def dest(self):
+        return self.flag[2:].replace("-", "_")
 
     def add_to(self, parser):
         kwargs = dict(self.extra)
@@ -113,13 +120,22 @@ class Option:
             if self.choices:
                 kwargs["choices"] = self.choices
         help_text = self.help
-        if self.default not in (None, False):
+        if self.default not in (None, False, "") and "default:" not in self.help:
             help_text += " (default: %(default)s)"
+        if self.live:
+            help_text += "; SIGHUP applies a change"
+        if self.env:
+            help_text += " [env: %s]" % self.env
         parser.add_argument(self.flag, default=self.default, help=help_text, **kwargs)
 
 
 AUTH_FILE = Option("--auth-file", "/etc/amproxy/auth_file.yaml", "the YAML file of keys",
                    env="AUTH_FILE")
+STATS_SOCKET = Option("--stats-socket", "",
+                      "a Unix socket where 'amproxy stats' reads the current totals "
+                      "(default: beside the pidfile, if there is one)",
+                      env="AMPROXY_STATS_SOCKET")
+PIDFILE = Option("--pidfile", "", "write the master's pid here", env="AMPROXY_PIDFILE")
 
 SERVER_OPTIONS = [
     # The original's options: same flags, variables and defaults.
@@ -129,33 +145,34 @@ SERVER_OPTIONS = [
     Option("--carbon-addr", "127.0.0.1:2003", "Carbon's plaintext receiver",
            env="CARBON_ADDR", type=address),
     Option("--skew", "5m0s", "how far a line's timestamp may be from now, either way",
-           env="MAX_SKEW", type=duration),
+           env="MAX_SKEW", type=duration, live=True),
     Option("--log-format", "logfmt", "the format of log lines", env="AMPROXY_LOG_FORMAT",
            choices=LOG_FORMATS),
     Option("--log-level", "info", "the lowest level logged", env="AMPROXY_LOG_LEVEL",
-           choices=LOG_LEVELS),
+           choices=LOG_LEVELS, live=True),
     # New in this implementation.
     Option("--workers", os.cpu_count() or 1, "how many worker processes to run",
-           env="WORKERS", type=positive_int),
+           env="WORKERS", type=positive_int, live=True),
     Option("--auth-reload-interval", "1s",
            "how often workers check whether the auth file changed",
-           env="AMPROXY_AUTH_RELOAD_INTERVAL", type=duration),
+           env="AMPROXY_AUTH_RELOAD_INTERVAL", type=duration, live=True),
     Option("--max-line-length", 16384,
            "the longest line accepted, in bytes; a client sending a longer one is "
-           "disconnected", env="AMPROXY_MAX_LINE_LENGTH", type=positive_int),
-    Option("--idle-timeout", "120s", "close a client connection idle this long",
-           env="AMPROXY_IDLE_TIMEOUT", type=duration),
+           "disconnected", env="AMPROXY_MAX_LINE_LENGTH", type=positive_int, live=True),
+    Option("--idle-timeout", "120s",
+           "close a client connection that has sent no accepted line this long",
+           env="AMPROXY_IDLE_TIMEOUT", type=duration, live=True),
     Option("--max-connections", 1024,
            "client connections per worker; beyond that new connections are closed at once",
-           env="AMPROXY_MAX_CONNECTIONS", type=positive_int),
+           env="AMPROXY_MAX_CONNECTIONS", type=positive_int, live=True),
     Option("--max-connections-per-source", 0,
            "client connections per worker from one source address; 0: half of "
            "--max-connections, so that one address cannot take every slot while a "
            "fleet behind one NAT still fits", env="AMPROXY_MAX_CONNECTIONS_PER_SOURCE",
-           type=non_negative_int),
+           type=non_negative_int, live=True),
     Option("--allow-tags", False,
            "forward tagged series (name;tag=value;...); the key's metrics apply to "
-           "the name", env="AMPROXY_ALLOW_TAGS", type=bool),
+           "the name", env="AMPROXY_ALLOW_TAGS", type=bool, live=True),
     Option("--buffer-size", 200000,
            "lines each worker holds in memory while Carbon is unreachable",
            env="AMPROXY_BUFFER_SIZE", type=positive_int),
@@ -167,37 +184,35 @@ SERVER_OPTIONS = [
            env="AMPROXY_SPOOL_MAX_BYTES", type=size),
     Option("--replay-rate", 0,
            "lines per second to send while catching up after an outage; 0: no limit",
-           env="AMPROXY_REPLAY_RATE", type=non_negative_int),
+           env="AMPROXY_REPLAY_RATE", type=non_negative_int, live=True),
     Option("--resend-window", "5s",
            "after the connection to Carbon breaks, send again the lines sent this "
            "long before it, which Carbon may have lost", env="AMPROXY_RESEND_WINDOW",
-           type=duration),
+           type=duration, live=True),
     Option("--graceful-timeout", "30s",
            "on TERM, how long workers may finish reading clients and flushing to Carbon",
-           env="AMPROXY_GRACEFUL_TIMEOUT", type=duration),
+           env="AMPROXY_GRACEFUL_TIMEOUT", type=duration, live=True),
     Option("--worker-timeout", "30s",
            "kill and replace a worker that shows no sign of life for this long",
-           env="AMPROXY_WORKER_TIMEOUT", type=duration),
+           env="AMPROXY_WORKER_TIMEOUT", type=duration, live=True),
     Option("--log-rejections", 10,
            "log at most this many rejected lines per reason per second; 0 logs none",
-           env="AMPROXY_LOG_REJECTIONS", type=non_negative_int),
+           env="AMPROXY_LOG_REJECTIONS", type=non_negative_int, live=True),
     # Self-metrics.
     Option("--stats-interval", "60s",
            "send amproxy's own counters to Carbon this often; 0 turns it off",
-           env="AMPROXY_STATS_INTERVAL", type=duration),
+           env="AMPROXY_STATS_INTERVAL", type=duration, live=True),
     Option("--stats-prefix", "",
            "the metric prefix of the counters (default: amproxy.<host name with dots as _>)",
            env="AMPROXY_STATS_PREFIX"),
     Option("--stats-per-key", False,
            "also count forwarded and rejected lines per public key",
            env="AMPROXY_STATS_PER_KEY", type=bool),
-    Option("--stats-socket", "",
-           "a Unix socket where 'amproxy stats' reads the current totals (default: "
-           "beside the pidfile, if there is one)", env="AMPROXY_STATS_SOCKET"),
+    STATS_SOCKET,
     # Running as a daemon.
     Option("--log-file", "", "log to this file instead of stderr; reopened on SIGUSR1",
            env="AMPROXY_LOG_FILE"),
-    Option("--pidfile", "", "write the master's pid here", env="AMPROXY_PIDFILE"),
+    PIDFILE,
     Option("--daemon", False, "detach from the terminal and run in the background",
            env="AMPROXY_DAEMON", type=bool),
     Option("--user", "", "after binding, run as this user", env="AMPROXY_USER"),
@@ -206,10 +221,7 @@ SERVER_OPTIONS = [
 ]
 
 # What SIGHUP can change in a running server; the rest needs a restart.
-LIVE_OPTIONS = ("workers", "skew", "log_level", "log_rejections", "auth_reload_interval",
-                "max_line_length", "idle_timeout", "max_connections",
-                "max_connections_per_source", "allow_tags", "replay_rate",
-                "resend_window", "graceful_timeout", "worker_timeout", "stats_interval")
+LIVE_OPTIONS = tuple(option.dest for option in SERVER_OPTIONS if option.live)
 
 
 def stats_socket_path(options):
@@ -219,9 +231,11 @@ def stats_socket_path(options):
         return os.path.splitext(options.pidfile)[0] + ".stats.sock"
     return ""
 
+
 CONFIG_OPTION = Option("--config", None,
-                       "a config file of 'option = value' lines; %s is read when it exists"
-                       % DEFAULT_CONFIG_FILE, env="AMPROXY_CONFIG", is_config_file=True)
+                       "a config file of 'option = value' lines, read instead of %s "
+                       "(which is read when it exists)" % DEFAULT_CONFIG_FILE,
+                       env="AMPROXY_CONFIG", is_config_file=True)
 
 
 KEY_PRIVATE = Option("--key-private", None, "the secret key to sign with",
@@ -249,24 +263,50 @@ class _RaisingParser(configargparse.ArgumentParser):
 
 def build_parser(prog, description, options, raise_errors=False, **kwargs):
     parser_class = _RaisingParser if raise_errors else configargparse.ArgumentParser
-    parser = parser_class(prog=prog, description=description, **kwargs)
+    parser = parser_class(prog=prog, description=description, add_config_file_help=False,
+                          add_env_var_help=False, **kwargs)
     for option in options:
         option.add_to(parser)
     return parser
 
 
-def server_parser(raise_errors=False):
+def config_files(argv):
+    """The default config file, unless --config or AMPROXY_CONFIG names another.
+
+    configargparse would read both; an explicit file must replace the default,
+    or a test, a second instance or ``--config /dev/null`` inherits the host's.
+    """
+    explicit = os.environ.get(CONFIG_OPTION.env) or any(
+        arg == CONFIG_OPTION.flag or arg.startswith(CONFIG_OPTION.flag + "=") for arg in argv)
+    return [] if explicit else [DEFAULT_CONFIG_FILE]
+
+
+def config_parser(prog, description, options, argv, raise_errors=False):
+    """A parser that also reads the config file, as the server does.
+
+    Commands that need only some options (``stats``, ``keys``) skip the
+    config file's other keys instead of refusing them.
+    """
     return build_parser(
-        "amproxy server", "Accept signed Carbon lines, verify them and forward the "
-        "good ones to Carbon.", [CONFIG_OPTION] + SERVER_OPTIONS, raise_errors=raise_errors,
-        default_config_files=[DEFAULT_CONFIG_FILE])
+        prog, description, [CONFIG_OPTION] + options, raise_errors=raise_errors,
+        default_config_files=config_files(argv),
+        ignore_unknown_config_file_keys=options is not SERVER_OPTIONS,
+        epilog="Each option can also be set by its environment variable, or in the "
+               "config file as 'option = value' (without the dashes). A flag beats the "
+               "environment, which beats the file, which beats the default.")
+
+
+SERVER_DESCRIPTION = "Accept signed Carbon lines, verify them and forward the good ones " \
+    "to Carbon."
 
 
 def parse_server_args(argv):
     """Parse ``amproxy server`` options; argparse exits with status 2 on a bad one."""
-    return server_parser().parse_args(argv)
+    return config_parser("amproxy server", SERVER_DESCRIPTION, SERVER_OPTIONS,
+                         argv).parse_args(argv)
 
 
 def reread_server_args(argv):
     """Parse the options again (the config file may have changed); raise ConfigError."""
-    return server_parser(raise_errors=True).parse_args(argv)
+    return config_parser("amproxy server", SERVER_DESCRIPTION, SERVER_OPTIONS, argv,
+                         raise_errors=True).parse_args(argv)

@@ -1,5 +1,7 @@
-"""The one-shot client commands, run as an operator or a cron job would."""
+"""The one-shot commands, run as an operator or a cron job would."""
 
+import os
+import re
 import subprocess
 
 import pytest
@@ -10,6 +12,14 @@ from conftest import AMPROXY, free_port
 def amproxy(*args, env=None):
     return subprocess.run([AMPROXY, *args], env=env, capture_output=True, text=True,
                           timeout=30)
+
+
+def run_cli(*args, env=None):
+    """As an operator would, but never reading this host's /etc/amproxy/amproxy.conf."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("AUTH_FILE", "AMPROXY_STATS_SOCKET", "AMPROXY_PIDFILE")}
+    clean["AMPROXY_CONFIG"] = "/dev/null"
+    return amproxy(*args, env=dict(clean, **(env or {})))
 
 
 @pytest.mark.parametrize("text", [
@@ -40,3 +50,40 @@ def test_cli_send_to_an_unreachable_server_fails_and_says_the_point_is_lost():
     assert result.returncode == 1
     assert result.stderr == ("amproxy: error: cannot reach amproxy at %s: Connection "
                              "refused; the point was not sent\n" % address)
+
+
+@pytest.mark.parametrize("argv", [["server", "--help"], ["keys", "--help"], ["client", "--help"],
+                                  ["auth-file", "--help"], ["stats", "--help"],
+                                  ["keys", "new", "--help"], ["client", "send", "--help"],
+                                  ["--help"]])
+def test_every_command_has_its_own_help(argv):
+    result = run_cli(*argv)
+    assert result.returncode == 0, result.stderr
+    assert "usage: amproxy %s" % " ".join(w for w in argv if w != "--help") in result.stdout
+    text = " ".join(result.stdout.split())  # as one line, whatever the wrapping
+    assert "goo.gl" not in text and "stuff=[a,b,c]" not in text
+    assert "(default: )" not in text
+    assert not re.search(r"\(default: [^)]*\) \(default:", text), "a doubled default"
+
+
+@pytest.mark.parametrize("argv, named", [(["frobnicate"], "'frobnicate'"),
+                                         (["keys", "frob"], "'keys frob'")])
+def test_an_unknown_command_is_named(argv, named):
+    result = run_cli(*argv)
+    assert result.returncode == 2
+    assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_keys_and_check_use_the_servers_auth_file(tmp_path):
+    auth = tmp_path / "keys.yaml"
+    auth.write_text("apikeys:\n  dev:\n    secret_key: s\n    metrics: [a.b]\n")
+    conf = tmp_path / "amproxy.conf"
+    conf.write_text("auth-file = %s\naddr = 127.0.0.1:1\n" % auth)
+    listing = run_cli("keys", "list", "--config", str(conf))
+    assert listing.returncode == 0 and "dev\ta.b" in listing.stdout, listing.stderr
+    check = run_cli("auth-file", "check", "--config", str(conf))
+    assert check.returncode == 0 and str(auth) in check.stdout, check.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apikeys: [\n")
+    env_check = run_cli("auth-file", "check", env={"AUTH_FILE": str(bad)})
+    assert env_check.returncode == 1 and str(bad) in env_check.stderr

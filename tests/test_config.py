@@ -104,3 +104,25 @@ def test_unknown_config_file_key_is_an_error(clean_env, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_server_args(["--config", str(conf)])
     assert "wrokers" in capsys.readouterr().err
+
+
+def test_an_explicit_config_replaces_the_default_file(clean_env, monkeypatch, tmp_path):
+    """--config or AMPROXY_CONFIG: the host's /etc/amproxy/amproxy.conf is not read at all."""
+    hostile = tmp_path / "etc-amproxy.conf"
+    hostile.write_text("addr = 0.0.0.0:1\nspool-dir = /var/lib/someone-else\n")
+    monkeypatch.setattr("amproxy.config.DEFAULT_CONFIG_FILE", str(hostile))
+    assert parse_server_args([]).spool_dir == "/var/lib/someone-else"  # the default file
+    mine = tmp_path / "mine.conf"
+    mine.write_text("workers = 3\n")
+    for argv in (["--config", str(mine)], ["--config=%s" % mine], ["--config", "/dev/null"]):
+        opts = parse_server_args(argv)
+        assert opts.spool_dir == "" and opts.addr == ("127.0.0.1", 2005), argv
+    monkeypatch.setenv("AMPROXY_CONFIG", str(mine))
+    opts = parse_server_args([])
+    assert opts.workers == 3 and opts.spool_dir == ""
+
+
+def test_live_options_are_marked_where_they_are_declared():
+    from amproxy.config import LIVE_OPTIONS, SERVER_OPTIONS
+    assert "skew" in LIVE_OPTIONS and "addr" not in LIVE_OPTIONS
+    assert set(LIVE_OPTIONS) <= {option.dest for option in SERVER_OPTIONS}
