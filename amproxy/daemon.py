@@ -6,13 +6,18 @@ import grp
 import logging
 import os
 import pwd
+import select
 import socket
+import sys
 
 from .errors import AmproxyError
+from .logs import chown_log_files
 
 log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
+# How long ``--daemon``'s first process waits for the server to be ready.
+READY_TIMEOUT = 120
 
 
 class Pidfile:
@@ -50,9 +55,11 @@ class Pidfile:
         directory = os.path.dirname(os.path.abspath(self.path))
         temp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(self.path), pid))
         try:
-            with open(temp, "w") as f:
+            # Root may be writing into a directory the daemon user owns: never
+            # follow a link or reuse a file someone put there.
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with open(fd, "w") as f:
                 f.write("%d\n" % pid)
-            os.chmod(temp, 0o644)
             os.rename(temp, self.path)
         except OSError as e:
             raise AmproxyError("cannot write pidfile %s: %s" % (
@@ -72,10 +79,16 @@ class Pidfile:
 def daemonize():
     """Detach from the terminal: fork, setsid, fork again; stdin/out/err to /dev/null.
 
-    Logging set up to a --log-file keeps its own descriptor.
+    The first process stays until the daemon writes to the returned descriptor
+    (``ready``) and exits 0 then, or 1 if the daemon exits first: an init
+    script's start returns once amproxy serves, or fails.  Logging set up to
+    a --log-file keeps its own descriptor.
     """
+    ready_r, ready_w = os.pipe()
     if os.fork():
-        os._exit(0)
+        os.close(ready_w)
+        os._exit(_wait_until_ready(ready_r))
+    os.close(ready_r)
     os.setsid()
     if os.fork():
         os._exit(0)
@@ -85,6 +98,24 @@ def daemonize():
         os.dup2(null, fd)
     if null > 2:
         os.close(null)
+    return ready_w
+
+
+def _wait_until_ready(fd):
+    if select.select([fd], [], [], READY_TIMEOUT)[0] and os.read(fd, 1):
+        return 0
+    print("amproxy: the server stopped (or was not ready after %d s); see its log"
+          % READY_TIMEOUT, file=sys.stderr)
+    return 1
+
+
+def ready(fd):
+    """Tell the waiting first process of ``daemonize`` that the server is ready."""
+    try:
+        os.write(fd, b"1")
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def drop_privileges(user=None, group=None):
@@ -96,6 +127,7 @@ def drop_privileges(user=None, group=None):
         gid = grp.getgrnam(group).gr_gid if group else (entry.pw_gid if entry else None)
     except KeyError as e:
         raise AmproxyError("no such user or group: %s" % e.args[0]) from None
+    chown_log_files(entry.pw_uid if entry else -1)
     try:
         if gid is not None:
             os.setgroups([gid])

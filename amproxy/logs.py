@@ -101,7 +101,9 @@ class ReopenableFileHandler(logging.StreamHandler):
     def _open(self):
         # os.open takes the mode for a new file, so the process umask (which
         # also applies to the spool and pidfile) stays as it is.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_FILE_MODE)
+        # O_NOFOLLOW: root opens it in a directory the daemon user may own.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                     LOG_FILE_MODE)
         return open(fd, "a", encoding="utf-8", buffering=1)
 
     def reopen(self):
@@ -144,6 +146,13 @@ def setup_logging(log_format="logfmt", level="info", log_file=None):
 
 def set_level(level):
     logging.getLogger().setLevel(LEVELS[level])
+
+
+def chown_log_files(uid):
+    """Before dropping privileges: the log files root opened become the daemon user's."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ReopenableFileHandler) and uid != -1:
+            os.fchown(handler.stream.fileno(), uid, -1)
 
 
 def reopen_log_files():

@@ -71,6 +71,7 @@ class Master:
         self._signal_queue = []
         self._signal_pipe = None
         self._boot_pipe = None  # workers write their pid here once they are up
+        self._ready_fd = None  # --daemon: the first process waits on it
         self._booted = set()
         self._worker_age = 0
         self.stats_channels = None
@@ -96,7 +97,7 @@ class Master:
         if options.daemon:
             if not options.log_file:
                 log.warning("running as a daemon without --log-file: nothing will be logged")
-            daemon.daemonize()
+            self._ready_fd = daemon.daemonize()
         self.pid = os.getpid()
         if self.pidfile is not None:
             self.pidfile.create(self.pid)
@@ -269,6 +270,9 @@ class Master:
             log.info("workers ready", extra={"workers": len(self.workers)})
             daemon.systemd_notify("READY=1\nSTATUS=forwarding with %d workers"
                                   % len(self.workers))
+            if self._ready_fd is not None:
+                daemon.ready(self._ready_fd)
+                self._ready_fd = None
 
     # -- signals ---------------------------------------------------------------------
 
@@ -365,6 +369,8 @@ class Master:
         try:
             for fd in self._signal_pipe + (self._boot_pipe[0],):
                 os.close(fd)
+            if self._ready_fd is not None:
+                os.close(self._ready_fd)  # only the master's exit may close it
             self.stats_channels.reports_in.close()
             self.stats_channels.outbox_in.close()
             if self.stats_listener is not None:
