@@ -16,6 +16,10 @@ from devcarbon import CarbonCache, free_port, port_open, wait_for  # noqa: E402
 from amproxy.protocol import signed_line  # noqa: E402
 
 AMPROXY = os.path.join(os.path.dirname(sys.executable), "amproxy")
+# Nothing the tests run may read this host's /etc/amproxy/amproxy.conf: an
+# explicit config replaces it (a test that wants a config passes --config,
+# which beats this).
+os.environ["AMPROXY_CONFIG"] = "/dev/null"
 
 KEYS = {
     "alpha": ("alpha-secret", ["e2e.alpha.temp", "e2e.alpha.humidity"]),
@@ -127,7 +131,6 @@ class Proxy:
             self.args += ["--workers", str(workers)]
         self.expected_workers = workers
         self.env = dict(os.environ, **(env or {}))
-        self.env.pop("AMPROXY_CONFIG", None)
         self.process = None
 
     def start(self, wait=True):

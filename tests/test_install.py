@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, free_port, wait_points
+from conftest import AMPROXY, ROOT, free_port, wait_points
 
 DEBIAN_PYTHON = "/usr/bin/python3"
 INSTALLED = ["/usr/local/bin/amproxy", "/usr/local/lib/amproxy", "/etc/amproxy",
@@ -140,3 +140,30 @@ def test_make_install_then_the_init_script_as_a_sysadmin_would(carbon, installed
     assert not os.path.exists("/etc/init.d/amproxy")
     assert os.path.exists("/etc/amproxy/amproxy.conf")  # edited: kept
     assert as_admin("sh", "-c", "amproxy --version").returncode == 127  # gone from PATH
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or os.path.lexists("/etc/amproxy"),
+                    reason="writes /etc/amproxy/amproxy.conf (root, and only where none is)")
+def test_the_test_harness_never_reads_the_hosts_config(carbon, make_proxy, auth_file,
+                                                       tmp_path):
+    """A host whose /etc already has an amproxy config: tests must not adopt it."""
+    hostile_spool = tmp_path / "hostile-spool"
+    hostile_log = tmp_path / "hostile.log"
+    os.makedirs("/etc/amproxy")
+    try:
+        with open("/etc/amproxy/amproxy.conf", "w") as f:
+            f.write("spool-dir = %s\nlog-file = %s\nworkers = 7\nstats-socket = %s\n" % (
+                hostile_spool, hostile_log, tmp_path / "hostile.sock"))
+        # The control: without the harness's protection the file is read.
+        bare = dict(os.environ)
+        bare.pop("AMPROXY_CONFIG")
+        control = subprocess.run([AMPROXY, "stats"], env=bare, capture_output=True, text=True,
+                                 timeout=30)
+        assert "hostile.sock" in control.stderr
+        proxy = make_proxy(carbon.address, auth_file)  # as every e2e test does
+        assert len(proxy.workers()) == 2
+        proxy.stop()
+        assert not hostile_spool.exists() and not hostile_log.exists()
+        assert "amproxy started" in proxy.log()
+    finally:
+        shutil.rmtree("/etc/amproxy")
