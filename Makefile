@@ -66,7 +66,7 @@ install:
 	test -e "$(DESTDIR)$(SYSCONFDIR)/amproxy/amproxy.conf" || \
 		$(INSTALL) -m 0644 etc/amproxy.conf "$(DESTDIR)$(SYSCONFDIR)/amproxy/amproxy.conf"
 	test -e "$(DESTDIR)$(SYSCONFDIR)/amproxy/auth_file.yaml" || \
-		$(INSTALL) -m 0640 etc/auth_file.yaml "$(DESTDIR)$(SYSCONFDIR)/amproxy/auth_file.yaml"
+		$(INSTALL) -m 0640 etc/auth_file.installed.yaml "$(DESTDIR)$(SYSCONFDIR)/amproxy/auth_file.yaml"
 	$(INSTALL) -d -m 0755 "$(DESTDIR)$(SYSCONFDIR)/init.d" "$(DESTDIR)$(SYSCONFDIR)/default" \
 		"$(DESTDIR)$(SYSCONFDIR)/logrotate.d" "$(DESTDIR)$(SYSTEMD_UNIT_DIR)"
 	$(SUBST) etc/init.d/amproxy > "$(DESTDIR)$(SYSCONFDIR)/init.d/amproxy"
@@ -91,7 +91,7 @@ uninstall:
 		"$(DESTDIR)$(SYSTEMD_UNIT_DIR)/amproxy.service" "$(DESTDIR)$(SYSTEMD_UNIT_DIR)/amproxy.socket"
 	! cmp -s etc/amproxy.conf "$(DESTDIR)$(SYSCONFDIR)/amproxy/amproxy.conf" || \
 		rm -f "$(DESTDIR)$(SYSCONFDIR)/amproxy/amproxy.conf"
-	! cmp -s etc/auth_file.yaml "$(DESTDIR)$(SYSCONFDIR)/amproxy/auth_file.yaml" || \
+	! cmp -s etc/auth_file.installed.yaml "$(DESTDIR)$(SYSCONFDIR)/amproxy/auth_file.yaml" || \
 		rm -f "$(DESTDIR)$(SYSCONFDIR)/amproxy/auth_file.yaml"
 	! $(SUBST) etc/default/amproxy | cmp -s - "$(DESTDIR)$(SYSCONFDIR)/default/amproxy" || \
 		rm -f "$(DESTDIR)$(SYSCONFDIR)/default/amproxy"

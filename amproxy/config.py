@@ -7,8 +7,10 @@ file is ``--config`` (or ``AMPROXY_CONFIG``) if given, else
 ``/etc/amproxy/amproxy.conf`` if it exists: never both.
 """
 
+import json
 import os
 import re
+import tempfile
 
 import configargparse
 
@@ -270,15 +272,53 @@ def build_parser(prog, description, options, raise_errors=False, **kwargs):
     return parser
 
 
+def _explicit_config(argv):
+    """The config file that --config (or else AMPROXY_CONFIG) names, or None."""
+    flag = CONFIG_OPTION.flag
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1:]
+    return os.environ.get(CONFIG_OPTION.env) or None
+
+
 def config_files(argv):
     """The default config file, unless --config or AMPROXY_CONFIG names another.
 
     configargparse would read both; an explicit file must replace the default,
     or a test, a second instance or ``--config /dev/null`` inherits the host's.
     """
-    explicit = os.environ.get(CONFIG_OPTION.env) or any(
-        arg == CONFIG_OPTION.flag or arg.startswith(CONFIG_OPTION.flag + "=") for arg in argv)
-    return [] if explicit else [DEFAULT_CONFIG_FILE]
+    return [] if _explicit_config(argv) else [DEFAULT_CONFIG_FILE]
+
+
+def config_file_path(argv):
+    """The config file the server reads, for messages."""
+    return _explicit_config(argv) or DEFAULT_CONFIG_FILE
+
+
+class LiveOptions:
+    """The live options as the master last parsed them, for its workers to take on SIGHUP.
+
+    An unlinked file made before the workers are forked: the config is parsed
+    once, by the master, and a bad one is logged once.  The master writes it
+    before it signals the workers, so they never read it half-written.
+    """
+
+    def __init__(self):
+        fd, name = tempfile.mkstemp(prefix="amproxy-options-")
+        os.unlink(name)
+        self.fd = fd
+
+    def publish(self, options):
+        data = json.dumps({name: getattr(options, name) for name in LIVE_OPTIONS}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def read(self):
+        """{option name: value}; empty before the first publish."""
+        data = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+        return json.loads(data) if data else {}
 
 
 def config_parser(prog, description, options, argv, raise_errors=False):

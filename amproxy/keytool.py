@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SECRET_BYTES = 32
 _KEY_LINE = re.compile(r"( +)([^\s#:][^:]*):\s*$")
+_EMPTY_APIKEYS = re.compile(r"^apikeys:[ \t]*\{\}[ \t]*$", re.MULTILINE)
 
 
 def new_secret():
@@ -136,6 +137,8 @@ def add_key(path, public_key, patterns):
     parse_auth_data({"apikeys": {public_key: {"secret_key": "x", "metrics": list(patterns)}}},
                     path)
     secret = new_secret()
+    # The installed file holds no key yet: "apikeys: {}" becomes the usual layout.
+    text = _EMPTY_APIKEYS.sub("apikeys:", text, count=1)
     key_indent, field_indent, item_prefix = _layout(text)
     block = ["%s%s:" % (key_indent, _yaml_scalar(public_key)),
              "%ssecret_key: %s" % (field_indent, secret),

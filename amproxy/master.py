@@ -18,7 +18,8 @@ import time
 from . import daemon
 from .auth import AuthFile, warn_if_world_readable
 from .balance import NOT_ACCEPTING, ConnectionTable
-from .config import LIVE_OPTIONS, reread_server_args, stats_socket_path
+from .config import (LIVE_OPTIONS, LiveOptions, config_file_path, reread_server_args,
+                     stats_socket_path)
 from .errors import AmproxyError
 from .logs import reopen_log_files, set_level
 from .stats import StatsChannels, StatsCollector, default_prefix
@@ -75,6 +76,7 @@ class Master:
         self._booted = set()
         self._worker_age = 0
         self.stats_channels = None
+        self.live_options = None
         self.connection_table = None
         self.stats = None
         self.stats_listener = None
@@ -103,6 +105,7 @@ class Master:
             self.pidfile.create(self.pid)
         daemon.drop_privileges(options.user, options.group)
         self.stats_channels = StatsChannels()
+        self.live_options = LiveOptions()
         self.connection_table = ConnectionTable()
         self.stats = StatsCollector(self.stats_channels, options.stats_prefix or
                                     default_prefix(), options.stats_per_key)
@@ -178,7 +181,10 @@ class Master:
         wanted = self.options.max_connections + 64
         if soft != resource.RLIM_INFINITY and soft < wanted:
             new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            except (OSError, ValueError):  # a system call filter, say
+                new = soft
             if new < wanted:
                 log.warning("the open-file limit (%d) is below --max-connections; raise "
                             "LimitNOFILE or ulimit -n", new)
@@ -294,10 +300,12 @@ class Master:
         daemon.systemd_notify("READY=1")
 
     def reload_options(self):
+        """Parse the config once, here; the workers take the live options from ``live_options``."""
         try:
             new = reread_server_args(self.argv)
         except AmproxyError as e:
-            log.error("config not reloaded, keeping the running options: %s", e)
+            log.error("config file %s not reloaded, keeping the running options: %s",
+                      config_file_path(self.argv), e)
             return
         changed = sorted(name for name, value in vars(new).items()
                          if getattr(self.options, name, None) != value)
@@ -309,6 +317,7 @@ class Master:
                             name.replace("_", "-"))
         if "workers" in changed:
             self.num_workers = new.workers
+        self.live_options.publish(self.options)
         set_level(self.options.log_level)
         log.info("config reloaded", extra={"changed": ",".join(
             n.replace("_", "-") for n in changed if n in LIVE_OPTIONS) or "nothing"})
@@ -378,7 +387,7 @@ class Master:
             for sig in SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             try:
-                worker.init_process(lambda: reread_server_args(self.argv))
+                worker.init_process(self.live_options.read)
                 os.write(self._boot_pipe[1], _PID.pack(os.getpid()))
                 os.close(self._boot_pipe[1])
             except Exception as e:

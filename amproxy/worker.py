@@ -19,7 +19,6 @@ from .buffer import SPOOL_PREFIX, Spool
 from .carbon import CarbonSender
 from .config import LIVE_OPTIONS
 from .deadletter import DeadLetters
-from .errors import AmproxyError
 from .logs import RejectionLog, reopen_log_files, set_level
 from .protocol import (LINE_TOO_LONG, MALFORMED, REJECTION_REASONS, carbon_payload,
                        filter_lines)
@@ -120,12 +119,13 @@ class Worker:
 
     # -- start-up (after fork) ---------------------------------------------
 
-    def init_process(self, reread_options):
+    def init_process(self, read_live_options):
         """Process-wide set-up in the child; an exception here is a boot error.
 
-        ``reread_options`` parses the options again, for SIGHUP.
+        ``read_live_options`` returns the live options the master last parsed,
+        for SIGHUP.
         """
-        self.reread_options = reread_options
+        self.read_live_options = read_live_options
         self.clock = time.monotonic
         self.selector = selectors.DefaultSelector()
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -265,14 +265,10 @@ class Worker:
             self.sender.enqueue(data, data.count(b"\n"))
 
     def _reload_options(self):
-        """Take the options that can change live from the re-read config."""
-        try:
-            new = self.reread_options()
-        except AmproxyError as e:
-            log.error("config not reloaded, keeping the running options: %s", e)
-            return
-        for name in LIVE_OPTIONS:
-            setattr(self.options, name, getattr(new, name))
+        """Take the live options the master parsed (it logged any error, once)."""
+        for name, value in self.read_live_options().items():
+            if name in LIVE_OPTIONS:
+                setattr(self.options, name, value)
         set_level(self.options.log_level)
         self.reject_log.per_second = self.options.log_rejections  # from the next second
         self.sender.replay_rate = self.options.replay_rate

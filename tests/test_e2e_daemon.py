@@ -1,6 +1,7 @@
 """amproxy as a classic Unix daemon: signals, pidfile, detaching, privileges, systemd."""
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -78,7 +79,10 @@ def test_bad_config_on_hup_keeps_the_running_options(carbon, auth_file, make_pro
     proxy = proxy_with_config(carbon, auth_file, make_proxy, conf, "workers = 2\n")
     conf.write_text("workers = many\n")
     proxy.signal(signal.SIGHUP)
-    proxy.wait_log(r"config not reloaded, keeping the running options.*workers", count=1)
+    proxy.wait_log(r"auth file reloaded", count=2)  # both workers handled the HUP
+    # Parsed once, by the master: one error, naming the file.
+    assert len(re.findall(r"config file %s not reloaded, keeping the running options.*"
+                          r"workers" % re.escape(str(conf)), proxy.log())) == 1, proxy.log()
     assert len(proxy.workers()) == 2
     assert_forwards(carbon, proxy, 13.0)
 
@@ -331,6 +335,9 @@ def test_init_script_against_a_destdir_install(carbon, tmp_path, daemon_cleanup)
                    check=True, capture_output=True, timeout=300)
     etc = prefix / "etc"
     daemon_path = str(prefix / "usr" / "bin" / "amproxy")
+    installed_keys = etc / "amproxy" / "auth_file.yaml"
+    assert "apikeys: {}" in installed_keys.read_text()  # a default install accepts nothing
+    write_auth(installed_keys, {"my_public_key": ("my_secret_key", ["metric1"])})
     port = free_port()
     conf = etc / "amproxy" / "amproxy.conf"
     conf.write_text("addr = 127.0.0.1:%d\ncarbon-addr = %s\nauth-file = %s\nworkers = 2\n"
@@ -361,7 +368,7 @@ def test_init_script_against_a_destdir_install(carbon, tmp_path, daemon_cleanup)
     assert init("status").returncode == 0
     assert init("start").returncode == 0  # already running: no second copy
     assert read_pid(pidfile) == master
-    # The sample auth file's key forwards.
+    # The key the operator added forwards.
     now = int(time.time())
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(line_for({"my_public_key": ("my_secret_key", [])}, "my_public_key",
@@ -373,3 +380,21 @@ def test_init_script_against_a_destdir_install(carbon, tmp_path, daemon_cleanup)
     assert init("stop").returncode == 0
     assert not any(pid_alive(p) for p in [master] + workers)
     assert init("status").returncode == 3
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd's tools")
+def test_the_unit_is_hardened_and_verifies(tmp_path):
+    """systemd-analyze's exposure score at most 2.5, and `verify` without complaint."""
+    unit = tmp_path / "amproxy.service"
+    with open(os.path.join(ROOT, "systemd", "amproxy.service")) as f:
+        # verify wants the command to exist; the score does not depend on it.
+        unit.write_text(f.read().replace("/usr/bin/amproxy", "/bin/true"))
+    score = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                           capture_output=True, text=True, timeout=60)
+    exposure = re.search(r"Overall exposure level for amproxy.service: ([\d.]+)", score.stdout)
+    assert exposure, score.stdout + score.stderr
+    print("systemd-analyze security: %s" % exposure.group(1))
+    assert float(exposure.group(1)) <= 2.5
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True, timeout=60)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
