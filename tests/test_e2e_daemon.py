@@ -398,3 +398,22 @@ def test_the_unit_is_hardened_and_verifies(tmp_path):
     verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                             text=True, timeout=60)
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/lib/lsb/init-functions"), reason="needs lsb-base")
+def test_init_script_exit_codes_when_amproxy_is_not_installed(tmp_path):
+    """LSB: 5 for an action on a program that is not there, status 4, 3 for an unknown one."""
+    defaults = tmp_path / "defaults"
+    defaults.write_text("DAEMON=%s\n" % (tmp_path / "missing" / "amproxy"))
+    env = dict(os.environ, AMPROXY_DEFAULTS=str(defaults))
+    script = os.path.join(ROOT, "etc", "init.d", "amproxy")
+
+    def init(action):
+        return subprocess.run(["sh", script, action], env=env, capture_output=True, text=True,
+                              timeout=60)
+    for action, code in (("start", 5), ("restart", 5), ("status", 4), ("stop", 0),
+                         ("frobnicate", 3)):
+        result = init(action)
+        assert result.returncode == code, (action, result.stdout, result.stderr)
+        if code:
+            assert result.stderr.strip(), "exit %d without a word" % code
