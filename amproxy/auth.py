@@ -25,9 +25,10 @@ _YAML_LOADER = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
 _WHITESPACE = re.compile(r"\s")
 
 
-# Per key: enough for every series of a busy device, bounded against one that
-# makes up a new name for every line.
-MAX_REMEMBERED_MATCHES = 10000
+# Per key: enough for every series of a busy device, bounded (to about 128 KB)
+# against one that makes up a new long name for every line.
+MAX_REMEMBERED_MATCHES = 1000
+MAX_REMEMBERED_BYTES = 128
 
 
 def _never(metric):
@@ -78,12 +79,14 @@ class AuthKey(Signer):
 
         Devices send the same names again and again: the next line with this
         one costs a set lookup instead of the checks and the pattern.  Tagged
-        names are not kept, since --allow-tags can be turned off live.
+        names are not kept, since --allow-tags can be turned off live, nor
+        long ones, so that the memory stays bounded.
         """
+        if len(metric) > MAX_REMEMBERED_BYTES or b";" in metric:
+            return
         if len(self.matched) >= MAX_REMEMBERED_MATCHES:
             self.matched.clear()
-        if b";" not in metric:
-            self.matched.add(metric)
+        self.matched.add(metric)
 
 
 class AuthDB:

@@ -26,6 +26,7 @@ class LineBuffer:
         self.max_lines = max_lines
         self._chunks = collections.deque()  # (data, line_count)
         self.lines = 0
+        self.bytes = 0
 
     def __len__(self):
         return self.lines
@@ -39,14 +40,17 @@ class LineBuffer:
     def append(self, data, line_count):
         self._chunks.append((data, line_count))
         self.lines += line_count
+        self.bytes += len(data)
 
     def appendleft(self, data, line_count):
         self._chunks.appendleft((data, line_count))
         self.lines += line_count
+        self.bytes += len(data)
 
     def popleft(self):
         data, line_count = self._chunks.popleft()
         self.lines -= line_count
+        self.bytes -= len(data)
         return data, line_count
 
     def pop_all(self):
@@ -54,7 +58,7 @@ class LineBuffer:
         data = b"".join(chunk for chunk, _ in self._chunks)
         lines = self.lines
         self._chunks.clear()
-        self.lines = 0
+        self.lines = self.bytes = 0
         return data, lines
 
 
@@ -201,9 +205,19 @@ class Spool:
             if self._read_offset >= size:
                 self._drop_first_segment()
                 continue
-            with open(self._path(seq), "rb") as f:
-                f.seek(self._read_offset)
-                data = f.read(min(limit, size - self._read_offset))
+            try:
+                with open(self._path(seq), "rb") as f:
+                    f.seek(self._read_offset)
+                    data = f.read(min(limit, size - self._read_offset))
+            except OSError as e:
+                # Delivery must go on past a segment that cannot be read; it is
+                # left on disk for the operator.
+                log.error("cannot read spool segment %s: %s; skipping it, its lines stay "
+                          "in the file", self._path(seq), e.strerror or e)
+                self._segments.pop(0)
+                self.bytes -= self._sizes.pop(seq) - self._read_offset
+                self._read_offset = 0
+                continue
             # Lines are far shorter than ``limit``; no newline at all means a
             # torn write, which goes out as it is and Carbon drops.
             end = data.rfind(b"\n") + 1 or len(data)

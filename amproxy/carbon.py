@@ -17,8 +17,8 @@ A resent line keeps the time it was first sent, so it leaves the window.
 
 A connection counts as healthy once it has stayed up ``PROBATION`` seconds;
 only then does the reconnect backoff start again from its shortest delay.
-When connections keep breaking right after the resent lines go out, one of
-them is poison to Carbon: see :mod:`amproxy.deadletter`.
+When the connection breaks twice with the same resent lines first in line,
+one of them may be poison to Carbon: see :mod:`amproxy.deadletter`.
 """
 
 import collections
@@ -28,7 +28,7 @@ import selectors
 import socket
 
 from .buffer import LineBuffer, SpoolError
-from .deadletter import PoisonSearch
+from .deadletter import DeadLetters, PoisonSearch
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,10 @@ MAX_BACKOFF = 10.0
 # A connection that breaks sooner than this after it was made is suspect.
 PROBATION = 1.0
 # How long a probe must survive to count as delivered: carbon-cache drops the
-# connection as soon as it reads a line it chokes on.
+# connection as soon as it reads a line it chokes on.  At least twice as long
+# as Carbon took to break the connection before the search, at most the max.
 PROBE_WAIT = 0.5
+MAX_PROBE_WAIT = 30.0
 # After back-pressure, reading resumes only below this share of the buffer (as
 # carbon's QUEUE_LOW_WATERMARK_PCT), so that an overload does not flap.
 RESUME_FILL = 0.8
@@ -54,7 +56,7 @@ class CarbonSender:
         self.clock = clock
         self.buffer = LineBuffer(buffer_lines)
         self.spool = spool
-        self.dead_letters = dead_letters
+        self.dead_letters = dead_letters or DeadLetters(None)
         self.replay_rate = replay_rate
         self.resend_window = resend_window
         self.sock = None
@@ -65,13 +67,20 @@ class CarbonSender:
         self._next_attempt = 0.0
         self._down_since = None
         self._connected_at = None
+        self._first_write_at = None  # on this connection
         self._healthy = False  # up for PROBATION seconds
-        self._quick_breaks = 0  # breaks in a row, each soon after the one before
+        self._breaks_on_head = 0  # breaks in a row with the same resent chunk first
+        self._head_at_break = None
+        self._slowest_break = 0.0  # seconds from the first write to the break, in those
+        self._carbon_suspect = False  # a search found Carbon drops empty connections
         self._current = None  # (data, line_count) being written
         self._current_sent_at = None  # when a resent chunk was first sent
         self._offset = 0
         self._recent = collections.deque()  # (sent_at, data, line_count)
         self._recent_lines = 0
+        # Sent on this connection before it proved healthy: never taken as
+        # delivered, however old (a front that accepts and drops everything).
+        self._unconfirmed = []
         self._resend = collections.deque()  # (sent_at, data, line_count), goes first
         self._search = None  # a PoisonSearch while one runs
         self._replaying = False  # sending a backlog: the replay rate applies
@@ -87,8 +96,12 @@ class CarbonSender:
 
     def _held_for_resend(self):
         """Chunks to send before the queue: a search's suspects, then resent ones."""
-        suspects = self._search.suspects if self._search is not None else ()
-        return list(suspects) + list(self._resend)
+        held = []
+        if self._search is not None:
+            if self._search.candidate is not None:
+                held.append(self._search.candidate)
+            held.extend(self._search.suspects)
+        return held + list(self._resend)
 
     @property
     def queued_lines(self):
@@ -114,21 +127,19 @@ class CarbonSender:
 
     def _spill(self):
         """Move the memory buffer to the end of the spool, if it fits."""
-        if self.spool is None:
+        if self.spool is None or not self.spool.has_room(self.buffer.bytes):
             return
         data, lines = self.buffer.pop_all()
-        if self.spool.has_room(len(data)):
-            try:
-                self.spool.append(data)
-                if not self._spilling:
-                    self._spilling = True
-                    log.warning("memory buffer full; spilling lines to the spool",
-                                extra={"spool": self.spool.directory,
-                                       "buffer_lines": self.buffer.max_lines})
-                return
-            except SpoolError as e:
-                log.error(str(e))
-        self.buffer.append(data, lines)
+        try:
+            self.spool.append(data)
+        except SpoolError as e:
+            log.error(str(e))
+            self.buffer.append(data, lines)
+            return
+        if not self._spilling:
+            self._spilling = True
+            log.warning("memory buffer full; spilling lines to the spool", extra={
+                "spool": self.spool.directory, "buffer_lines": self.buffer.max_lines})
 
     def flush(self):
         """Write what the socket takes now; connect first if it is time to."""
@@ -144,16 +155,20 @@ class CarbonSender:
         now = self.clock()
         if not self._healthy and now - self._connected_at >= PROBATION:
             self._healthy = True
-            self._quick_breaks = 0
+            self._carbon_suspect = False
             self._backoff = INITIAL_BACKOFF
+            unconfirmed, self._unconfirmed = self._unconfirmed, []
+            self._recent_add(unconfirmed)
         search = self._search
         if search is not None and search.written_at is not None and \
-                now - search.written_at >= PROBE_WAIT:
+                now - search.written_at >= search.probe_wait:
             self._recent_add(search.passed())
             if search.done:
-                self._end_search(None)
+                self._end_search()
         try:
             while self._next_chunk():
+                if self._first_write_at is None:
+                    self._first_write_at = now
                 data, line_count = self._current
                 sent = self.sock.send(memoryview(data)[self._offset:])
                 self._offset += sent
@@ -174,7 +189,7 @@ class CarbonSender:
             return True
         self._current_sent_at = None
         if self._search is not None:
-            if self._search.probe:
+            if self._search.probe is not None:
                 return False  # one probe at a time: wait for its verdict
             self._current = self._search.next_probe()
             self._offset = 0
@@ -195,9 +210,11 @@ class CarbonSender:
             return False
         if self._replaying and self.replay_rate and not self._take_tokens():
             return False
-        if self.spool:
-            self._current = self.spool.read_chunk()
-        else:
+        # None from the spool: its last segment could not be read (and was skipped).
+        self._current = self.spool.read_chunk() if self.spool else None
+        if self._current is None:
+            if not self.buffer:
+                return False
             self._current = self.buffer.popleft()
         self._offset = 0
         if self._replaying and self.replay_rate:
@@ -218,7 +235,8 @@ class CarbonSender:
         if self.connected and not self._healthy:
             return max(0.0, self._connected_at + PROBATION - now) + 0.001
         if self._search is not None and self._search.written_at is not None:
-            return max(0.0, self._search.written_at + PROBE_WAIT - now) + 0.001
+            search = self._search
+            return max(0.0, search.written_at + search.probe_wait - now) + 0.001
         if self._replaying and self.replay_rate and self._current is None and (
                 self.spool or self.buffer):
             return max(0.0, -self._tokens / self.replay_rate) + 0.001
@@ -236,6 +254,9 @@ class CarbonSender:
     def _recent_add(self, chunks):
         """Keep sent chunks for the resend window (their first send time counts)."""
         if not self.resend_window:
+            return
+        if not self._healthy:
+            self._unconfirmed.extend(chunks)
             return
         now = self.clock()
         for chunk in chunks:
@@ -263,42 +284,60 @@ class CarbonSender:
             self._resend.appendleft((self._current_sent_at or self.clock(), data, line_count))
         self._current = None
         horizon = self.clock() - self.resend_window
-        recent = [chunk for chunk in self._recent if chunk[0] >= horizon]
+        recent = [chunk for chunk in self._recent if chunk[0] >= horizon] + self._unconfirmed
         self._resend.extendleft(reversed(recent))
         self._recent.clear()
+        self._unconfirmed = []
         self._recent_lines = 0
         return sum(count for _, _, count in recent)
 
-    def _after_break(self, quick):
-        """A connection broke: a probe failed, or maybe a search must start."""
+    def _after_break(self):
+        """A connection broke: a probe failed, or maybe a search must start.
+
+        Timing cannot tell a poison line from an outage (Carbon may read late),
+        but repetition can: the same resent chunk first in line at two breaks
+        in a row means nothing got past it.
+        """
         search = self._search
         if search is not None:
-            if search.probe:
-                culprit = search.failed()
-                if culprit is not None:
-                    self._end_search(culprit)
+            if search.probe is not None:
+                search.failed()
+                if search.done:
+                    self._end_search()
             return
-        self._quick_breaks = self._quick_breaks + 1 if quick else 1
-        if self._quick_breaks >= 2 and self._resend:
-            # The same lines broke the connection twice: one of them is poison.
-            self._search = PoisonSearch(self._resend)
+        head = self._resend[0][1] if self._resend else None
+        took = self.clock() - self._first_write_at if self._first_write_at else 0.0
+        if head is not None and head is self._head_at_break:
+            self._breaks_on_head += 1
+            self._slowest_break = max(self._slowest_break, took)
+        else:
+            self._breaks_on_head, self._slowest_break = 1, took
+        self._head_at_break = head
+        if self._breaks_on_head >= 2 and not self._carbon_suspect:
+            wait = min(max(PROBE_WAIT, 2 * self._slowest_break), MAX_PROBE_WAIT)
+            self._search = PoisonSearch(self._resend, wait)
             self._resend.clear()
             log.warning("Carbon dropped the connection twice on the same lines; looking "
                         "for the line it refuses", extra={
-                            "carbon": self._where(), "lines": self._search.lines})
+                            "carbon": self._where(), "lines": self._search.lines,
+                            "probe_seconds": round(wait, 2)})
 
-    def _end_search(self, culprit):
+    def _end_search(self):
         search, self._search = self._search, None
-        self._quick_breaks = 0
+        self._breaks_on_head, self._head_at_break = 0, None
         if self.connected:
             self._down_since = None  # the outage kept open for the search is over
-        self._resend.extendleft(reversed(search.suspects))  # not probed yet: sent next
-        if culprit is None:
+        self._resend.extendleft(reversed(search.suspects))  # not delivered yet: sent next
+        if search.culprit is not None:
+            self.dead_letters.add(search.culprit[1], self._where())
+        elif search.aborted:
+            self._carbon_suspect = True  # no new search until a connection stays up
+            log.error("Carbon drops even a connection that sends nothing: no line is to "
+                      "blame; keeping every line until it stays up", extra={
+                          "carbon": self._where()})
+        else:
             log.warning("every line went through on its own; resuming", extra={
                 "carbon": self._where()})
-            return
-        sent_at, line, _ = culprit
-        self.dead_letters.add(line, self._where())
 
     def save_to_spool(self):
         """On the way out: put everything not yet sent into the spool.
@@ -394,6 +433,7 @@ class CarbonSender:
             return
         self.connected = True
         self._connected_at = self.clock()
+        self._first_write_at = None
         self._healthy = False
         if self._search is not None:
             log.debug("connected to Carbon to send a probe", extra={"carbon": self._where()})
@@ -411,11 +451,10 @@ class CarbonSender:
 
     def _lost(self, why):
         """An established connection broke."""
-        quick = self.clock() - self._connected_at < PROBATION
         self.close()
         self.reconnects += 1
         resent = self._requeue_recent()
-        self._after_break(quick)
+        self._after_break()
         if self._search is not None:
             self._backoff = INITIAL_BACKOFF  # the probes break it on purpose
         self._down("lost the connection to Carbon", why, resent_lines=resent)

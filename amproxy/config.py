@@ -10,6 +10,7 @@ file is ``--config`` (or ``AMPROXY_CONFIG``) if given, else
 import json
 import os
 import re
+import sys
 import tempfile
 
 import configargparse
@@ -341,9 +342,16 @@ SERVER_DESCRIPTION = "Accept signed Carbon lines, verify them and forward the go
 
 
 def parse_server_args(argv):
-    """Parse ``amproxy server`` options; argparse exits with status 2 on a bad one."""
-    return config_parser("amproxy server", SERVER_DESCRIPTION, SERVER_OPTIONS,
-                         argv).parse_args(argv)
+    """Parse ``amproxy server`` options; exit with status 2 and one line on a bad one.
+
+    The line names the config file: a bad option may come from there.
+    """
+    try:
+        return reread_server_args(argv)
+    except ConfigError as e:
+        sys.stderr.write("amproxy server: error: %s (in the command line, the environment "
+                         "or %s); see 'amproxy server --help'\n" % (e, config_file_path(argv)))
+        raise SystemExit(2) from None
 
 
 def reread_server_args(argv):

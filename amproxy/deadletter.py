@@ -65,49 +65,73 @@ class PoisonSearch:
 
     Suspects are ``(sent_at, data, line_count)`` chunks, oldest first.  The
     culprit is known to lie within the first ``span`` of them.  Each probe is
-    the first half of that span: if the connection survives it, those chunks
-    were delivered; if it breaks, the culprit is among them.  A single chunk
-    of several lines is split into lines when the span comes down to it.
+    the first half of that span: if the connection survives it for
+    ``probe_wait`` seconds, those chunks were delivered; if it breaks, the
+    culprit is among them.  A single chunk of several lines is split into
+    lines when the span comes down to it.
+
+    A line that breaks the connection alone is only a ``candidate``: the last
+    probe is an empty connection.  If that one survives, the candidate is the
+    ``culprit``; if it breaks too, Carbon (or whatever is in front of it)
+    drops every connection, no line is to blame, and the search is
+    ``aborted`` with every suspect kept.
     """
 
-    def __init__(self, suspects):
+    def __init__(self, suspects, probe_wait):
         self.suspects = list(suspects)
         self.span = len(self.suspects)
-        self.probe = 0  # suspects in the probe being written or awaited; 0: none
+        self.probe_wait = probe_wait
+        self.probe = None  # suspects in the probe being written or awaited: None if none
         self.written_at = None
+        self.candidate = None
+        self.culprit = None
+        self.aborted = False
 
     @property
     def done(self):
-        return self.span == 0
+        return self.culprit is not None or self.aborted or (
+            self.span == 0 and self.candidate is None)
 
     @property
     def lines(self):
         return sum(count for _, _, count in self.suspects)
 
     def next_probe(self):
-        """The next probe, as ``(data, line_count)``."""
+        """The next probe, as ``(data, line_count)``: empty for the control probe."""
+        self.written_at = None
+        if self.candidate is not None:
+            self.probe = 0
+            return b"", 0
         if self.span == 1 and self.suspects[0][2] > 1:
             sent_at, data, _ = self.suspects.pop(0)
             lines = [(sent_at, line + b"\n", 1) for line in data.split(b"\n") if line]
             self.suspects[0:0] = lines
             self.span = len(lines)
         self.probe = (self.span + 1) // 2
-        self.written_at = None
         chunks = self.suspects[:self.probe]
         return b"".join(data for _, data, _ in chunks), sum(c for _, _, c in chunks)
 
     def passed(self):
         """The probe went through: return its chunks, which are delivered."""
+        if self.probe == 0:  # an empty connection survives: the candidate is guilty
+            self.culprit, self.candidate = self.candidate, None
+            self.probe = None
+            return []
         delivered = self.suspects[:self.probe]
         del self.suspects[:self.probe]
         self.span -= self.probe
-        self.probe = 0
+        self.probe = None
         return delivered
 
     def failed(self):
-        """The probe broke the connection: return the culprit line if it is found, else None."""
-        if self.probe == 1 and self.suspects[0][2] == 1:
-            self.probe = self.span = 0
-            return self.suspects.pop(0)
-        self.span, self.probe = self.probe, 0
-        return None
+        """The probe broke the connection: narrow the span, or name a candidate."""
+        probe, self.probe = self.probe, None
+        if probe == 0:  # even an empty connection breaks: not this line's fault
+            self.suspects.insert(0, self.candidate)
+            self.candidate = None
+            self.aborted = True
+        elif probe == 1 and self.suspects[0][2] == 1:
+            self.candidate = self.suspects.pop(0)
+            self.span = 0
+        else:
+            self.span = probe

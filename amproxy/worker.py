@@ -236,7 +236,7 @@ class Worker:
         rejected = self.rejected
         counters = {"rejected." + reason: count for reason, count in rejected.items()}
         counters.update({
-            "linesReceived": self.forwarded + sum(rejected.values()),
+            "linesReceived": self.forwarded + sum(rejected.values()) + self.internal_errors,
             "linesForwarded": self.forwarded,
             "connectionsOpened": self.connections_opened,
             "connectionsRefused": self.connections_refused,
@@ -465,6 +465,9 @@ class Worker:
             if not conn.partial:
                 self._close_if_drained(conn)
             elif stopping_for >= PARTIAL_LINE_GRACE:
+                self._on_readable(conn)  # what already arrived may finish the line
+                if conn.sock.fileno() not in self.connections or not conn.partial:
+                    continue
                 self._rejecter(conn.remote, {})(MALFORMED, None, None)
                 log.warning("closing client connection at stop: it did not finish its "
                             "line", extra={"remote": conn.remote})

@@ -100,6 +100,26 @@ def send_now(sender, conn, data, lines):
     assert read_exactly(conn, len(data)) == data
 
 
+def test_lines_sent_on_a_connection_that_never_proved_healthy_go_again(carbon_listener):
+    """However old: a front that accepts and drops every connection delivered nothing."""
+    sender, selector, clock, conn = connected_sender(
+        carbon_listener, buffer_lines=1000, resend_window=5.0)
+    lines = chunk_of(0, 10)
+    send_now(sender, conn, lines, 10)
+    clock.now += 0.5
+    conn.close()  # before the connection proved healthy
+    pump(selector, lambda: not sender.connected)
+    clock.now += 10  # far past the resend window
+    sender.flush()
+    pump(selector, lambda: sender.connected)
+    conn, _ = carbon_listener.accept()
+    assert read_exactly(conn, len(lines)) == lines  # resent, with its first send time
+    conn.close()  # and dropped again before it proved healthy
+    pump(selector, lambda: not sender.connected)
+    assert sender.queued_lines == 10, "lines given up as delivered on a dead connection"
+    sender.close()
+
+
 def test_after_a_break_the_lines_of_the_resend_window_go_again(carbon_listener, caplog):
     sender, selector, clock, conn = connected_sender(
         carbon_listener, buffer_lines=1000, resend_window=5.0)
@@ -125,6 +145,8 @@ def test_after_a_break_the_lines_of_the_resend_window_go_again(carbon_listener, 
 def test_a_buffer_too_small_for_the_resend_window_is_logged_once(carbon_listener, caplog):
     sender, selector, clock, conn = connected_sender(
         carbon_listener, buffer_lines=100, resend_window=5.0)
+    clock.now += 2
+    sender.flush()  # the connection has proved healthy: sent lines go to the window
     for n in range(5):
         send_now(sender, conn, chunk_of(n * 100, 100), 100)
         clock.now += 0.1
@@ -147,6 +169,7 @@ def test_resent_lines_keep_their_first_send_time(carbon_listener):
     again, _ = carbon_listener.accept()
     assert read_exactly(again, len(first)) == first  # resent, 3 s after its first send
     clock.now += 3  # 6 s after the first send: out of the window
+    sender.flush()  # and this connection has stayed up: what it sent counts as sent
     again.close()
     pump(selector, lambda: not sender.connected)
     clock.now += 1

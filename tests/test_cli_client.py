@@ -87,3 +87,12 @@ def test_keys_and_check_use_the_servers_auth_file(tmp_path):
     bad.write_text("apikeys: [\n")
     env_check = run_cli("auth-file", "check", env={"AUTH_FILE": str(bad)})
     assert env_check.returncode == 1 and str(bad) in env_check.stderr
+
+
+def test_a_bad_config_file_at_start_is_one_line_naming_it(tmp_path):
+    conf = tmp_path / "amproxy.conf"
+    conf.write_text("workers = two\n")
+    result = run_cli("server", "--config", str(conf))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and str(conf) in result.stderr, \
+        result.stderr

@@ -27,10 +27,16 @@ def main():
     proxy = subprocess.Popen([os.path.join(BIN, "amproxy"), "server", "--config",
                               os.path.join(ROOT, "etc", "amproxy.conf"), "--addr",
                               env["ADDR"], "--carbon-addr", carbon.address,
-                              "--spool-dir", os.path.join(run_dir, "spool")], env=env)
+                              "--spool-dir", os.path.join(run_dir, "spool"),
+                              "--stats-socket", os.path.join(run_dir, "amproxy.stats.sock")],
+                             env=env)
     client = None
     try:
-        wait_for(lambda: port_open(proxy_port), 10, what="amproxy to listen")
+        wait_for(lambda: proxy.poll() is not None or port_open(proxy_port), 10,
+                 what="amproxy to listen")
+        if proxy.poll() is not None:
+            raise SystemExit("amproxy exited at start (status %d); its error is above"
+                             % proxy.returncode)
         print("\ncarbon-cache listens on %s, amproxy on 127.0.0.1:%d.\n"
               "The test client sends metric1 every 5 s; its points land in\n  %s\n"
               "Read them with: %s/whisper-fetch.py --from=$(( $(date +%%s) - 300 )) %s\n"
