@@ -169,7 +169,7 @@ SERVER_OPTIONS = [
            "client connections per worker; beyond that new connections are closed at once",
            env="AMPROXY_MAX_CONNECTIONS", type=positive_int, live=True),
     Option("--max-connections-per-source", 0,
-           "client connections per worker from one source address; 0: half of "
+           "client connections per worker from one source address; 0: 90%% of "
            "--max-connections, so that one address cannot take every slot while a "
            "fleet behind one NAT still fits", env="AMPROXY_MAX_CONNECTIONS_PER_SOURCE",
            type=non_negative_int, live=True),

@@ -59,6 +59,27 @@ def bind_listener(address):
     return sock
 
 
+def check_access(options):
+    """What the workers will need, checked as the user they run as (the master read the
+    auth file before dropping privileges, and every reload happens after)."""
+    who = options.user or "this user"
+    try:
+        with open(options.auth_file, "rb"):
+            pass
+    except OSError as e:
+        raise AmproxyError("auth file %s cannot be read by %s, which reloads it: %s" % (
+            options.auth_file, who, e.strerror or e)) from None
+    if options.spool_dir:
+        try:
+            os.makedirs(options.spool_dir, mode=0o750, exist_ok=True)
+        except OSError as e:
+            raise AmproxyError("spool directory %s cannot be created by %s: %s" % (
+                options.spool_dir, who, e.strerror or e)) from None
+        if not os.access(options.spool_dir, os.W_OK | os.X_OK):
+            raise AmproxyError("spool directory %s is not writable by %s" % (
+                options.spool_dir, who))
+
+
 class Master:
     def __init__(self, options, argv=()):
         self.options = options
@@ -104,6 +125,7 @@ class Master:
         if self.pidfile is not None:
             self.pidfile.create(self.pid)
         daemon.drop_privileges(options.user, options.group)
+        check_access(options)
         self.stats_channels = StatsChannels()
         self.live_options = LiveOptions()
         self.connection_table = ConnectionTable()

@@ -308,7 +308,8 @@ class Worker:
 
     def _has_slot_for(self, source):
         options = self.options
-        per_source = options.max_connections_per_source or max(1, options.max_connections // 2)
+        per_source = options.max_connections_per_source or max(
+            1, options.max_connections * 9 // 10)
         return (len(self.connections) < options.max_connections
                 and self.connections_per_source[source] < per_source)
 

@@ -417,3 +417,31 @@ def test_init_script_exit_codes_when_amproxy_is_not_installed(tmp_path):
         assert result.returncode == code, (action, result.stdout, result.stderr)
         if code:
             assert result.stderr.strip(), "exit %d without a word" % code
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+@pytest.mark.parametrize("what", ["auth file", "spool directory"])
+def test_start_fails_when_the_daemon_user_cannot_use_a_file(carbon, tmp_path, what):
+    """Root reads the auth file at start; the workers, as --user, reload it later."""
+    directory = tempfile.mkdtemp(prefix="amproxy-nobody-")
+    try:
+        os.chmod(directory, 0o755)
+        auth = os.path.join(directory, "auth.yaml")
+        write_auth(auth, KEYS)
+        spool = os.path.join(directory, "spool")
+        os.mkdir(spool, 0o700)  # root's
+        if what == "auth file":
+            os.chmod(auth, 0o600)  # root's alone
+        else:
+            os.chown(auth, 0, pwd.getpwnam("nobody").pw_gid)
+            os.chmod(auth, 0o640)
+        result = subprocess.run([AMPROXY, "server", "--addr", "127.0.0.1:%d" % free_port(),
+                                 "--carbon-addr", carbon.address, "--auth-file", auth,
+                                 "--spool-dir", spool, "--user", "nobody"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result.stderr
+        expected = auth if what == "auth file" else spool
+        assert "%s %s" % (what, expected) in result.stderr and "nobody" in result.stderr, \
+            result.stderr
+    finally:
+        shutil.rmtree(directory)
