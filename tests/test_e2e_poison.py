@@ -9,6 +9,8 @@ import os
 import random
 import time
 
+import pytest
+
 from amproxy.auth import load_auth_file
 from amproxy.deadletter import DEAD_LETTER_FILE
 from amproxy.protocol import check_line, sign
@@ -30,6 +32,31 @@ def keys_for(ns):
     }
     SECRETS_USED.update(secret for secret, _ in keys.values())
     return keys
+
+
+@pytest.fixture
+def ns():
+    return namespace()
+
+
+@pytest.fixture
+def keys(ns):
+    return keys_for(ns)
+
+
+@pytest.fixture
+def start_proxy(make_proxy, keys, tmp_path):
+    """An amproxy server with the namespace's keys and a stats socket for ``counters``."""
+    auth = tmp_path / "auth.yaml"
+    write_auth(auth, keys)
+
+    def start(carbon, *args, workers=2):
+        stats_socket = str(tmp_path / "stats.sock")
+        proxy = make_proxy(carbon.address, auth, workers=workers,
+                           args=list(args) + ["--stats-socket", stats_socket])
+        proxy.stats_socket = stats_socket
+        return proxy
+    return start
 
 
 def signed(keys, public_key, metric, value=b"1", timestamp=None):
@@ -82,16 +109,9 @@ def bad_lines(keys, ns):
     return cases
 
 
-def test_lines_carbon_would_choke_on_or_file_elsewhere_are_refused(carbon, make_proxy,
-                                                                    tmp_path):
-    ns = namespace()
-    keys = keys_for(ns)
-    auth = tmp_path / "auth.yaml"
-    write_auth(auth, keys)
-    stats_socket = str(tmp_path / "stats.sock")
-    proxy = make_proxy(carbon.address, auth, args=[
-        "--max-line-length", "40000", "--stats-socket", stats_socket])
-    proxy.stats_socket = stats_socket
+def test_lines_carbon_would_choke_on_or_file_elsewhere_are_refused(carbon, start_proxy, keys,
+                                                                    ns):
+    proxy = start_proxy(carbon, "--max-line-length", "40000")
     workers = proxy.workers()
     now = int(time.time())
     good = {now - 100 + i: float(i) for i in range(30)}
@@ -119,12 +139,8 @@ def test_lines_carbon_would_choke_on_or_file_elsewhere_are_refused(carbon, make_
 
 
 def test_allow_tags_forwards_tagged_series_and_applies_the_pattern_to_the_name(
-        carbon, make_proxy, tmp_path):
-    ns = namespace()
-    keys = keys_for(ns)
-    auth = tmp_path / "auth.yaml"
-    write_auth(auth, keys)
-    proxy = make_proxy(carbon.address, auth, args=["--allow-tags"])
+        carbon, start_proxy, keys, ns):
+    proxy = start_proxy(carbon, "--allow-tags")
     tagged = "%s.dev1.x;tag=v;site=b.c" % ns
     escaping = "%s.home.bob;x=y.temp" % ns  # the name is home.bob: not home.*.temp
     with proxy.connect() as sock:
@@ -137,13 +153,9 @@ def test_allow_tags_forwards_tagged_series_and_applies_the_pattern_to_the_name(
     assert not os.path.exists(tagged_path(carbon, escaping))
 
 
-def test_poison_lines_in_the_spool_are_set_aside_and_the_rest_delivered(carbon, make_proxy,
-                                                                         tmp_path):
+def test_poison_lines_in_the_spool_are_set_aside_and_the_rest_delivered(carbon, start_proxy,
+                                                                         ns, tmp_path):
     """Lines an earlier version let through, spooled while Carbon was down."""
-    ns = namespace()
-    keys = keys_for(ns)
-    auth = tmp_path / "auth.yaml"
-    write_auth(auth, keys)
     now = int(time.time())
     metric = "%s.spool.m" % ns
     good = {now - 2000 + i: float(i) for i in range(1500)}
@@ -155,10 +167,7 @@ def test_poison_lines_in_the_spool_are_set_aside_and_the_rest_delivered(carbon, 
     spool = tmp_path / "spool"
     os.makedirs(spool / "worker-0")
     (spool / "worker-0" / "0000000000000001.spool").write_bytes(b"".join(lines))
-    stats_socket = str(tmp_path / "stats.sock")
-    proxy = make_proxy(carbon.address, auth, workers=1, args=[
-        "--spool-dir", str(spool), "--stats-socket", stats_socket])
-    proxy.stats_socket = stats_socket
+    proxy = start_proxy(carbon, "--spool-dir", str(spool), workers=1)
     wait_points(carbon, metric, good, now - 2000, timeout=60)
     dead = spool / DEAD_LETTER_FILE
     wait_for(lambda: dead.exists() and dead.read_bytes() == b"".join(poison), 10,
@@ -170,15 +179,8 @@ def test_poison_lines_in_the_spool_are_set_aside_and_the_rest_delivered(carbon, 
     assert "looking for the line it refuses" in proxy.log()
 
 
-def test_absurd_numbers_do_not_crash_a_worker(carbon, make_proxy, tmp_path):
-    ns = namespace()
-    keys = keys_for(ns)
-    auth = tmp_path / "auth.yaml"
-    write_auth(auth, keys)
-    stats_socket = str(tmp_path / "stats.sock")
-    proxy = make_proxy(carbon.address, auth, workers=1, args=[
-        "--max-line-length", "40000", "--stats-socket", stats_socket])
-    proxy.stats_socket = stats_socket
+def test_absurd_numbers_do_not_crash_a_worker(carbon, start_proxy, keys, ns):
+    proxy = start_proxy(carbon, "--max-line-length", "40000", workers=1)
     worker = proxy.workers()
     metric = "%s.dev1.n" % ns
     now = int(time.time())
@@ -196,14 +198,10 @@ def test_absurd_numbers_do_not_crash_a_worker(carbon, make_proxy, tmp_path):
     assert proxy.workers() == worker and "worker crashed" not in proxy.log()
 
 
-def test_a_device_that_swaps_its_keys_never_gets_its_secret_logged(carbon, make_proxy,
-                                                                    tmp_path):
-    ns = namespace()
-    keys = keys_for(ns)
-    auth = tmp_path / "auth.yaml"
-    write_auth(auth, keys)
+def test_a_device_that_swaps_its_keys_never_gets_its_secret_logged(carbon, start_proxy, keys,
+                                                                    ns, tmp_path):
     log_file = tmp_path / "amproxy.log"
-    proxy = make_proxy(carbon.address, auth, args=["--log-file", str(log_file)])
+    proxy = start_proxy(carbon, "--log-file", str(log_file))
     secret = keys["dev1"][0]
     swapped = dict(keys, **{secret: ("dev1", [])})
     proxy.send(signed(swapped, secret, "%s.dev1.x" % ns))
@@ -213,17 +211,10 @@ def test_a_device_that_swaps_its_keys_never_gets_its_secret_logged(carbon, make_
 
 
 def test_random_bytes_in_signed_fields_land_only_as_named_in_the_keys_namespace(
-        own_carbon, make_proxy, tmp_path):
+        own_carbon, start_proxy, keys, ns, tmp_path):
     """Property: whatever a key signs, carbon stores exactly the series amproxy passed."""
     own_carbon.start()
-    ns = namespace()
-    keys = keys_for(ns)
-    auth = tmp_path / "auth.yaml"
-    write_auth(auth, keys)
-    stats_socket = str(tmp_path / "stats.sock")
-    proxy = make_proxy(own_carbon.address, auth, args=[
-        "--max-line-length", "40000", "--stats-socket", stats_socket])
-    proxy.stats_socket = stats_socket
+    proxy = start_proxy(own_carbon, "--max-line-length", "40000")
     workers = proxy.workers()
     rng = random.Random(20261128)
     alphabet = [b"a", b"Z", b"0", b"-", b"_", b".", b"..", b"/", b";", b"=", b"*", b"{",
@@ -246,7 +237,7 @@ def test_random_bytes_in_signed_fields_land_only_as_named_in_the_keys_namespace(
         for start in range(0, len(sent), 50):
             sock.sendall(b"".join(sent[start:start + 50]))
     expected = {}
-    auth_keys = load_auth_file(str(auth)).keys
+    auth_keys = load_auth_file(str(tmp_path / "auth.yaml")).keys
     received = 0  # a \r in the junk ends a line early, as it does for the proxy
     for piece in b"".join(sent).splitlines():
         received += bool(piece.strip())
