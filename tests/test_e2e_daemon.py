@@ -122,14 +122,15 @@ def test_quit_is_a_fast_stop_and_int_a_graceful_one(carbon, auth_file, make_prox
 
 def test_worker_that_cannot_start_stops_the_master(carbon, auth_file, make_proxy,
                                                    tmp_path):
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_text("")
+    spool = tmp_path / "spool"  # the master finds it usable; a worker's own part is not
+    spool.mkdir()
+    (spool / "worker-0").write_text("")
     proxy = make_proxy(carbon.address, auth_file, start=False,
-                       args=["--spool-dir", str(blocker / "spool")])
+                       args=["--spool-dir", str(spool)])
     proxy.start(wait=False)
     assert proxy.wait_exit(20) == 3
     log = proxy.log()
-    assert "cannot use spool directory %s" % (blocker / "spool" / "worker-0") in log
+    assert "cannot use spool directory %s" % (spool / "worker-0") in log
     assert "stopping instead of respawning" in log
     assert log.count('msg="worker failed to start') <= 2  # no respawn loop
 
