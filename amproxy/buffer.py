@@ -209,15 +209,15 @@ class Spool:
                 with open(self._path(seq), "rb") as f:
                     f.seek(self._read_offset)
                     data = f.read(min(limit, size - self._read_offset))
-            except OSError as e:
-                # Delivery must go on past a segment that cannot be read; it is
-                # left on disk for the operator.
-                log.error("cannot read spool segment %s: %s; skipping it, its lines stay "
-                          "in the file", self._path(seq), e.strerror or e)
-                self._segments.pop(0)
-                self.bytes -= self._sizes.pop(seq) - self._read_offset
-                self._read_offset = 0
+            except FileNotFoundError:
+                # Deleted behind our back: its lines are gone, the rest must go on.
+                log.error("spool segment %s was deleted; %d bytes of lines in it are lost",
+                          self._path(seq), size - self._read_offset)
+                self._drop_first_segment()
                 continue
+            except OSError as e:  # out of descriptors, say: the segment stays, try later
+                raise SpoolError("cannot read spool segment %s: %s" % (
+                    self._path(seq), e.strerror or e)) from None
             # Lines are far shorter than ``limit``; no newline at all means a
             # torn write, which goes out as it is and Carbon drops.
             end = data.rfind(b"\n") + 1 or len(data)

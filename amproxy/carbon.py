@@ -41,6 +41,9 @@ PROBATION = 1.0
 # as Carbon took to break the connection before the search, at most the max.
 PROBE_WAIT = 0.5
 MAX_PROBE_WAIT = 30.0
+# After a search finds that Carbon drops even an empty connection, the next
+# search waits this long (Carbon may have been restarting, not refusing).
+SEARCH_COOLDOWN = 30.0
 # After back-pressure, reading resumes only below this share of the buffer (as
 # carbon's QUEUE_LOW_WATERMARK_PCT), so that an overload does not flap.
 RESUME_FILL = 0.8
@@ -72,7 +75,7 @@ class CarbonSender:
         self._breaks_on_head = 0  # breaks in a row with the same resent chunk first
         self._head_at_break = None
         self._slowest_break = 0.0  # seconds from the first write to the break, in those
-        self._carbon_suspect = False  # a search found Carbon drops empty connections
+        self._no_search_until = 0.0  # after an aborted search
         self._current = None  # (data, line_count) being written
         self._current_sent_at = None  # when a resent chunk was first sent
         self._offset = 0
@@ -87,6 +90,7 @@ class CarbonSender:
         self._tokens = 0.0
         self._tokens_at = 0.0
         self._spilling = False
+        self._spool_unreadable = False
         self._window_cut_logged = False
         self.full = False
         self.reconnects = 0
@@ -96,7 +100,7 @@ class CarbonSender:
 
     def _held_for_resend(self):
         """Chunks to send before the queue: a search's suspects, then resent ones."""
-        held = []
+        held = list(self._unconfirmed)
         if self._search is not None:
             if self._search.candidate is not None:
                 held.append(self._search.candidate)
@@ -116,7 +120,7 @@ class CarbonSender:
     @property
     def memory_empty(self):
         return (not self.buffer and self._current is None and not self._resend
-                and self._search is None)
+                and not self._unconfirmed and self._search is None)
 
     def enqueue(self, data, line_count):
         """Queue a chunk of Carbon lines.  Never drops: may set ``full``."""
@@ -155,7 +159,6 @@ class CarbonSender:
         now = self.clock()
         if not self._healthy and now - self._connected_at >= PROBATION:
             self._healthy = True
-            self._carbon_suspect = False
             self._backoff = INITIAL_BACKOFF
             unconfirmed, self._unconfirmed = self._unconfirmed, []
             self._recent_add(unconfirmed)
@@ -199,6 +202,10 @@ class CarbonSender:
             self._current = (data, line_count)
             self._offset = 0
             return True
+        if not self._healthy and self._unconfirmed_lines() >= self.buffer.max_lines:
+            # The rest waits until this connection has stayed up: a front that
+            # accepts and drops would otherwise pull the whole spool into memory.
+            return False
         if not self.spool and not self.buffer:
             # Checked before the rate limit: an empty backlog with no tokens left
             # would otherwise never be declared delivered.  A connection that
@@ -210,9 +217,8 @@ class CarbonSender:
             return False
         if self._replaying and self.replay_rate and not self._take_tokens():
             return False
-        # None from the spool: its last segment could not be read (and was skipped).
-        self._current = self.spool.read_chunk() if self.spool else None
-        if self._current is None:
+        self._current = self._read_spool() if self.spool else None
+        if self._current is None:  # the spool cannot be read now: memory goes first
             if not self.buffer:
                 return False
             self._current = self.buffer.popleft()
@@ -220,6 +226,21 @@ class CarbonSender:
         if self._replaying and self.replay_rate:
             self._tokens -= self._current[1]
         return True
+
+    def _unconfirmed_lines(self):
+        return sum(count for _, _, count in self._unconfirmed)
+
+    def _read_spool(self):
+        """The spool's next chunk; None (logged once) while it cannot be read."""
+        try:
+            chunk = self.spool.read_chunk()
+        except SpoolError as e:
+            if not self._spool_unreadable:
+                self._spool_unreadable = True
+                log.error("%s; sending from memory meanwhile", e)
+            return None
+        self._spool_unreadable = False
+        return chunk
 
     def _take_tokens(self):
         now = self.clock()
@@ -313,7 +334,7 @@ class CarbonSender:
         else:
             self._breaks_on_head, self._slowest_break = 1, took
         self._head_at_break = head
-        if self._breaks_on_head >= 2 and not self._carbon_suspect:
+        if self._breaks_on_head >= 2 and self.clock() >= self._no_search_until:
             wait = min(max(PROBE_WAIT, 2 * self._slowest_break), MAX_PROBE_WAIT)
             self._search = PoisonSearch(self._resend, wait)
             self._resend.clear()
@@ -331,10 +352,10 @@ class CarbonSender:
         if search.culprit is not None:
             self.dead_letters.add(search.culprit[1], self._where())
         elif search.aborted:
-            self._carbon_suspect = True  # no new search until a connection stays up
+            self._no_search_until = self.clock() + SEARCH_COOLDOWN
             log.error("Carbon drops even a connection that sends nothing: no line is to "
-                      "blame; keeping every line until it stays up", extra={
-                          "carbon": self._where()})
+                      "blame; keeping every line", extra={
+                          "carbon": self._where(), "next_search_seconds": SEARCH_COOLDOWN})
         else:
             log.warning("every line went through on its own; resuming", extra={
                 "carbon": self._where()})
@@ -350,6 +371,7 @@ class CarbonSender:
         held = self._held_for_resend()
         self._search = None
         self._resend.clear()
+        self._unconfirmed = []
         for _, chunk, line_count in reversed(held):
             self.buffer.appendleft(chunk, line_count)
         data, lines = self.buffer.pop_all()

@@ -7,6 +7,7 @@ file is ``--config`` (or ``AMPROXY_CONFIG``) if given, else
 ``/etc/amproxy/amproxy.conf`` if it exists: never both.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -266,8 +267,9 @@ class _RaisingParser(configargparse.ArgumentParser):
 
 def build_parser(prog, description, options, raise_errors=False, **kwargs):
     parser_class = _RaisingParser if raise_errors else configargparse.ArgumentParser
+    # No abbreviations: "--conf" must not read both config files.
     parser = parser_class(prog=prog, description=description, add_config_file_help=False,
-                          add_env_var_help=False, **kwargs)
+                          add_env_var_help=False, allow_abbrev=False, **kwargs)
     for option in options:
         option.add_to(parser)
     return parser
@@ -313,12 +315,22 @@ class LiveOptions:
 
     def publish(self, options):
         data = json.dumps({name: getattr(options, name) for name in LIVE_OPTIONS}).encode()
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, data, 0)
+        # A record lock (per process, unlike flock on a shared descriptor): a
+        # worker still reading the previous version never sees half of this one.
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, data, 0)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def read(self):
         """{option name: value}; empty before the first publish."""
-        data = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+        fcntl.lockf(self.fd, fcntl.LOCK_SH)
+        try:
+            data = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
         return json.loads(data) if data else {}
 
 

@@ -107,9 +107,16 @@ class ReopenableFileHandler(logging.StreamHandler):
         return open(fd, "a", encoding="utf-8", buffering=1)
 
     def reopen(self):
+        """Open the file again by name; if that fails, keep writing to the old one."""
         self.acquire()
         try:
-            old, self.stream = self.stream, self._open()
+            try:
+                new = self._open()
+            except OSError as e:
+                self.stream.write("cannot reopen log file %s: %s; still writing to the "
+                                  "file that was open\n" % (self.path, e.strerror or e))
+                return
+            old, self.stream = self.stream, new
             old.close()
         finally:
             self.release()

@@ -218,3 +218,19 @@ def test_a_connection_that_breaks_again_at_once_backs_off(carbon_listener):
     pump(selector, lambda: not sender.connected)
     assert sender.seconds_to_next_write(clock.now) == pytest.approx(delays[0])
     sender.close()
+
+
+def test_a_stop_right_after_a_reconnect_keeps_what_that_connection_may_not_have_delivered(
+        carbon_listener, tmp_path):
+    from amproxy.buffer import Spool
+    spool = Spool(str(tmp_path / "worker-0"), 1 << 20).open()
+    sender, selector, clock, conn = connected_sender(carbon_listener, buffer_lines=1000,
+                                                     resend_window=5.0, spool=spool)
+    lines = chunk_of(0, 10)
+    send_now(sender, conn, lines, 10)  # on a connection not yet up for a second
+    assert not sender.memory_empty  # a graceful stop waits for it to prove healthy
+    assert sender.save_to_spool() == 0
+    assert spool.read_chunk() == (lines, 10)
+    conn.close()
+    sender.close()
+    spool.close()

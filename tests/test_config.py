@@ -126,3 +126,10 @@ def test_live_options_are_marked_where_they_are_declared():
     from amproxy.config import LIVE_OPTIONS, SERVER_OPTIONS
     assert "skew" in LIVE_OPTIONS and "addr" not in LIVE_OPTIONS
     assert set(LIVE_OPTIONS) <= {option.dest for option in SERVER_OPTIONS}
+
+
+def test_an_abbreviated_config_flag_is_refused(clean_env, tmp_path):
+    mine = tmp_path / "mine.conf"
+    mine.write_text("workers = 3\n")
+    with pytest.raises(SystemExit):
+        parse_server_args(["--conf", str(mine)])  # argparse would take it for --config

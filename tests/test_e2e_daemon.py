@@ -418,6 +418,9 @@ def test_init_script_exit_codes_when_amproxy_is_not_installed(tmp_path):
         assert result.returncode == code, (action, result.stdout, result.stderr)
         if code:
             assert result.stderr.strip(), "exit %d without a word" % code
+    # Installed but not running: reload is 7.
+    defaults.write_text("DAEMON=/bin/true\nPIDFILE=%s\n" % (tmp_path / "none.pid"))
+    assert init("reload").returncode == 7
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")

@@ -170,3 +170,17 @@ def test_unknown_key_is_logged_as_a_short_prefix_and_its_length():
     assert "s3cr" not in lines[1]
     assert " public_key=s... public_key_length=6 " in lines[1]
     assert " public_key=alpha " in lines[2] and "public_key_length" not in lines[2]
+
+
+def test_a_log_file_that_cannot_be_reopened_keeps_the_old_one(tmp_path):
+    """USR1 after logrotate must never take the server down."""
+    from amproxy.logs import ReopenableFileHandler
+    path = tmp_path / "amproxy.log"
+    handler = ReopenableFileHandler(str(path))
+    os.rename(path, tmp_path / "amproxy.log.1")
+    os.mkdir(path)  # the name is now a directory: it cannot be opened as a file
+    handler.reopen()
+    handler.stream.write("still logging\n")
+    handler.close()
+    text = (tmp_path / "amproxy.log.1").read_text()
+    assert "cannot reopen log file" in text and "still logging" in text
