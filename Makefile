@@ -51,8 +51,8 @@ DAEMON_USER ?= amproxy
 # A real install makes the daemon's user; a staged one (DESTDIR) leaves it to the package.
 CREATE_USER ?= $(if $(DESTDIR),no,yes)
 DEBIAN_PACKAGES := python3 python3-yaml python3-configargparse python3-pythonjsonlogger
-# Where each installed file names the command.
-SUBST = sed -e 's|/usr/bin/amproxy|$(BINDIR)/amproxy|g'
+# Where each installed file names the command and its config.
+SUBST = sed -e 's|/usr/bin/amproxy|$(BINDIR)/amproxy|g' -e 's|/etc/|$(SYSCONFDIR)/|g'
 
 install:
 	@test -n "$(DESTDIR)" || $(INSTALL_PYTHON) -c 'import yaml, configargparse, pythonjsonlogger' \
@@ -73,7 +73,7 @@ install:
 	chmod 0755 "$(DESTDIR)$(SYSCONFDIR)/init.d/amproxy"
 	test -e "$(DESTDIR)$(SYSCONFDIR)/default/amproxy" || \
 		$(SUBST) etc/default/amproxy > "$(DESTDIR)$(SYSCONFDIR)/default/amproxy"
-	$(INSTALL) -m 0644 etc/logrotate.d/amproxy "$(DESTDIR)$(SYSCONFDIR)/logrotate.d/amproxy"
+	$(SUBST) etc/logrotate.d/amproxy > "$(DESTDIR)$(SYSCONFDIR)/logrotate.d/amproxy"
 	$(SUBST) systemd/amproxy.service > "$(DESTDIR)$(SYSTEMD_UNIT_DIR)/amproxy.service"
 	$(INSTALL) -m 0644 systemd/amproxy.socket "$(DESTDIR)$(SYSTEMD_UNIT_DIR)/amproxy.socket"
 	@# A real install (no DESTDIR) also gets the daemon's user, which may read the keys.
