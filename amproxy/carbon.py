@@ -28,22 +28,14 @@ import selectors
 import socket
 
 from .buffer import LineBuffer, SpoolError
-from .deadletter import DeadLetters, PoisonSearch
+from .deadletter import SEARCH_COOLDOWN, DeadLetters, PoisonSearch, PoisonWatch
 
 log = logging.getLogger(__name__)
 
 INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 10.0
-# A connection that breaks sooner than this after it was made is suspect.
+# A connection counts as healthy (what it carried as sent) once it has stayed up this long.
 PROBATION = 1.0
-# How long a probe must survive to count as delivered: carbon-cache drops the
-# connection as soon as it reads a line it chokes on.  At least twice as long
-# as Carbon took to break the connection before the search, at most the max.
-PROBE_WAIT = 0.5
-MAX_PROBE_WAIT = 30.0
-# After a search finds that Carbon drops even an empty connection, the next
-# search waits this long (Carbon may have been restarting, not refusing).
-SEARCH_COOLDOWN = 30.0
 # After back-pressure, reading resumes only below this share of the buffer (as
 # carbon's QUEUE_LOW_WATERMARK_PCT), so that an overload does not flap.
 RESUME_FILL = 0.8
@@ -72,10 +64,7 @@ class CarbonSender:
         self._connected_at = None
         self._first_write_at = None  # on this connection
         self._healthy = False  # up for PROBATION seconds
-        self._breaks_on_head = 0  # breaks in a row with the same resent chunk first
-        self._head_at_break = None
-        self._slowest_break = 0.0  # seconds from the first write to the break, in those
-        self._no_search_until = 0.0  # after an aborted search
+        self._poison_watch = PoisonWatch()
         self._current = None  # (data, line_count) being written
         self._current_sent_at = None  # when a resent chunk was first sent
         self._offset = 0
@@ -313,12 +302,7 @@ class CarbonSender:
         return sum(count for _, _, count in recent)
 
     def _after_break(self):
-        """A connection broke: a probe failed, or maybe a search must start.
-
-        Timing cannot tell a poison line from an outage (Carbon may read late),
-        but repetition can: the same resent chunk first in line at two breaks
-        in a row means nothing got past it.
-        """
+        """A connection broke: a probe failed, or maybe a search must start."""
         search = self._search
         if search is not None:
             if search.probe is not None:
@@ -326,16 +310,11 @@ class CarbonSender:
                 if search.done:
                     self._end_search()
             return
-        head = self._resend[0][1] if self._resend else None
-        took = self.clock() - self._first_write_at if self._first_write_at else 0.0
-        if head is not None and head is self._head_at_break:
-            self._breaks_on_head += 1
-            self._slowest_break = max(self._slowest_break, took)
-        else:
-            self._breaks_on_head, self._slowest_break = 1, took
-        self._head_at_break = head
-        if self._breaks_on_head >= 2 and self.clock() >= self._no_search_until:
-            wait = min(max(PROBE_WAIT, 2 * self._slowest_break), MAX_PROBE_WAIT)
+        now = self.clock()
+        wait = self._poison_watch.search_wait_after_break(
+            self._resend[0][1] if self._resend else None,
+            now - self._first_write_at if self._first_write_at else 0.0, now)
+        if wait is not None:
             self._search = PoisonSearch(self._resend, wait)
             self._resend.clear()
             log.warning("Carbon dropped the connection twice on the same lines; looking "
@@ -345,14 +324,13 @@ class CarbonSender:
 
     def _end_search(self):
         search, self._search = self._search, None
-        self._breaks_on_head, self._head_at_break = 0, None
+        self._poison_watch.search_ended(search.aborted, self.clock())
         if self.connected:
             self._down_since = None  # the outage kept open for the search is over
         self._resend.extendleft(reversed(search.suspects))  # not delivered yet: sent next
         if search.culprit is not None:
             self.dead_letters.add(search.culprit[1], self._where())
         elif search.aborted:
-            self._no_search_until = self.clock() + SEARCH_COOLDOWN
             log.error("Carbon drops even a connection that sends nothing: no line is to "
                       "blame; keeping every line", extra={
                           "carbon": self._where(), "next_search_seconds": SEARCH_COOLDOWN})

@@ -228,7 +228,7 @@ def _usage(argv):
     """Help for ``amproxy``, or for a group of commands (``amproxy keys --help``)."""
     asked = any(arg in ("-h", "--help") for arg in argv[:2])
     words = [arg for arg in argv[:2] if not arg.startswith("-")]
-    groups = {words[0] for words in COMMANDS}
+    groups = {command[0] for command in COMMANDS}
     if words and words[0] in groups:
         usage = "usage: amproxy %s COMMAND [options]\n\ncommands:\n" % words[0] + "".join(
             line + "\n" for line in _command_lines(words[0]))

@@ -14,6 +14,15 @@ import os
 
 log = logging.getLogger(__name__)
 
+# How long a probe must survive to count as delivered: carbon-cache drops the
+# connection as soon as it reads a line it chokes on.  At least twice as long
+# as Carbon took to break the connection before the search, at most the max.
+PROBE_WAIT = 0.5
+MAX_PROBE_WAIT = 30.0
+# After a search finds that Carbon drops even an empty connection, the next
+# search waits this long (Carbon may have been restarting, not refusing).
+SEARCH_COOLDOWN = 30.0
+
 DEAD_LETTER_FILE = "dead-letters"
 # A file an operator reads, not a second spool: past this size lines are only counted.
 DEAD_LETTER_MAX_BYTES = 64 << 20
@@ -58,6 +67,40 @@ class DeadLetters:
         except OSError as e:
             return "not kept: cannot write %s: %s" % (self.path, e.strerror or e)
         return self.path
+
+
+class PoisonWatch:
+    """Says when a search must start, and how long its probes wait.
+
+    Timing cannot tell a poison line from an outage (Carbon may read late),
+    but repetition can: the same resent chunk first in line at two breaks in
+    a row means nothing got past it.
+    """
+
+    def __init__(self):
+        self._head = None
+        self._breaks = 0
+        self._slowest = 0.0  # seconds from the first write to the break, in those breaks
+        self._quiet_until = 0.0  # after an aborted search
+
+    def search_wait_after_break(self, head, took, now):
+        """After a break with ``head`` (a chunk's data, or None) first in line, ``took``
+        seconds after the connection's first write: the probe wait of a search to start
+        now, or None."""
+        if head is not None and head is self._head:
+            self._breaks += 1
+            self._slowest = max(self._slowest, took)
+        else:
+            self._breaks, self._slowest = 1, took
+        self._head = head
+        if self._breaks >= 2 and now >= self._quiet_until:
+            return min(max(PROBE_WAIT, 2 * self._slowest), MAX_PROBE_WAIT)
+        return None
+
+    def search_ended(self, aborted, now):
+        self._head, self._breaks = None, 0
+        if aborted:
+            self._quiet_until = now + SEARCH_COOLDOWN
 
 
 class PoisonSearch:

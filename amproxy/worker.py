@@ -86,6 +86,27 @@ class Connection:
         self.last_active = now
 
 
+class SourceSlots:
+    """Connections per source address, so that one address never takes every slot."""
+
+    def __init__(self):
+        self._counts = collections.Counter()
+
+    def admits(self, source, connections, options):
+        """Room for one more from ``source``, with ``connections`` open in all?"""
+        per_source = options.max_connections_per_source or max(
+            1, options.max_connections * 9 // 10)
+        return connections < options.max_connections and self._counts[source] < per_source
+
+    def add(self, source):
+        self._counts[source] += 1
+
+    def remove(self, source):
+        self._counts[source] -= 1
+        if not self._counts[source]:
+            del self._counts[source]
+
+
 class Worker:
     """Built by the master before the fork; ``run`` is called in the child."""
 
@@ -107,7 +128,7 @@ class Worker:
         self.paused = False
         self._next_stats_report = 0.0
         self.connections = {}
-        self.connections_per_source = collections.Counter()
+        self.source_slots = SourceSlots()
         self.accept_paused_until = 0.0
         self.forwarded = 0
         self.internal_errors = 0
@@ -294,24 +315,17 @@ class Worker:
                 return False
             raise
         conn = Connection(sock, address, self.clock())
-        if not self._has_slot_for(conn.source):
+        if not self.source_slots.admits(conn.source, len(self.connections), self.options):
             self.connections_refused += 1
             sock.close()
             return True
         sock.setblocking(False)
         self.connections[sock.fileno()] = conn
-        self.connections_per_source[conn.source] += 1
+        self.source_slots.add(conn.source)
         self.connections_opened += 1
         self.selector.register(sock, selectors.EVENT_READ,
                                lambda mask, conn=conn: self._on_readable(conn))
         return True
-
-    def _has_slot_for(self, source):
-        options = self.options
-        per_source = options.max_connections_per_source or max(
-            1, options.max_connections * 9 // 10)
-        return (len(self.connections) < options.max_connections
-                and self.connections_per_source[source] < per_source)
 
     @property
     def accepting(self):
@@ -342,9 +356,7 @@ class Worker:
         if not self.paused:
             self.selector.unregister(conn.sock)
         del self.connections[conn.sock.fileno()]
-        self.connections_per_source[conn.source] -= 1
-        if not self.connections_per_source[conn.source]:
-            del self.connections_per_source[conn.source]
+        self.source_slots.remove(conn.source)
         conn.sock.close()
 
     def _set_paused(self, paused):

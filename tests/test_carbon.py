@@ -61,21 +61,31 @@ def connected_sender(listener, **options):
     return sender, selector, clock, conn
 
 
+def drop(selector, sender, conn):
+    """Carbon closes the connection; wait until the sender has noticed."""
+    conn.close()
+    pump(selector, lambda: not sender.connected)
+
+
+def reconnected(sender, selector, listener):
+    """Let the sender connect again (its backoff is up); return Carbon's side."""
+    sender.flush()
+    pump(selector, lambda: sender.connected)
+    return listener.accept()[0]
+
+
 def test_rate_limited_backlog_is_declared_delivered_when_the_last_chunk_goes(
         carbon_listener, caplog):
     caplog.set_level(logging.INFO, logger="amproxy.carbon")
     sender, selector, clock, first = connected_sender(carbon_listener, buffer_lines=1000,
                                                       replay_rate=100)
-    first.close()
-    pump(selector, lambda: not sender.connected)
+    drop(selector, sender, first)
 
     chunks = [chunk_of(n * 100, 100) for n in range(3)]
     for data in chunks:
         sender.enqueue(data, 100)
     clock.now += 60
-    sender.flush()
-    pump(selector, lambda: sender.connected)
-    second, _ = carbon_listener.accept()
+    second = reconnected(sender, selector, carbon_listener)
     assert "sending the backlog" in caplog.text
 
     received = b""
@@ -107,15 +117,11 @@ def test_lines_sent_on_a_connection_that_never_proved_healthy_go_again(carbon_li
     lines = chunk_of(0, 10)
     send_now(sender, conn, lines, 10)
     clock.now += 0.5
-    conn.close()  # before the connection proved healthy
-    pump(selector, lambda: not sender.connected)
+    drop(selector, sender, conn)  # before the connection proved healthy
     clock.now += 10  # far past the resend window
-    sender.flush()
-    pump(selector, lambda: sender.connected)
-    conn, _ = carbon_listener.accept()
+    conn = reconnected(sender, selector, carbon_listener)
     assert read_exactly(conn, len(lines)) == lines  # resent, with its first send time
-    conn.close()  # and dropped again before it proved healthy
-    pump(selector, lambda: not sender.connected)
+    drop(selector, sender, conn)  # and dropped again before it proved healthy
     assert sender.queued_lines == 10, "lines given up as delivered on a dead connection"
     sender.close()
 
@@ -129,12 +135,9 @@ def test_after_a_break_the_lines_of_the_resend_window_go_again(carbon_listener, 
     send_now(sender, conn, kept, 10)
     clock.now += 3  # ``old`` is now 6 s old: out of the window
     send_now(sender, conn, newest, 10)
-    conn.close()  # Carbon dies with those lines in memory
-    pump(selector, lambda: not sender.connected)
+    drop(selector, sender, conn)  # Carbon dies with those lines in memory
     clock.now += 1
-    sender.flush()
-    pump(selector, lambda: sender.connected)
-    again, _ = carbon_listener.accept()
+    again = reconnected(sender, selector, carbon_listener)
     assert read_exactly(again, len(kept + newest)) == kept + newest
     assert sender.reconnects == 1
     assert "cannot hold --resend-window" not in caplog.text
@@ -161,21 +164,15 @@ def test_resent_lines_keep_their_first_send_time(carbon_listener):
         carbon_listener, buffer_lines=1000, resend_window=5.0)
     first = chunk_of(0, 10)
     send_now(sender, conn, first, 10)
-    conn.close()
-    pump(selector, lambda: not sender.connected)
+    drop(selector, sender, conn)
     clock.now += 3
-    sender.flush()
-    pump(selector, lambda: sender.connected)
-    again, _ = carbon_listener.accept()
+    again = reconnected(sender, selector, carbon_listener)
     assert read_exactly(again, len(first)) == first  # resent, 3 s after its first send
     clock.now += 3  # 6 s after the first send: out of the window
     sender.flush()  # and this connection has stayed up: what it sent counts as sent
-    again.close()
-    pump(selector, lambda: not sender.connected)
+    drop(selector, sender, again)
     clock.now += 1
-    sender.flush()
-    pump(selector, lambda: sender.connected)
-    third, _ = carbon_listener.accept()
+    third = reconnected(sender, selector, carbon_listener)
     newest = chunk_of(10, 5)
     send_now(sender, third, newest, 5)  # the next bytes are the new lines, not `first`
     third.close()
@@ -184,8 +181,7 @@ def test_resent_lines_keep_their_first_send_time(carbon_listener):
 
 def test_reading_resumes_only_below_the_low_watermark(carbon_listener):
     sender, selector, clock, conn = connected_sender(carbon_listener, buffer_lines=100)
-    conn.close()
-    pump(selector, lambda: not sender.connected)
+    drop(selector, sender, conn)
     for n in range(11):
         sender.enqueue(chunk_of(n * 10, 10), 10)
     assert sender.full
@@ -204,18 +200,14 @@ def test_a_connection_that_breaks_again_at_once_backs_off(carbon_listener):
     sender, selector, clock, conn = connected_sender(carbon_listener, buffer_lines=100)
     delays = []
     for _ in range(4):
-        conn.close()
-        pump(selector, lambda: not sender.connected)
+        drop(selector, sender, conn)
         delays.append(sender.seconds_to_next_write(clock.now))
         clock.now += delays[-1]
-        sender.flush()
-        pump(selector, lambda: sender.connected)
-        conn, _ = carbon_listener.accept()
+        conn = reconnected(sender, selector, carbon_listener)
     assert delays == sorted(delays) and delays[-1] >= 4 * delays[0], delays
     clock.now += 2  # a connection that stays up resets the backoff
     sender.flush()
-    conn.close()
-    pump(selector, lambda: not sender.connected)
+    drop(selector, sender, conn)
     assert sender.seconds_to_next_write(clock.now) == pytest.approx(delays[0])
     sender.close()
 
