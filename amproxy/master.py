@@ -384,6 +384,10 @@ class Master:
         worker = Worker(slot, self._worker_age, self.listener, self.options,
                         self.auth_file, Heartbeat(), self.stats_channels,
                         self.connection_table)
+        if not self.ready:
+            # Devices cut off by a restart reconnect all at once: a slot still
+            # booting counts as empty, so the first worker up does not take them all.
+            self.connection_table.publish(slot, 0)
         # Signals stay blocked across the fork until the child has its own
         # handlers, so none is lost to the master's handler in the child.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)

@@ -8,6 +8,7 @@ import collections
 import errno
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -130,6 +131,7 @@ class Worker:
         self.connections = {}
         self.source_slots = SourceSlots()
         self.accept_paused_until = 0.0
+        self._clients_were_waiting = False  # at the last housekeeping
         self.forwarded = 0
         self.internal_errors = 0
         self._internal_error_logged_at = None
@@ -217,11 +219,16 @@ class Worker:
 
     def _housekeeping(self, now):
         self.heartbeat.notify()
-        if self.accepting and not self.watching_listener:
-            # The least loaded worker may be hung: do not leave clients waiting on it.
+        # The least loaded worker may be hung: do not leave clients waiting on it.
+        # Only clients already waiting a tick ago are taken, so a worker that is
+        # merely slow to be scheduled still gets the ones that just arrived.
+        clients_waiting = (self.accepting and not self.watching_listener
+                           and bool(select.select([self.listener], [], [], 0)[0]))
+        if clients_waiting and self._clients_were_waiting:
             for _ in range(FALLBACK_ACCEPTS):
                 if not self._on_accept(selectors.EVENT_READ):
                     break
+        self._clients_were_waiting = clients_waiting
         if now >= self._next_stats_report:
             self._next_stats_report = now + STATS_REPORT_INTERVAL
             self.report_stats()
