@@ -29,6 +29,7 @@ import socket
 
 from .buffer import LineBuffer, SpoolError
 from .deadletter import SEARCH_COOLDOWN, DeadLetters, PoisonSearch, PoisonWatch
+from .placement import Destination
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ _DRAIN_SIZE = 4096
 class CarbonSender:
     def __init__(self, address, selector, clock, buffer_lines, spool=None,
                  replay_rate=0, resend_window=0.0, dead_letters=None):
-        self.address = address
+        self.address = Destination(*address)  # (host, port) will do
         self.selector = selector
         self.clock = clock
         self.buffer = LineBuffer(buffer_lines)
@@ -84,6 +85,7 @@ class CarbonSender:
         self.full = False
         self.reconnects = 0
         self.dropped_lines = 0
+        self.lines_sent = 0  # written to the socket, resent lines again
 
     # -- the worker's side -------------------------------------------------
 
@@ -254,6 +256,7 @@ class CarbonSender:
 
     def _sent(self, data, line_count):
         self._current = None
+        self.lines_sent += line_count
         if self._search is not None:
             self._search.written_at = self.clock()  # the verdict comes in flush()
             return
@@ -396,7 +399,7 @@ class CarbonSender:
     # -- connection management ---------------------------------------------
 
     def _where(self):
-        return "%s:%d" % self.address
+        return str(self.address)
 
     def _watch(self, events):
         if events != self._events:
@@ -406,7 +409,7 @@ class CarbonSender:
     def _connect(self):
         try:
             family, _, _, _, sockaddr = socket.getaddrinfo(
-                self.address[0], self.address[1], type=socket.SOCK_STREAM)[0]
+                self.address.host, self.address.port, type=socket.SOCK_STREAM)[0]
         except OSError as e:
             self._down("cannot resolve Carbon's address", str(e))
             return

@@ -17,6 +17,7 @@ import tempfile
 import configargparse
 
 from .errors import ConfigError
+from .placement import HASH_TYPES, RELAY_METHODS, parse_destinations
 
 DEFAULT_CONFIG_FILE = "/etc/amproxy/amproxy.conf"
 LOG_LEVELS = ("all", "debug", "info", "warn", "err")
@@ -84,6 +85,16 @@ def non_negative_int(text):
     return value
 
 
+def parse_boolean(text):
+    """``true``/``false`` (also yes/no, on/off, 1/0), for options that default to true."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("%r is not true or false" % text)
+
+
 def _named(func, name):
     """argparse prints a type function's __name__ in its errors."""
     func.__name__ = name
@@ -93,6 +104,8 @@ def _named(func, name):
 duration = _named(parse_duration, "duration")
 address = _named(parse_address, "address")
 size = _named(parse_size, "size")
+boolean = _named(parse_boolean, "boolean")
+destinations = _named(parse_destinations, "destinations")
 
 
 class Option:
@@ -146,8 +159,10 @@ SERVER_OPTIONS = [
     Option("--addr", "127.0.0.1:2005", "the interface and port to listen on",
            env="ADDR", type=address),
     AUTH_FILE,
-    Option("--carbon-addr", "127.0.0.1:2003", "Carbon's plaintext receiver",
-           env="CARBON_ADDR", type=address),
+    Option("--carbon-addr", "127.0.0.1:2003",
+           "Carbon's plaintext receiver; several, comma-separated, as carbon's "
+           "DESTINATIONS (host:port or host:port:instance, [v6]:port)",
+           env="CARBON_ADDR", type=destinations),
     Option("--skew", "5m0s", "how far a line's timestamp may be from now, either way",
            env="MAX_SKEW", type=duration, live=True),
     Option("--log-format", "logfmt", "the format of log lines", env="AMPROXY_LOG_FORMAT",
@@ -202,6 +217,19 @@ SERVER_OPTIONS = [
     Option("--log-rejections", 10,
            "log at most this many rejected lines per reason per second; 0 logs none",
            env="AMPROXY_LOG_REJECTIONS", type=non_negative_int, live=True),
+    # Several destinations: a Graphite cluster, as carbon-relay places metrics.
+    Option("--relay-method", "consistent-hashing",
+           "with several --carbon-addr: place each metric by carbon's consistent "
+           "hashing, or send every line to every destination (broadcast)",
+           env="AMPROXY_RELAY_METHOD", choices=RELAY_METHODS),
+    Option("--hash-type", "carbon_ch", "the hash of the ring, as carbon's ROUTER_HASH_TYPE",
+           env="AMPROXY_HASH_TYPE", choices=HASH_TYPES),
+    Option("--replication-factor", 1,
+           "how many destinations each metric goes to, as carbon's REPLICATION_FACTOR",
+           env="AMPROXY_REPLICATION_FACTOR", type=positive_int),
+    Option("--diverse-replicas", True,
+           "replicas of a metric on different hosts, as carbon's DIVERSE_REPLICAS "
+           "(true or false; default: true)", env="AMPROXY_DIVERSE_REPLICAS", type=boolean),
     # Self-metrics.
     Option("--stats-interval", "60s",
            "send amproxy's own counters to Carbon this often; 0 turns it off",

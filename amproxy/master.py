@@ -5,7 +5,6 @@ The loop takes signals off the queue and calls ``handle_<name>``; between
 signals it reaps dead workers, kills hung ones and starts missing ones.
 """
 
-import json
 import logging
 import os
 import resource
@@ -22,7 +21,8 @@ from .config import (LIVE_OPTIONS, LiveOptions, config_file_path, reread_server_
                      stats_socket_path)
 from .errors import AmproxyError
 from .logs import reopen_log_files, set_level
-from .stats import StatsChannels, StatsCollector, default_prefix
+from .destinations import stranded_spools
+from .stats import StatsService
 from .worker import WORKER_BOOT_ERROR, Heartbeat, Worker
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,9 @@ class Master:
         self._ready_fd = None  # --daemon: the first process waits on it
         self._booted = set()
         self._worker_age = 0
-        self.stats_channels = None
         self.live_options = None
         self.connection_table = None
-        self.stats = None
-        self.stats_listener = None
-        self._next_stats = None
+        self.stats = None  # a StatsService
         self.pid = os.getpid()
 
     # -- start-up --------------------------------------------------------------
@@ -126,69 +123,21 @@ class Master:
             self.pidfile.create(self.pid)
         daemon.drop_privileges(options.user, options.group)
         check_access(options)
-        self.stats_channels = StatsChannels()
         self.live_options = LiveOptions()
         self.connection_table = ConnectionTable()
-        self.stats = StatsCollector(self.stats_channels, options.stats_prefix or
-                                    default_prefix(), options.stats_per_key)
-        self._open_stats_socket(stats_socket_path(options))
+        self.stats = StatsService(options, stats_socket_path(options))
         self._signal_pipe = self._nonblocking_pipe()
         self._boot_pipe = self._nonblocking_pipe()
         for sig in SIGNALS:
             signal.signal(sig, self._record_signal)
         log.info("amproxy started", extra={
             "addr": "%s:%d" % self.listener.getsockname()[:2],
-            "carbon": "%s:%d" % options.carbon_addr, "workers": self.num_workers,
+            "carbon": ",".join(map(str, options.carbon_addr)), "workers": self.num_workers,
             "keys": len(db), "auth_file": options.auth_file})
-
-    def _open_stats_socket(self, path):
-        if not path:
-            return
-        try:
-            if os.path.exists(path):
-                os.unlink(path)  # left by a previous run; the pidfile said it is gone
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(path)
-            os.chmod(path, 0o660)
-            sock.listen(8)
-        except OSError as e:
-            raise AmproxyError("cannot listen on stats socket %s: %s" % (
-                path, e.strerror or e)) from None
-        sock.setblocking(False)
-        self.stats_listener = sock
-
-    def _answer_stats(self):
-        try:
-            conn, _ = self.stats_listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        with conn:
-            conn.settimeout(2)
-            try:
-                conn.sendall(json.dumps(self.stats.snapshot(list(self.workers))).encode())
-            except OSError:
-                pass
-
-    def _close_stats_socket(self):
-        if self.stats_listener is not None:
-            path = self.stats_listener.getsockname()
-            self.stats_listener.close()
-            self.stats_listener = None
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-
-    def _maybe_send_stats(self):
-        interval = self.options.stats_interval
-        if not interval:
-            return
-        now = time.monotonic()
-        if self._next_stats is None:
-            self._next_stats = now + interval
-        elif now >= self._next_stats:
-            self._next_stats = now + interval
-            self.stats.flush(list(self.workers), int(time.time()))
+        for spool in stranded_spools(options.spool_dir, options.carbon_addr):
+            log.warning("spooled lines for a destination no longer in --carbon-addr are "
+                        "not sent; move them into a configured destination's directory",
+                        extra={"spool": spool})
 
     @staticmethod
     def _nonblocking_pipe():
@@ -235,7 +184,7 @@ class Master:
                     self.reap_workers()
                     self.murder_workers()
                     self.manage_workers()
-                    self._maybe_send_stats()
+                    self.stats.tick(list(self.workers))
                     continue
                 if sig != signal.SIGCHLD:
                     log.info("received SIG%s", SIGNAL_NAMES[sig].upper())
@@ -247,29 +196,20 @@ class Master:
             self.stop(graceful=False)
             return halt.exit_status
         finally:
-            self._close_stats_socket()
+            if self.stats is not None:
+                self.stats.close()
             if self.pidfile is not None:
                 self.pidfile.unlink()
 
     def sleep(self, timeout=1.0):
         """Wait for a signal, a booted worker, stats, or ``timeout`` seconds."""
-        watched = [self._signal_pipe[0], self._boot_pipe[0], self.stats_channels.reports_in]
-        if self.stats_listener is not None:
-            watched.append(self.stats_listener)
-        if self.options.stats_interval and self._next_stats is not None:
-            timeout = max(0.0, min(timeout, self._next_stats - time.monotonic()))
-        # Self-metrics the workers had no room for go as soon as there is.
-        outbox = [self.stats_channels.outbox_in] if self.stats.pending else []
+        watched = [self._signal_pipe[0], self._boot_pipe[0]] + self.stats.readable()
         try:
-            ready, writable, _ = select.select(watched, outbox, [], timeout)
+            ready, writable, _ = select.select(watched, self.stats.writable(), [],
+                                               self.stats.timeout(timeout))
         except InterruptedError:
             return
-        if writable:
-            self.stats.send_pending()
-        if self.stats_channels.reports_in in ready:
-            self.stats.drain()
-        if self.stats_listener is not None and self.stats_listener in ready:
-            self._answer_stats()
+        self.stats.on_ready(ready, writable, list(self.workers))
         if self._signal_pipe[0] in ready:
             self._drain(self._signal_pipe[0])
         if self._boot_pipe[0] in ready:
@@ -382,7 +322,7 @@ class Master:
         used = {w.slot for w in self.workers.values()}
         slot = min(set(range(len(self.workers) + 1)) - used)
         worker = Worker(slot, self._worker_age, self.listener, self.options,
-                        self.auth_file, Heartbeat(), self.stats_channels,
+                        self.auth_file, Heartbeat(), self.stats.channels,
                         self.connection_table)
         if not self.ready:
             # Devices cut off by a restart reconnect all at once: a slot still
@@ -406,10 +346,7 @@ class Master:
                 os.close(fd)
             if self._ready_fd is not None:
                 os.close(self._ready_fd)  # only the master's exit may close it
-            self.stats_channels.reports_in.close()
-            self.stats_channels.outbox_in.close()
-            if self.stats_listener is not None:
-                self.stats_listener.close()
+            self.stats.close_in_worker()
             for sig in SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             try:

@@ -12,6 +12,9 @@ import logging
 import os
 import re
 import socket
+import time
+
+from .errors import AmproxyError
 
 from .protocol import REJECTION_REASONS
 
@@ -23,6 +26,8 @@ COUNTERS = (("linesReceived", "linesForwarded")
                "droppedLines", "deadLetters", "internalErrors", "authReloads",
                "authReloadErrors"))
 GAUGES = ("activeConnections", "bufferedLines", "spooledBytes")
+# Counters and gauges of each Carbon destination are named under this node.
+PER_DESTINATION = "destinations."
 MAX_DATAGRAM = 60000
 # The per-key counts in one datagram; the rest of MAX_DATAGRAM holds the envelope.
 KEYS_PER_DATAGRAM_BYTES = MAX_DATAGRAM - 1000
@@ -92,7 +97,9 @@ class WorkerStats:
         pid = os.getpid()
         # .get: a worker that does not count a newer counter yet reports 0.
         current = {name: counters.get(name, 0) for name in COUNTERS}
-        deltas = {name: current[name] - self._reported[name] for name in COUNTERS}
+        current.update((name, value) for name, value in counters.items()
+                       if name.startswith(PER_DESTINATION))
+        deltas = {name: value - self._reported.get(name, 0) for name, value in current.items()}
         totals = {"pid": pid, "counters": {k: v for k, v in deltas.items() if v},
                   "gauges": gauges}
         if not self._send(totals):
@@ -172,9 +179,9 @@ class StatsCollector:
             except ValueError:
                 continue
             for name, value in report.get("counters", {}).items():
-                if name in self.totals:
-                    self.totals[name] += value
-                    self.interval[name] += value
+                if name in self.totals or name.startswith(PER_DESTINATION):
+                    self.totals[name] = self.totals.get(name, 0) + value
+                    self.interval[name] = self.interval.get(name, 0) + value
             if "gauges" in report:  # a datagram of per-key counts carries none
                 self.gauges[report.get("pid")] = report["gauges"]
             for key, (forwarded, rejected) in report.get("keys", {}).items():
@@ -190,8 +197,8 @@ class StatsCollector:
         summed = dict.fromkeys(GAUGES, 0)
         for pid in workers:
             for name, value in self.gauges.get(pid, {}).items():
-                if name in summed:
-                    summed[name] += value
+                if name in summed or name.startswith(PER_DESTINATION):
+                    summed[name] = summed.get(name, 0) + value
         summed["workers"] = len(workers)
         return summed
 
@@ -222,7 +229,7 @@ class StatsCollector:
             del self.pending[:len(self.pending) - MAX_PENDING_DATAGRAMS]
             log.warning("self-metrics dropped: no worker has taken them for a long time")
         self.send_pending()
-        self.interval = dict.fromkeys(COUNTERS, 0)
+        self.interval = dict.fromkeys(self.totals, 0)  # 0 for every counter seen
         self.key_interval = {}
 
     def send_pending(self):
@@ -233,3 +240,103 @@ class StatsCollector:
             except (BlockingIOError, InterruptedError):
                 return
             self.pending.pop(0)
+
+
+class StatsService:
+    """The master's share of self-metrics, in one place.
+
+    It collects the workers' reports, answers ``amproxy stats`` on a Unix
+    socket, and every ``--stats-interval`` (read live from ``options``) hands
+    an interval's metrics to a worker.  The master only waits on its
+    descriptors and calls back.
+    """
+
+    def __init__(self, options, socket_path):
+        self.options = options
+        self.channels = StatsChannels()
+        self.collector = StatsCollector(self.channels, options.stats_prefix or
+                                        default_prefix(), options.stats_per_key)
+        self.listener = self._listen(socket_path) if socket_path else None
+        self._next_flush = None
+
+    @staticmethod
+    def _listen(path):
+        try:
+            if os.path.exists(path):
+                os.unlink(path)  # left by a previous run; the pidfile said it is gone
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(path)
+            os.chmod(path, 0o660)
+            sock.listen(8)
+        except OSError as e:
+            raise AmproxyError("cannot listen on stats socket %s: %s" % (
+                path, e.strerror or e)) from None
+        sock.setblocking(False)
+        return sock
+
+    def readable(self):
+        """Descriptors to watch for reading."""
+        fds = [self.channels.reports_in]
+        return fds + [self.listener] if self.listener is not None else fds
+
+    def writable(self):
+        """Self-metrics the workers had no room for go as soon as there is."""
+        return [self.channels.outbox_in] if self.collector.pending else []
+
+    def timeout(self, timeout):
+        """``timeout``, or less if an interval ends sooner."""
+        if self.options.stats_interval and self._next_flush is not None:
+            return max(0.0, min(timeout, self._next_flush - time.monotonic()))
+        return timeout
+
+    def on_ready(self, ready, writable, workers):
+        if writable:
+            self.collector.send_pending()
+        if self.channels.reports_in in ready:
+            self.collector.drain()
+        if self.listener is not None and self.listener in ready:
+            self._answer(workers)
+
+    def _answer(self, workers):
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        with conn:
+            conn.settimeout(2)
+            try:
+                conn.sendall(json.dumps(self.collector.snapshot(workers)).encode())
+            except OSError:
+                pass
+
+    def tick(self, workers):
+        """Send the interval's metrics if it has ended."""
+        interval = self.options.stats_interval
+        if not interval:
+            return
+        now = time.monotonic()
+        if self._next_flush is None:
+            self._next_flush = now + interval
+        elif now >= self._next_flush:
+            self._next_flush = now + interval
+            self.collector.flush(workers, int(time.time()))
+
+    def forget_worker(self, pid):
+        self.collector.forget_worker(pid)
+
+    def close_in_worker(self):
+        """In a forked worker: keep only the worker's ends of the channels."""
+        self.channels.reports_in.close()
+        self.channels.outbox_in.close()
+        if self.listener is not None:
+            self.listener.close()
+
+    def close(self):
+        if self.listener is not None:
+            path = self.listener.getsockname()
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(path)
+            except OSError:
+                pass

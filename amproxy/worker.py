@@ -16,13 +16,10 @@ import tempfile
 import time
 
 from .balance import NOT_ACCEPTING
-from .buffer import SPOOL_PREFIX, Spool
-from .carbon import CarbonSender
 from .config import LIVE_OPTIONS
-from .deadletter import DeadLetters
+from .destinations import Destinations
 from .logs import RejectionLog, reopen_log_files, set_level
-from .protocol import (LINE_TOO_LONG, MALFORMED, REJECTION_REASONS, carbon_payload,
-                       filter_lines)
+from .protocol import LINE_TOO_LONG, MALFORMED, REJECTION_REASONS, filter_lines
 from .stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -162,18 +159,12 @@ class Worker:
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
         self.auth_file.reload_if_changed()
         options = self.options
-        spool = None
-        if options.spool_dir:
-            spool = Spool(os.path.join(options.spool_dir, "%s%d" % (SPOOL_PREFIX, self.slot)),
-                          options.spool_max_bytes).open()
-        self.sender = CarbonSender(options.carbon_addr, self.selector, self.clock,
-                                   options.buffer_size, spool, options.replay_rate,
-                                   options.resend_window, DeadLetters(options.spool_dir))
+        self.destinations = Destinations(options, self.selector, self.clock, self.slot)
         self.reject_log = RejectionLog(log, self.options.log_rejections, self.rejected)
         self.stats = WorkerStats(self.stats_channels, options.stats_per_key)
         self.selector.register(self.stats_channels.outbox_out, selectors.EVENT_READ,
                                self._on_stats_lines)
-        self.sender.flush()
+        self.destinations.flush()
         self.heartbeat.notify()
         self._balance_accepting()
 
@@ -195,14 +186,14 @@ class Worker:
         while self.alive:
             leaving_to_others = self.accepting and not self.watching_listener
             timeout = REBALANCE_INTERVAL if leaving_to_others else TICK
-            retry = self.sender.seconds_to_next_write(self.clock())
+            retry = self.destinations.seconds_to_next_write(self.clock())
             if retry is not None:
                 timeout = min(timeout, retry)
             for key, mask in self.selector.select(timeout):
                 key.data(mask)
-            self.sender.flush()
+            self.destinations.flush()
             # Back-pressure, except when stopping: then clients are read to the end.
-            pause = self.sender.full and self.stopping_since is None
+            pause = self.destinations.full and self.stopping_since is None
             if self.paused != pause:
                 self._set_paused(pause)
             self._balance_accepting()
@@ -268,20 +259,17 @@ class Worker:
             "linesForwarded": self.forwarded,
             "connectionsOpened": self.connections_opened,
             "connectionsRefused": self.connections_refused,
-            "carbonReconnects": self.sender.reconnects,
-            "droppedLines": self.sender.dropped_lines,
-            "deadLetters": self.sender.dead_letters.count,
             "internalErrors": self.internal_errors,
             "authReloads": self.auth_file.reloads,
             "authReloadErrors": self.auth_file.reload_errors,
         })
+        counters.update(self.destinations.counters())
         return counters
 
     def report_stats(self):
-        self.stats.report(self.counters(), {
-            "activeConnections": len(self.connections),
-            "bufferedLines": self.sender.queued_lines,
-            "spooledBytes": self.sender.spooled_bytes})
+        gauges = self.destinations.gauges()
+        gauges["activeConnections"] = len(self.connections)
+        self.stats.report(self.counters(), gauges)
 
     def _on_stats_lines(self, mask):
         """The master's self-metrics: they go to Carbon like forwarded lines."""
@@ -290,7 +278,7 @@ class Worker:
         except (BlockingIOError, InterruptedError):
             return  # another worker took them
         if data:
-            self.sender.enqueue(data, data.count(b"\n"))
+            self.destinations.send(data.splitlines())
 
     def _reload_options(self):
         """Take the live options the master parsed (it logged any error, once)."""
@@ -299,8 +287,7 @@ class Worker:
                 setattr(self.options, name, value)
         set_level(self.options.log_level)
         self.reject_log.per_second = self.options.log_rejections  # from the next second
-        self.sender.replay_rate = self.options.replay_rate
-        self.sender.resend_window = self.options.resend_window
+        self.destinations.set_live_options(self.options)
         log.debug("options re-read", extra={"skew": self.options.skew,
                                             "log_level": self.options.log_level})
 
@@ -380,8 +367,7 @@ class Worker:
                                        lambda mask, conn=conn: self._on_readable(conn))
         if paused:
             log.warning("Carbon backlog is full (memory and spool); pausing reads from "
-                        "clients", extra={"buffered_lines": self.sender.queued_lines,
-                                          "spooled_bytes": self.sender.spooled_bytes})
+                        "clients", extra=self.destinations.backlog())
         else:
             log.warning("Carbon backlog has room again; reading clients")
 
@@ -421,7 +407,7 @@ class Worker:
         if accepted:
             conn.last_active = self.clock()
             self.forwarded += len(accepted)
-            self.sender.enqueue(carbon_payload(accepted), len(accepted))
+            self.destinations.send(accepted)
         if (self.stopping_since is not None and data and len(data) < RECV_SIZE
                 and not conn.partial):
             self._close(conn)  # stopping, and everything the client sent is read
@@ -475,7 +461,7 @@ class Worker:
             return
         self.stop_deadline = self.options.graceful_timeout if seconds is None else seconds
         # Keep trying Carbon until the deadline; spooling is the last resort.
-        self.sender.retry_within(STOPPING_MAX_BACKOFF)
+        self.destinations.retry_within(STOPPING_MAX_BACKOFF)
         # Clients stay open until what they already sent has been read.
         self._check_stop_done(self.stopping_since)
 
@@ -493,7 +479,7 @@ class Worker:
                             "line", extra={"remote": conn.remote})
                 self._close(conn)
         deadline_passed = stopping_for >= self.stop_deadline
-        if deadline_passed or (not self.connections and self.sender.memory_empty):
+        if deadline_passed or (not self.connections and self.destinations.memory_empty):
             self.alive = False
 
     def _close_if_drained(self, conn):
@@ -512,29 +498,25 @@ class Worker:
     def save_what_is_held(self):
         """After a crash: keep the lines not yet sent for the next worker, if there is a spool."""
         try:
-            lost = self.sender.save_to_spool()
-            if self.sender.spool is not None:
-                self.sender.spool.close()
+            lost = self.destinations.save_to_spool()
+            self.destinations.close()
         except Exception:
             log.exception("could not save the lines held by the crashed worker")
             return
-        if lost:
+        for carbon, lines in lost.items():
             log.error("crashed worker held lines that no spool can keep; they are lost",
-                      extra={"lines": lost})
+                      extra={"lines": lines, "carbon": carbon})
 
     def _shutdown(self):
         for conn in list(self.connections.values()):
             self._close(conn)
         self.reject_log.flush()
-        self.sender.flush()
-        lost = self.sender.save_to_spool()
-        if lost:
+        self.destinations.flush()
+        lost = self.destinations.save_to_spool()
+        for carbon, lines in lost.items():
             log.error("worker stopping with lines that Carbon has not taken and no spool "
-                      "to keep them in; they are lost", extra={
-                          "lines": lost, "carbon": "%s:%d" % self.options.carbon_addr})
-        self.sender.close()
-        if self.sender.spool is not None:
-            self.sender.spool.close()
+                      "to keep them in; they are lost", extra={"lines": lines, "carbon": carbon})
+        self.destinations.close()
         self.report_stats()
         log.info("worker stopped", extra={"forwarded": self.forwarded,
                                           "rejected": sum(self.rejected.values())})

@@ -45,7 +45,7 @@ def test_defaults_match_the_original(clean_env):
     opts = parse_server_args([])
     assert opts.addr == ("127.0.0.1", 2005)
     assert opts.auth_file == "/etc/amproxy/auth_file.yaml"
-    assert opts.carbon_addr == ("127.0.0.1", 2003)
+    assert opts.carbon_addr == [("127.0.0.1", 2003, None)]
     assert opts.skew == 300
     assert opts.log_format == "logfmt"
     assert opts.log_level == "info"
@@ -62,7 +62,7 @@ def test_original_environment_variables(clean_env):
     opts = parse_server_args([])
     assert opts.addr == ("0.0.0.0", 2005)
     assert opts.auth_file == "/tmp/a.yaml"
-    assert opts.carbon_addr == ("10.0.0.1", 2003)
+    assert opts.carbon_addr == [("10.0.0.1", 2003, None)]
     assert opts.skew == 5400
     assert opts.workers == 3
 
@@ -79,7 +79,7 @@ def test_precedence_flag_env_file_default(clean_env, tmp_path):
     assert opts.skew == 20                 # env beats file
     assert opts.auth_file == "/from/file"  # file beats default
     assert opts.log_level == "debug"
-    assert opts.carbon_addr == ("127.0.0.1", 2003)  # default
+    assert opts.carbon_addr == [("127.0.0.1", 2003, None)]  # default
 
 
 def test_default_config_file_is_read_when_present(clean_env, tmp_path):

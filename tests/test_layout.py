@@ -4,8 +4,9 @@ import os
 
 import amproxy
 
-LAYERS = ["errors", "protocol", "patterns", "buffer", "deadletter", "logs", "auth", "config", "daemon",
-          "balance", "stats", "carbon", "worker", "master", "client", "keytool", "cli", "__main__"]
+LAYERS = ["errors", "protocol", "patterns", "placement", "proxyprotocol", "buffer", "deadletter",
+          "logs", "auth", "config", "daemon", "balance", "stats", "carbon", "destinations",
+          "worker", "master", "client", "keytool", "cli", "__main__"]
 PACKAGE_DIR = os.path.dirname(amproxy.__file__)
 
 

@@ -1,0 +1,175 @@
+"""A worker's Carbon destinations: one sender each, and which lines go to which.
+
+Each destination has its own connection, memory buffer, spool subdirectory,
+backoff, resend window and dead-letter file, so one that is down or slow
+holds only its own lines; the others keep receiving.  Placement is carbon's
+(:mod:`amproxy.placement`), remembered per metric name so that the hot path
+pays a dictionary lookup per line, not a hash ring walk.
+"""
+
+import logging
+import os
+
+from .buffer import SPOOL_PREFIX, Spool
+from .carbon import CarbonSender
+from .deadletter import DeadLetters
+from .placement import CACHE_SIZE, Placement
+from .protocol import carbon_payload
+from .stats import metric_node
+
+log = logging.getLogger(__name__)
+
+
+def spool_directory(spool_dir, destinations, destination):
+    """Where one destination's spools and dead letters live.
+
+    One destination keeps the layout of earlier versions (the spool directory
+    itself), so an upgrade finds what it left; several get a subdirectory each.
+    """
+    if len(destinations) == 1:
+        return spool_dir
+    return os.path.join(spool_dir, str(destination))
+
+
+def stranded_spools(spool_dir, destinations):
+    """Spools under ``spool_dir`` that no configured destination will send."""
+    if not spool_dir or not os.path.isdir(spool_dir):
+        return []
+    used = {os.path.abspath(spool_directory(spool_dir, destinations, d)) for d in destinations}
+    candidates = [spool_dir] + [os.path.join(spool_dir, name) for name in os.listdir(spool_dir)]
+    stranded = []
+    for directory in candidates:
+        if os.path.abspath(directory) in used or not os.path.isdir(directory):
+            continue
+        for name in os.listdir(directory):
+            spool = os.path.join(directory, name)
+            if name.startswith(SPOOL_PREFIX) and os.path.isdir(spool) and any(
+                    entry.endswith(".spool") and os.path.getsize(os.path.join(spool, entry))
+                    for entry in os.listdir(spool)):
+                stranded.append(spool)
+    return stranded
+
+
+class Destinations:
+    """What the worker talks to: "the destinations", however many there are."""
+
+    def __init__(self, options, selector, clock, slot):
+        destinations = options.carbon_addr
+        self.placement = Placement(destinations, options.relay_method, options.hash_type,
+                                   options.replication_factor, options.diverse_replicas)
+        self.senders = []
+        for destination in destinations:
+            spool = dead_letters = None
+            if options.spool_dir:
+                directory = spool_directory(options.spool_dir, destinations, destination)
+                spool = Spool(os.path.join(directory, "%s%d" % (SPOOL_PREFIX, slot)),
+                              options.spool_max_bytes).open()
+                dead_letters = DeadLetters(directory)
+            self.senders.append(CarbonSender(
+                destination, selector, clock, options.buffer_size, spool,
+                options.replay_rate, options.resend_window, dead_letters))
+        self._batches = [[] for _ in self.senders]
+        self._placed = {}  # metric -> the appends of its destinations' batches
+
+    # -- lines ---------------------------------------------------------------
+
+    def send(self, lines):
+        """Queue Carbon lines (``metric value timestamp``, no newline) where they belong."""
+        senders = self.senders
+        if len(senders) == 1 or self.placement.broadcast:
+            payload = carbon_payload(lines)
+            for sender in senders:
+                sender.enqueue(payload, len(lines))
+            return
+        placed = self._placed
+        for line in lines:
+            metric = line[:line.find(b" ")]
+            appends = placed.get(metric)
+            if appends is None:
+                appends = self._place(metric)
+            for append in appends:
+                append(line)
+        for sender, batch in zip(senders, self._batches):
+            if batch:
+                sender.enqueue(carbon_payload(batch), len(batch))
+                batch.clear()
+
+    def _place(self, metric):
+        if len(self._placed) >= CACHE_SIZE:
+            self._placed.clear()  # bounded: names seldom seen cost a placement again
+        appends = tuple(self._batches[i].append for i in self.placement.place(metric))
+        self._placed[metric] = appends
+        return appends
+
+    # -- the senders, together -----------------------------------------------
+
+    def flush(self):
+        for sender in self.senders:
+            sender.flush()
+
+    @property
+    def full(self):
+        """Some destination can hold no more: reading clients must pause (no line is dropped)."""
+        return any(sender.full for sender in self.senders)
+
+    @property
+    def memory_empty(self):
+        return all(sender.memory_empty for sender in self.senders)
+
+    def backlog(self):
+        """For the log: which destinations are full, and what all of them hold."""
+        return {"carbon": ", ".join(str(s.address) for s in self.senders if s.full),
+                "buffered_lines": sum(s.queued_lines for s in self.senders),
+                "spooled_bytes": sum(s.spooled_bytes for s in self.senders)}
+
+    def seconds_to_next_write(self, now):
+        waits = [w for w in (s.seconds_to_next_write(now) for s in self.senders)
+                 if w is not None]
+        return min(waits) if waits else None
+
+    def set_live_options(self, options):
+        for sender in self.senders:
+            sender.replay_rate = options.replay_rate
+            sender.resend_window = options.resend_window
+
+    def retry_within(self, seconds):
+        for sender in self.senders:
+            sender.retry_within(seconds)
+
+    def save_to_spool(self):
+        """Keep what was not sent (see CarbonSender.save_to_spool); {destination: lines lost}."""
+        lost = {}
+        for sender in self.senders:
+            lines = sender.save_to_spool()
+            if lines:
+                lost[str(sender.address)] = lines
+        return lost
+
+    def close(self):
+        for sender in self.senders:
+            sender.close()
+            if sender.spool is not None:
+                sender.spool.close()
+
+    # -- self-metrics --------------------------------------------------------
+
+    def counters(self):
+        counters = {
+            "carbonReconnects": sum(s.reconnects for s in self.senders),
+            "droppedLines": sum(s.dropped_lines for s in self.senders),
+            "deadLetters": sum(s.dead_letters.count for s in self.senders),
+        }
+        for sender in self.senders:
+            node = "destinations." + metric_node(str(sender.address))
+            counters[node + ".linesSent"] = sender.lines_sent
+            counters[node + ".carbonReconnects"] = sender.reconnects
+        return counters
+
+    def gauges(self):
+        gauges = {"bufferedLines": sum(s.queued_lines for s in self.senders),
+                  "spooledBytes": sum(s.spooled_bytes for s in self.senders)}
+        for sender in self.senders:
+            node = "destinations." + metric_node(str(sender.address))
+            gauges[node + ".bufferedLines"] = sender.queued_lines
+            gauges[node + ".spooledBytes"] = sender.spooled_bytes
+        return gauges
