@@ -9,12 +9,13 @@ from . import __version__
 from . import keytool
 from .auth import warn_if_world_readable
 from .client import Client, format_address, run_test_client
-from .config import (AUTH_FILE, KEY_PRIVATE, KEY_PUBLIC, PIDFILE, SERVER_ADDR, STATS_SOCKET,
-                     TEST_CLIENT_OPTIONS, build_parser, config_parser, parse_server_args,
-                     stats_socket_path)
+from .config import (AUTH_FILE, KEY_PRIVATE, KEY_PUBLIC, PIDFILE, ROUTE_OPTIONS, SERVER_ADDR,
+                     STATS_SOCKET, TEST_CLIENT_OPTIONS, build_parser, config_parser,
+                     parse_server_args, stats_socket_path)
 from .errors import AmproxyError
 from .logs import setup_logging
 from .master import Master
+from .placement import Placement
 from .protocol import sign
 
 log = logging.getLogger("amproxy")
@@ -32,6 +33,8 @@ commands:
   keys list                   show the keys and what they may write (no secrets)
   keys revoke KEY             remove a key from the auth file
   auth-file check [FILE]      validate an auth file; non-zero exit on errors
+  route [METRIC...]           print where each metric goes: its Carbon destinations,
+                              as carbon's router places it (names from stdin if none)
   stats                       print a running server's totals (through --stats-socket,
                               or the one beside --pidfile; reads the server's config)
 
@@ -171,6 +174,22 @@ def cmd_stats(argv):
     return 0
 
 
+def cmd_route(argv):
+    parser = config_parser("amproxy route", "Print the Carbon destinations of each metric, "
+                           "in the order carbon's router yields them, as the server with "
+                           "the same options sends it.", ROUTE_OPTIONS, argv)
+    parser.add_argument("metrics", nargs="*", metavar="METRIC",
+                        help="metric names (default: one per line from standard input)")
+    args = parser.parse_args(argv)
+    placement = Placement(args.carbon_addr, args.relay_method, args.hash_type,
+                          args.replication_factor, args.diverse_replicas)
+    metrics = args.metrics or (line.strip() for line in sys.stdin if line.strip())
+    for metric in metrics:
+        destinations = placement.route(metric.encode("utf-8", "surrogateescape"))
+        print(" ".join([metric] + [str(d) for d in destinations]))
+    return 0
+
+
 def cmd_client_send(argv):
     parser = build_parser("amproxy client send", "Send one signed data point.",
                           [KEY_PUBLIC, KEY_PRIVATE, SERVER_ADDR])
@@ -204,6 +223,7 @@ COMMANDS = {
     ("keys", "revoke"): cmd_keys_revoke,
     ("auth-file", "check"): cmd_auth_file_check,
     ("stats",): cmd_stats,
+    ("route",): cmd_route,
 }
 
 

@@ -7,6 +7,7 @@ file is ``--config`` (or ``AMPROXY_CONFIG``) if given, else
 ``/etc/amproxy/amproxy.conf`` if it exists: never both.
 """
 
+import argparse
 import fcntl
 import json
 import os
@@ -96,9 +97,15 @@ def parse_boolean(text):
 
 
 def _named(func, name):
-    """argparse prints a type function's __name__ in its errors."""
-    func.__name__ = name
-    return func
+    """A type function whose own message reaches the operator (argparse would print
+    only "invalid <name> value")."""
+    def convert(text):
+        try:
+            return func(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = name
+    return convert
 
 
 duration = _named(parse_duration, "duration")
@@ -251,6 +258,10 @@ SERVER_OPTIONS = [
     Option("--group", "", "after binding, run as this group (default: the user's)",
            env="AMPROXY_GROUP"),
 ]
+
+# What ``amproxy route`` reads, from the same flags, environment and config file.
+ROUTE_OPTIONS = [option for option in SERVER_OPTIONS if option.dest in (
+    "carbon_addr", "relay_method", "hash_type", "replication_factor", "diverse_replicas")]
 
 # What SIGHUP can change in a running server; the rest needs a restart.
 LIVE_OPTIONS = tuple(option.dest for option in SERVER_OPTIONS if option.live)

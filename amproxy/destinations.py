@@ -69,7 +69,7 @@ class Destinations:
                 destination, selector, clock, options.buffer_size, spool,
                 options.replay_rate, options.resend_window, dead_letters))
         self._batches = [[] for _ in self.senders]
-        self._placed = {}  # metric -> the appends of its destinations' batches
+        self._placed = {}  # metric -> what appends a line to its destinations' batches
 
     # -- lines ---------------------------------------------------------------
 
@@ -83,12 +83,13 @@ class Destinations:
             return
         placed = self._placed
         for line in lines:
-            metric = line[:line.find(b" ")]
-            appends = placed.get(metric)
-            if appends is None:
-                appends = self._place(metric)
-            for append in appends:
-                append(line)
+            # partition()[0] is the cheapest way to the name; the lookup gives
+            # the append of the batch (or batches) the metric goes to.
+            metric = line.partition(b" ")[0]
+            try:
+                placed[metric](line)
+            except KeyError:
+                self._place(metric)(line)
         for sender, batch in zip(senders, self._batches):
             if batch:
                 sender.enqueue(carbon_payload(batch), len(batch))
@@ -97,9 +98,15 @@ class Destinations:
     def _place(self, metric):
         if len(self._placed) >= CACHE_SIZE:
             self._placed.clear()  # bounded: names seldom seen cost a placement again
-        appends = tuple(self._batches[i].append for i in self.placement.place(metric))
-        self._placed[metric] = appends
-        return appends
+        appends = [self._batches[i].append for i in self.placement.place(metric)]
+        if len(appends) == 1:
+            append = appends[0]
+        else:
+            def append(line):
+                for each in appends:
+                    each(line)
+        self._placed[metric] = append
+        return append
 
     # -- the senders, together -----------------------------------------------
 

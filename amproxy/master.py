@@ -21,6 +21,7 @@ from .config import (LIVE_OPTIONS, LiveOptions, config_file_path, reread_server_
                      stats_socket_path)
 from .errors import AmproxyError
 from .logs import reopen_log_files, set_level
+from .placement import Placement
 from .destinations import stranded_spools
 from .stats import StatsService
 from .worker import WORKER_BOOT_ERROR, Heartbeat, Worker
@@ -134,6 +135,12 @@ class Master:
             "addr": "%s:%d" % self.listener.getsockname()[:2],
             "carbon": ",".join(map(str, options.carbon_addr)), "workers": self.num_workers,
             "keys": len(db), "auth_file": options.auth_file})
+        placement = Placement(options.carbon_addr, options.relay_method, options.hash_type,
+                              options.replication_factor, options.diverse_replicas)
+        if placement.copies < options.replication_factor and not placement.broadcast:
+            log.warning("--replication-factor is %d, but each metric can go to only %d "
+                        "destinations (with --diverse-replicas, one per host)",
+                        options.replication_factor, placement.copies)
         for spool in stranded_spools(options.spool_dir, options.carbon_addr):
             log.warning("spooled lines for a destination no longer in --carbon-addr are "
                         "not sent; move them into a configured destination's directory",

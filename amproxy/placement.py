@@ -66,14 +66,15 @@ def parse_destination(text):
 def parse_destinations(text):
     """A comma-separated list, as carbon's DESTINATIONS; ValueError names the bad one."""
     destinations = [parse_destination(part) for part in str(text).split(",")]
-    nodes = set()
+    nodes = {}
     for destination in destinations:
         node = (destination.host, destination.instance)
         if node in nodes:
             # carbon refuses it too: both would be one node of the ring.
-            raise ValueError("%s is given twice (the same host and instance; give each "
-                             "destination on one host its own instance)" % (destination,))
-        nodes.add(node)
+            raise ValueError("%s and %s are the same host and instance, one node of carbon's "
+                             "ring; give each its own instance (host:port:instance)"
+                             % (nodes[node], destination))
+        nodes[node] = destination
     return destinations
 
 
@@ -145,6 +146,14 @@ class Placement:
         self.ring = Ring(self.destinations, hash_type)
         self.replication_factor = replication_factor
         self.diverse_replicas = diverse_replicas
+
+    @property
+    def copies(self):
+        """How many destinations each metric really gets (fewer hosts than replicas: fewer)."""
+        if self.broadcast:
+            return len(self.destinations)
+        hosts = {d.host for d in self.destinations} if self.diverse_replicas else self.destinations
+        return min(self.replication_factor, len(hosts))
 
     def place(self, metric):
         if self.broadcast:

@@ -1,10 +1,14 @@
 """Placement must be carbon's, byte for byte: carbon's own router is the oracle."""
 
+import os
 import random
+import subprocess
 
 import pytest
 from carbon.hashing import ConsistentHashRing, carbonHash
 from carbon.routers import ConsistentHashingRouter
+
+from conftest import AMPROXY
 
 from amproxy.placement import (REPLICAS, Destination, Placement, Ring, parse_destination,
                                parse_destinations, ring_position)
@@ -147,6 +151,33 @@ def test_bad_destinations_are_refused_by_name(text):
 
 
 def test_the_same_host_and_instance_twice_is_refused_as_carbon_does():
-    with pytest.raises(ValueError, match="given twice"):
+    with pytest.raises(ValueError, match="carbon1:2003 and carbon1:2004 are the same host"):
         parse_destinations("carbon1:2003,carbon1:2004")
     assert len(parse_destinations("carbon1:2003:a,carbon1:2004:b")) == 2
+
+
+def test_route_command_prints_carbons_destinations_from_flags_env_and_config(tmp_path):
+    destinations = "127.0.0.1:2103:a,127.0.0.1:2203:b,10.0.0.5:2003:c,[::1]:2004"
+    names = random_names(random.Random(7), 50)
+    config = tmp_path / "amproxy.conf"
+    config.write_text("carbon-addr = %s\nreplication-factor = 2\n" % destinations)
+    env = dict(os.environ, AMPROXY_CONFIG=str(config), AMPROXY_DIVERSE_REPLICAS="false")
+    result = subprocess.run([AMPROXY, "route", "--hash-type", "fnv1a_ch"] + names,
+                            capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    router = carbon_router(parse_destinations(destinations), "fnv1a_ch", 2, False)
+    expected = ["%s %s" % (name, " ".join(str(Destination(*d)) for d in carbon_places(router, name)))
+                for name in names]
+    assert result.stdout.splitlines() == expected
+    # Names on standard input, one per line, give the same answer.
+    from_stdin = subprocess.run([AMPROXY, "route", "--hash-type", "fnv1a_ch"],
+                                input="\n".join(names) + "\n", capture_output=True, text=True,
+                                env=env, timeout=30)
+    assert from_stdin.stdout == result.stdout
+
+
+def test_route_names_the_bad_destination():
+    result = subprocess.run([AMPROXY, "route", "--carbon-addr", "carbon1:2003,carbon1", "x"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "'carbon1' is not a destination" in result.stderr
