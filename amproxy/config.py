@@ -237,6 +237,11 @@ SERVER_OPTIONS = [
     Option("--diverse-replicas", True,
            "replicas of a metric on different hosts, as carbon's DIVERSE_REPLICAS "
            "(true or false; default: true)", env="AMPROXY_DIVERSE_REPLICAS", type=boolean),
+    Option("--proxy-protocol", False,
+           "every client connection starts with a PROXY protocol header (v1 or v2, as "
+           "HAProxy's send-proxy or send-proxy-v2 sends it): logs and per-source limits "
+           "use the client's address it carries; a connection without one is closed",
+           env="AMPROXY_PROXY_PROTOCOL", type=bool),
     # Self-metrics.
     Option("--stats-interval", "60s",
            "send amproxy's own counters to Carbon this often; 0 turns it off",

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 COUNTERS = (("linesReceived", "linesForwarded")
             + tuple("rejected." + reason for reason in REJECTION_REASONS)
-            + ("connectionsOpened", "connectionsRefused", "carbonReconnects",
+            + ("connectionsOpened", "connectionsRefused", "proxyHeaderErrors", "carbonReconnects",
                "droppedLines", "deadLetters", "internalErrors", "authReloads",
                "authReloadErrors"))
 GAUGES = ("activeConnections", "bufferedLines", "spooledBytes")

@@ -19,6 +19,8 @@ from .balance import NOT_ACCEPTING
 from .config import LIVE_OPTIONS
 from .destinations import Destinations
 from .logs import RejectionLog, reopen_log_files, set_level
+from .proxyprotocol import ProxyHeaderError
+from .proxyprotocol import parse as parse_proxy_header
 from .protocol import LINE_TOO_LONG, MALFORMED, REJECTION_REASONS, filter_lines
 from .stats import WorkerStats
 
@@ -44,6 +46,8 @@ PARTIAL_LINE_GRACE = 1.0
 STOPPING_MAX_BACKOFF = 1.0
 # Out of file descriptors: stop accepting this long instead of spinning.
 ACCEPT_BACKOFF = 0.5
+# --proxy-protocol: a connection must send its PROXY header within this long.
+PROXY_HEADER_TIMEOUT = 5.0
 
 
 class Heartbeat:
@@ -71,17 +75,21 @@ class Connection:
     that sends nothing valid is idle, however much it sends.
     """
 
-    __slots__ = ("sock", "remote", "source", "partial", "last_active")
+    __slots__ = ("sock", "remote", "source", "partial", "last_active", "awaiting_header_since")
 
     def __init__(self, sock, address, now):
         self.sock = sock
+        self.set_address(address)
+        self.partial = b""
+        self.last_active = now
+        self.awaiting_header_since = None  # --proxy-protocol: accepted when, until the header
+
+    def set_address(self, address):
         if isinstance(address, tuple):
             self.source = address[0]
             self.remote = "%s:%d" % address[:2]
         else:
             self.source = self.remote = str(address) or "unix"
-        self.partial = b""
-        self.last_active = now
 
 
 class SourceSlots:
@@ -91,10 +99,11 @@ class SourceSlots:
         self._counts = collections.Counter()
 
     def admits(self, source, connections, options):
-        """Room for one more from ``source``, with ``connections`` open in all?"""
+        """Room for one more from ``source`` (None: not known yet), with ``connections`` open?"""
         per_source = options.max_connections_per_source or max(
             1, options.max_connections * 9 // 10)
-        return connections < options.max_connections and self._counts[source] < per_source
+        return connections < options.max_connections and (
+            source is None or self._counts[source] < per_source)
 
     def add(self, source):
         self._counts[source] += 1
@@ -134,6 +143,8 @@ class Worker:
         self._internal_error_logged_at = None
         self.connections_opened = 0
         self.connections_refused = 0
+        self.proxy_header_errors = 0
+        self._proxy_error_logged_at = None
         self.rejected = dict.fromkeys(REJECTION_REASONS, 0)
         self._signals = []
 
@@ -230,7 +241,11 @@ class Worker:
             self.begin_stop(graceful=True, seconds=ORPHAN_STOP_SECONDS)
         idle_limit = self.options.idle_timeout
         for conn in list(self.connections.values()):
-            if now - conn.last_active > idle_limit and not self.paused:
+            if conn.awaiting_header_since is not None and \
+                    now - conn.awaiting_header_since > PROXY_HEADER_TIMEOUT:
+                self._proxy_header_error(conn, "no PROXY header within %d s"
+                                         % PROXY_HEADER_TIMEOUT)
+            elif now - conn.last_active > idle_limit and not self.paused:
                 log.info("closing idle client connection", extra={
                     "remote": conn.remote, "idle_seconds": round(now - conn.last_active)})
                 self._close(conn)
@@ -259,6 +274,7 @@ class Worker:
             "linesForwarded": self.forwarded,
             "connectionsOpened": self.connections_opened,
             "connectionsRefused": self.connections_refused,
+            "proxyHeaderErrors": self.proxy_header_errors,
             "internalErrors": self.internal_errors,
             "authReloads": self.auth_file.reloads,
             "authReloadErrors": self.auth_file.reload_errors,
@@ -309,13 +325,18 @@ class Worker:
                 return False
             raise
         conn = Connection(sock, address, self.clock())
-        if not self.source_slots.admits(conn.source, len(self.connections), self.options):
+        if self.options.proxy_protocol:
+            # The address is the balancer's; the client's comes with the header.
+            conn.awaiting_header_since = conn.last_active
+        source = conn.source if conn.awaiting_header_since is None else None
+        if not self.source_slots.admits(source, len(self.connections), self.options):
             self.connections_refused += 1
             sock.close()
             return True
         sock.setblocking(False)
         self.connections[sock.fileno()] = conn
-        self.source_slots.add(conn.source)
+        if conn.awaiting_header_since is None:
+            self.source_slots.add(conn.source)
         self.connections_opened += 1
         self.selector.register(sock, selectors.EVENT_READ,
                                lambda mask, conn=conn: self._on_readable(conn))
@@ -350,8 +371,47 @@ class Worker:
         if not self.paused:
             self.selector.unregister(conn.sock)
         del self.connections[conn.sock.fileno()]
-        self.source_slots.remove(conn.source)
+        if conn.awaiting_header_since is None:
+            self.source_slots.remove(conn.source)
         conn.sock.close()
+
+    def _take_proxy_header(self, conn, data):
+        """--proxy-protocol: take the header off what a client sent; the rest, or None."""
+        if not data:  # closed: a balancer's health check sends nothing at all
+            if conn.partial:
+                self._proxy_header_error(conn, "closed before the end of its PROXY header")
+            else:
+                self._close(conn)
+            return None
+        data = conn.partial + data
+        try:
+            header = parse_proxy_header(data)
+        except ProxyHeaderError as e:
+            self._proxy_header_error(conn, str(e))
+            return None
+        if header is None:
+            conn.partial = data
+            return None
+        length, source = header
+        if source is not None:  # else a LOCAL connection: the balancer's own
+            conn.set_address(source)
+        if not self.source_slots.admits(conn.source, len(self.connections) - 1, self.options):
+            self.connections_refused += 1
+            self._close(conn)
+            return None
+        conn.partial = b""
+        conn.awaiting_header_since = None
+        self.source_slots.add(conn.source)
+        return data[length:] or None
+
+    def _proxy_header_error(self, conn, why):
+        self.proxy_header_errors += 1
+        now = self.clock()
+        if self._proxy_error_logged_at is None or now - self._proxy_error_logged_at >= 1:
+            self._proxy_error_logged_at = now  # one a second: a scan must not flood the log
+            log.warning("closing client connection: %s (--proxy-protocol is on)", why,
+                        extra={"remote": conn.remote})
+        self._close(conn)
 
     def _set_paused(self, paused):
         """Stop or resume reading clients: back-pressure while Carbon cannot keep up."""
@@ -379,6 +439,10 @@ class Worker:
             return
         except OSError:
             data = b""
+        if conn.awaiting_header_since is not None:
+            data = self._take_proxy_header(conn, data)
+            if data is None:
+                return
         if data:
             if conn.partial:
                 data = conn.partial + data
@@ -468,7 +532,9 @@ class Worker:
     def _check_stop_done(self, now):
         stopping_for = now - self.stopping_since
         for conn in list(self.connections.values()):
-            if not conn.partial:
+            if conn.awaiting_header_since is not None:
+                self._close(conn)  # it has sent no line yet
+            elif not conn.partial:
                 self._close_if_drained(conn)
             elif stopping_for >= PARTIAL_LINE_GRACE:
                 self._on_readable(conn)  # what already arrived may finish the line
