@@ -213,11 +213,19 @@ def peak_rss_mb(pid):
     return 0.0
 
 
+def carbon_addr(sinks):
+    """One sink as host:port; several as a cluster (one host, so each its own instance)."""
+    if len(sinks) == 1:
+        return "127.0.0.1:%d" % sinks[0].port
+    return ",".join("127.0.0.1:%d:%s" % (sink.port, chr(ord("a") + i))
+                    for i, sink in enumerate(sinks))
+
+
 class Proxy:
-    def __init__(self, command, sink, auth_file, workers, extra=()):
+    def __init__(self, command, sink, auth_file, workers, extra=(), sinks=None):
         self.port = free_port()
         fields = {"addr": "127.0.0.1:%d" % self.port, "port": self.port,
-                  "carbon_addr": "127.0.0.1:%d" % sink.port, "carbon_port": sink.port,
+                  "carbon_addr": carbon_addr(sinks or [sink]), "carbon_port": sink.port,
                   "auth_file": auth_file}
         if command is None:
             amproxy = os.path.join(os.path.dirname(sys.executable), "amproxy")
@@ -269,28 +277,39 @@ class Proxy:
             self.process.wait(10)
 
 
-def settle(sink, expected, timeout):
-    """Wait until the sink has ``expected`` lines, then a moment more for strays."""
+def settle(sinks, expected, timeout):
+    """Wait until the sinks have ``expected`` lines, then a moment more for strays."""
+    def counted():
+        return sum(sink.count.value for sink in sinks)
     try:
-        wait_for(lambda: sink.count.value >= expected, timeout, "the sink to count %d lines"
+        wait_for(lambda: counted() >= expected, timeout, "the sinks to count %d lines"
                  % expected, interval=0.002)
     except TimeoutError:
         pass
-    end = sink.last.value
+    end = max(sink.last.value for sink in sinks)
     time.sleep(0.2)  # catch duplicates or late lines before counting losses
-    return end, sink.count.value
+    return end, counted()
 
 
-def run_once(name, command, args, sink, auth_file, keys, workers):
+# Rows of --scale-out: (name, destinations, extra flags, copies of each line).
+SCALE_OUT = [("amproxy-3-destinations", 3, [], 1),
+             ("amproxy-broadcast-2", 2, ["--relay-method", "broadcast"], 2)]
+
+
+def run_once(name, command, args, sinks, auth_file, keys, workers, extra=(), copies=1):
     blobs, good = generate(keys, args.lines, args.connections, args.bad_fraction)
-    proxy = Proxy(command, sink, auth_file, workers) if name != "no-proxy" else None
-    port = proxy.port if proxy else sink.port
+    proxy = None
+    if name != "no-proxy":
+        proxy = Proxy(command, sinks[0], auth_file, workers, extra, sinks)
+    port = proxy.port if proxy else sinks[0].port
     try:
-        sink.reset()
+        for sink in sinks:
+            sink.reset()
         cpu_before = proxy.cpu() if proxy else 0.0
         started = time.monotonic()
         send_all(port, blobs)
-        end, counted = settle(sink, good, args.timeout)
+        end, counted = settle(sinks, good * copies, args.timeout)
+        counted //= copies
         elapsed = max(end - started, 1e-9)
         result = {"proxy": name, "workers": workers if proxy and proxy.workers else None,
                   "lines": args.lines, "valid_lines": good, "connections": args.connections,
@@ -369,6 +388,43 @@ def big_auth_file(args, sink, directory, workers):
         proxy.stop()
 
 
+def routing_cost(repeats=7):
+    """The hot path's price of placement: us per accepted line to split 1,000 lines
+    over 3 destinations by carbon's ring, less the price of handing them to one.
+    The median of several timings (same process, same minute)."""
+    import types
+    from amproxy import destinations as module
+    from amproxy.placement import parse_destinations
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.lines = 0
+
+        def enqueue(self, data, lines):
+            self.lines += lines
+    real, module.CarbonSender = module.CarbonSender, Counting
+    try:
+        lines = [b"bench.k%d.m%d 123 1764201600" % (i % 10, i % 100) for i in range(1000)]
+
+        def per_line(addresses):
+            options = types.SimpleNamespace(
+                carbon_addr=parse_destinations(addresses), relay_method="consistent-hashing",
+                hash_type="carbon_ch", replication_factor=1, diverse_replicas=True,
+                spool_dir="", buffer_size=1000, replay_rate=0, resend_window=0)
+            dests = module.Destinations(options, None, time.monotonic, 0)
+            dests.send(lines)  # placements cached, as in a running worker
+            timings = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                for _ in range(100):
+                    dests.send(lines)
+                timings.append((time.perf_counter() - started) / 100 / len(lines) * 1e6)
+            return statistics.median(timings)
+        return round(per_line("a:1:a,b:1:b,c:1:c") - per_line("a:1"), 3)
+    finally:
+        module.CarbonSender = real
+
+
 def calibrate():
     """This machine's speed at the primitive that dominates: HMAC-SHA256 of a short line.
 
@@ -424,6 +480,8 @@ def main():
     parser.add_argument("--latency", action="store_true", help="measure idle latency")
     parser.add_argument("--big-auth-keys", type=int, default=0,
                         help="also time start-up and a HUP with an auth file this large")
+    parser.add_argument("--scale-out", action="store_true",
+                        help="also run with 3 destinations and with broadcast to 2")
     parser.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args()
 
@@ -431,21 +489,27 @@ def main():
     keys = make_keys(args.keys, args.metrics_per_key)
     auth_file = os.path.join(directory, "auth.yaml")
     write_auth(auth_file, keys)
-    sink = Sink()
+    sinks = [Sink() for _ in range(max(n for _, n, _, _ in SCALE_OUT) if args.scale_out else 1)]
+    sink = sinks[0]
     contenders = [] if args.no_baseline else [
         ("no-proxy", None, None),
         ("plain-verifier", "%s %s {port} {carbon_port} {auth_file}" % (
             shlex.quote(sys.executable), shlex.quote(os.path.join(HERE, "plain_verifier.py"))),
          None)]
     contenders += [("amproxy", None, w) for w in args.workers]
+    if args.scale_out:
+        contenders += [(name, None, args.workers[0]) for name, _, _, _ in SCALE_OUT]
     for spec in args.compare:
         name, _, command = spec.partition("=")
         contenders.append((name, command, None))
+    scale_out = {name: (sinks[:n], extra, copies) for name, n, extra, copies in SCALE_OUT}
     results = {}
     try:
         for repeat in range(args.repeats):
             for name, command, workers in contenders:
-                result = run_once(name, command, args, sink, auth_file, keys, workers)
+                run_sinks, extra, copies = scale_out.get(name, ([sink], (), 1))
+                result = run_once(name, command, args, run_sinks, auth_file, keys, workers,
+                                  extra, copies)
                 result["repeat"] = repeat + 1
                 print(json.dumps(result), flush=True)
                 results.setdefault((name, workers), []).append(result)
@@ -460,7 +524,7 @@ def main():
             for reference, field in ((("no-proxy", None), "ratio_to_no_proxy"),
                                      (("plain-verifier", None), "ratio_to_plain_verifier"),
                                      (first_amproxy, "vs_%d_workers" % args.workers[0])):
-                if field.startswith("vs_") and key[0] != "amproxy":
+                if field.startswith("vs_") and not key[0].startswith("amproxy"):
                     continue
                 if reference in results and reference != key:
                     summary[field] = round(statistics.median(
@@ -473,6 +537,8 @@ def main():
                                                       args.workers[0])
         if args.big_auth_keys:
             extra.update(big_auth_file(args, sink, directory, args.workers[0]))
+        if args.scale_out:
+            extra["routing_us_per_line"] = routing_cost()
         print(json.dumps({"summary": summaries, **extra,
                           "machine": "%s, %d CPUs, Python %s" % (
                               platform.platform(), os.cpu_count(),
@@ -480,7 +546,8 @@ def main():
         print_table(summaries, extra)
         return 1 if any(s["lost"] for s in summaries) else 0
     finally:
-        sink.stop()
+        for each in sinks:
+            each.stop()
 
 
 def print_table(summaries, extra):
