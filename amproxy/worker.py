@@ -87,9 +87,65 @@ class Connection:
     def set_address(self, address):
         if isinstance(address, tuple):
             self.source = address[0]
-            self.remote = "%s:%d" % address[:2]
+            host = "[%s]" % address[0] if ":" in address[0] else address[0]
+            self.remote = "%s:%d" % (host, address[1])
         else:
             self.source = self.remote = str(address) or "unix"
+
+
+class CloseConnection(Exception):
+    pass
+
+
+class ProxyHeaders:
+    """--proxy-protocol: take the header off each new connection; count and log the bad."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.errors = 0
+        self._logged_at = None
+
+    def take(self, conn, data):
+        """The bytes after ``conn``'s header once it is complete (b"" if none); None until then.
+
+        ``data`` is what was just read (b"": the client closed).  Raises
+        CloseConnection when the client closed, or sent no valid header
+        (counted and logged; a balancer's health check, which sends nothing
+        and closes, is not an error).
+        """
+        if not data:
+            if conn.partial:
+                self.error(conn, "closed before the end of its PROXY header")
+            raise CloseConnection()
+        data = conn.partial + data
+        try:
+            header = parse_proxy_header(data)
+        except ProxyHeaderError as e:
+            self.error(conn, str(e))
+            raise CloseConnection() from None
+        if header is None:
+            conn.partial = data
+            return None
+        length, source = header
+        if source is not None:  # else a LOCAL connection: the balancer's own
+            conn.set_address(source)
+        conn.partial = b""
+        return data[length:]
+
+    def late(self, conn, now):
+        """Whether ``conn`` has waited too long for its header (then counted and logged)."""
+        if now - conn.awaiting_header_since <= PROXY_HEADER_TIMEOUT:
+            return False
+        self.error(conn, "no PROXY header within %d s" % PROXY_HEADER_TIMEOUT)
+        return True
+
+    def error(self, conn, why):
+        self.errors += 1
+        now = self.clock()
+        if self._logged_at is None or now - self._logged_at >= 1:
+            self._logged_at = now  # one a second: a scan must not flood the log
+            log.warning("closing client connection: %s (--proxy-protocol is on)", why,
+                        extra={"remote": conn.remote})
 
 
 class SourceSlots:
@@ -143,8 +199,7 @@ class Worker:
         self._internal_error_logged_at = None
         self.connections_opened = 0
         self.connections_refused = 0
-        self.proxy_header_errors = 0
-        self._proxy_error_logged_at = None
+        self.proxy_headers = ProxyHeaders(time.monotonic)
         self.rejected = dict.fromkeys(REJECTION_REASONS, 0)
         self._signals = []
 
@@ -241,10 +296,8 @@ class Worker:
             self.begin_stop(graceful=True, seconds=ORPHAN_STOP_SECONDS)
         idle_limit = self.options.idle_timeout
         for conn in list(self.connections.values()):
-            if conn.awaiting_header_since is not None and \
-                    now - conn.awaiting_header_since > PROXY_HEADER_TIMEOUT:
-                self._proxy_header_error(conn, "no PROXY header within %d s"
-                                         % PROXY_HEADER_TIMEOUT)
+            if conn.awaiting_header_since is not None and self.proxy_headers.late(conn, now):
+                self._close(conn)
             elif now - conn.last_active > idle_limit and not self.paused:
                 log.info("closing idle client connection", extra={
                     "remote": conn.remote, "idle_seconds": round(now - conn.last_active)})
@@ -274,7 +327,7 @@ class Worker:
             "linesForwarded": self.forwarded,
             "connectionsOpened": self.connections_opened,
             "connectionsRefused": self.connections_refused,
-            "proxyHeaderErrors": self.proxy_header_errors,
+            "proxyHeaderErrors": self.proxy_headers.errors,
             "internalErrors": self.internal_errors,
             "authReloads": self.auth_file.reloads,
             "authReloadErrors": self.auth_file.reload_errors,
@@ -367,6 +420,24 @@ class Worker:
             self.selector.unregister(self.listener)
         self.watching_listener = watch
 
+    def _after_proxy_header(self, conn, data):
+        """What the client sent after its PROXY header, once its source is admitted; else None."""
+        try:
+            rest = self.proxy_headers.take(conn, data)
+        except CloseConnection:
+            self._close(conn)
+            return None
+        if rest is None:
+            return None
+        # The per-source limit, now that the source is known (until now it was not counted).
+        if not self.source_slots.admits(conn.source, len(self.connections) - 1, self.options):
+            self.connections_refused += 1
+            self._close(conn)
+            return None
+        conn.awaiting_header_since = None
+        self.source_slots.add(conn.source)
+        return rest
+
     def _close(self, conn):
         if not self.paused:
             self.selector.unregister(conn.sock)
@@ -374,44 +445,6 @@ class Worker:
         if conn.awaiting_header_since is None:
             self.source_slots.remove(conn.source)
         conn.sock.close()
-
-    def _take_proxy_header(self, conn, data):
-        """--proxy-protocol: take the header off what a client sent; the rest, or None."""
-        if not data:  # closed: a balancer's health check sends nothing at all
-            if conn.partial:
-                self._proxy_header_error(conn, "closed before the end of its PROXY header")
-            else:
-                self._close(conn)
-            return None
-        data = conn.partial + data
-        try:
-            header = parse_proxy_header(data)
-        except ProxyHeaderError as e:
-            self._proxy_header_error(conn, str(e))
-            return None
-        if header is None:
-            conn.partial = data
-            return None
-        length, source = header
-        if source is not None:  # else a LOCAL connection: the balancer's own
-            conn.set_address(source)
-        if not self.source_slots.admits(conn.source, len(self.connections) - 1, self.options):
-            self.connections_refused += 1
-            self._close(conn)
-            return None
-        conn.partial = b""
-        conn.awaiting_header_since = None
-        self.source_slots.add(conn.source)
-        return data[length:] or None
-
-    def _proxy_header_error(self, conn, why):
-        self.proxy_header_errors += 1
-        now = self.clock()
-        if self._proxy_error_logged_at is None or now - self._proxy_error_logged_at >= 1:
-            self._proxy_error_logged_at = now  # one a second: a scan must not flood the log
-            log.warning("closing client connection: %s (--proxy-protocol is on)", why,
-                        extra={"remote": conn.remote})
-        self._close(conn)
 
     def _set_paused(self, paused):
         """Stop or resume reading clients: back-pressure while Carbon cannot keep up."""
@@ -440,8 +473,8 @@ class Worker:
         except OSError:
             data = b""
         if conn.awaiting_header_since is not None:
-            data = self._take_proxy_header(conn, data)
-            if data is None:
+            data = self._after_proxy_header(conn, data)
+            if not data:
                 return
         if data:
             if conn.partial:

@@ -31,21 +31,26 @@ def closed_by_server(sock, timeout):
         return False
 
 
-@pytest.mark.parametrize("header", [
-    b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 2005\r\n", v2("203.0.113.7", 51234)],
-    ids=["v1", "v2"])
-def test_lines_after_a_header_pass_and_rejections_name_the_client(carbon, pp_proxy, header):
+@pytest.mark.parametrize("header, remote", [
+    (b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 2005\r\n", "203.0.113.7:51234"),
+    (v2("203.0.113.7", 51234), "203.0.113.7:51234"),
+    (v2("2001:db8::7", 51234), "[2001:db8::7]:51234")], ids=["v1", "v2", "v2-ipv6"])
+def test_lines_after_a_header_pass_and_rejections_name_the_client(carbon, pp_proxy, header,
+                                                                  remote):
     proxy = pp_proxy()
     now = int(time.time())
-    good = line_for(KEYS, "alpha", "e2e.alpha.humidity", 7.5, now - 3)
-    bad = good.replace(b"7.5", b"8.5")  # the signature no longer matches
+    value = float(len(header))  # each case its own value: they share a Carbon
+    good = line_for(KEYS, "alpha", "e2e.alpha.humidity", value, now - 3)
+    bad = line_for(KEYS, "alpha", "e2e.alpha.humidity", value + 1, now - 3).replace(
+        b" %.1f " % (value + 1), b" %.1f " % (value + 2))  # the signature no longer matches
+    assert bad.split()[1] == b"%.1f" % (value + 2)
     with proxy.connect() as sock:
         # The header and the first line in separate packets, then together.
         sock.sendall(header[:9])
         time.sleep(0.05)  # pacing: the header arrives in two reads
         sock.sendall(header[9:] + bad + good)
-    wait_points(carbon, "e2e.alpha.humidity", {now - 3: 7.5}, now - 10)
-    wait_for(lambda: "reason=badSignature remote=203.0.113.7:51234" in proxy.log(), 5,
+    wait_points(carbon, "e2e.alpha.humidity", {now - 3: value}, now - 10)
+    wait_for(lambda: "reason=badSignature remote=%s " % remote in proxy.log(), 5,
              what="the rejection logged with the client's address")
 
 
