@@ -295,10 +295,12 @@ class Worker:
                         extra={"master_pid": self.ppid})
             self.begin_stop(graceful=True, seconds=ORPHAN_STOP_SECONDS)
         idle_limit = self.options.idle_timeout
-        for conn in list(self.connections.values()):
-            if conn.awaiting_header_since is not None and self.proxy_headers.late(conn, now):
-                self._close(conn)
-            elif now - conn.last_active > idle_limit and not self.paused:
+        for conn in [] if self.paused else list(self.connections.values()):
+            # Paused, nothing is read: no client is late or idle meanwhile.
+            if conn.awaiting_header_since is not None:
+                if self.proxy_headers.late(conn, now):
+                    self._close(conn)
+            elif now - conn.last_active > idle_limit:
                 log.info("closing idle client connection", extra={
                     "remote": conn.remote, "idle_seconds": round(now - conn.last_active)})
                 self._close(conn)
@@ -456,6 +458,8 @@ class Worker:
                 self.selector.unregister(conn.sock)
             else:
                 conn.last_active = self.clock()
+                if conn.awaiting_header_since is not None:
+                    conn.awaiting_header_since = conn.last_active
                 self.selector.register(conn.sock, selectors.EVENT_READ,
                                        lambda mask, conn=conn: self._on_readable(conn))
         if paused:
@@ -565,17 +569,19 @@ class Worker:
     def _check_stop_done(self, now):
         stopping_for = now - self.stopping_since
         for conn in list(self.connections.values()):
-            if conn.awaiting_header_since is not None:
-                self._close(conn)  # it has sent no line yet
-            elif not conn.partial:
-                self._close_if_drained(conn)
+            if not conn.partial:
+                self._close_if_drained(conn)  # a PROXY header and lines may be waiting
             elif stopping_for >= PARTIAL_LINE_GRACE:
                 self._on_readable(conn)  # what already arrived may finish the line
                 if conn.sock.fileno() not in self.connections or not conn.partial:
                     continue
-                self._rejecter(conn.remote, {})(MALFORMED, None, None)
-                log.warning("closing client connection at stop: it did not finish its "
-                            "line", extra={"remote": conn.remote})
+                if conn.awaiting_header_since is not None:
+                    self.proxy_headers.error(conn, "stopping, and its PROXY header is "
+                                             "not complete")
+                else:
+                    self._rejecter(conn.remote, {})(MALFORMED, None, None)
+                    log.warning("closing client connection at stop: it did not finish its "
+                                "line", extra={"remote": conn.remote})
                 self._close(conn)
         deadline_passed = stopping_for >= self.stop_deadline
         if deadline_passed or (not self.connections and self.destinations.memory_empty):

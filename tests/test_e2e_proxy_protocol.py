@@ -1,4 +1,6 @@
 """--proxy-protocol: the client's address from the header, and what lacks one is closed."""
+import os
+import signal
 import socket
 import time
 
@@ -104,3 +106,61 @@ def test_the_per_source_limit_counts_the_clients_address_not_the_balancers(pp_pr
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_a_stop_reads_what_a_just_accepted_connection_sent_with_its_header(
+        carbon, auth_file, make_proxy):
+    # HAProxy sends the header and the first lines at once; a stop that comes in
+    # the same loop pass as the accept must still read them.
+    now = int(time.time())
+    for trial in range(3):
+        proxy = make_proxy(carbon.address, auth_file, workers=1, args=["--proxy-protocol"])
+        worker = proxy.workers()[0]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            sock = proxy.connect()
+            value = 100.0 + trial
+            sock.sendall(v2("203.0.113.7", 1000)
+                         + line_for(KEYS, "alpha", "e2e.alpha.humidity", value, now - 20 - trial))
+            wait_for(lambda: connection_queued(proxy), 5, what="the connection queued")
+            proxy.signal(signal.SIGTERM)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert proxy.wait_exit(30) == 0
+        sock.close()
+        wait_points(carbon, "e2e.alpha.humidity", {now - 20 - trial: value}, now - 30)
+
+
+def connection_queued(proxy):
+    """The client's connection is waiting in the listen queue (the worker is stopped)."""
+    with open("/proc/net/tcp") as f:
+        rows = [row.split() for row in list(f)[1:]]
+    return any(int(r[1].split(":")[1], 16) == proxy.port and r[3] == "0A" and
+               int(r[4].split(":")[1], 16) > 0 for r in rows)
+
+
+def test_a_client_waiting_for_its_header_to_be_read_survives_a_pause(
+        own_carbon, auth_file, make_proxy):
+    # While Carbon cannot take more, clients are not read: the 5 s for the header
+    # must not run out meanwhile, or the lines behind it are lost.
+    proxy = make_proxy(own_carbon.address, auth_file, workers=1, args=[
+        "--proxy-protocol", "--buffer-size", "10"])  # Carbon is not running yet
+    now = int(time.time())
+    header = v2("198.51.100.9", 2000)
+    late = proxy.connect()
+    late.sendall(header[:10])
+    with proxy.connect() as filler:
+        filler.sendall(v2("203.0.113.7", 1000) + b"".join(
+            line_for(KEYS, "alpha", "e2e.alpha.temp", float(i), now - 100 + i)
+            for i in range(30)))
+        wait_for(lambda: "pausing reads from clients" in proxy.log(), 10, what="the pause")
+        late.sendall(header[10:] + line_for(KEYS, "alpha", "e2e.alpha.humidity", 55.5, now - 50))
+        deadline = time.monotonic() + 7
+        while time.monotonic() < deadline:  # longer than the header's 5 s, all paused
+            assert "no PROXY header" not in proxy.log()
+            time.sleep(0.5)
+        own_carbon.start()
+        wait_points(own_carbon, "e2e.alpha.humidity", {now - 50: 55.5}, now - 60)
+        wait_points(own_carbon, "e2e.alpha.temp",
+                    {now - 100 + i: float(i) for i in range(30)}, now - 110)
+    late.close()
