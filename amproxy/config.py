@@ -9,6 +9,7 @@ file is ``--config`` (or ``AMPROXY_CONFIG``) if given, else
 
 import argparse
 import fcntl
+import ipaddress
 import json
 import os
 import re
@@ -86,6 +87,19 @@ def non_negative_int(text):
     return value
 
 
+def parse_networks(text):
+    """Comma-separated addresses or networks (``10.0.0.5,10.0.1.0/24``); empty: none."""
+    networks = []
+    for part in str(text).split(","):
+        if part.strip():
+            try:
+                networks.append(ipaddress.ip_network(part.strip(), strict=False))
+            except ValueError:
+                raise ValueError("%r is not an address or network such as 10.0.0.5 or "
+                                 "10.0.1.0/24" % part.strip()) from None
+    return tuple(networks)
+
+
 def parse_boolean(text):
     """``true``/``false`` (also yes/no, on/off, 1/0), for options that default to true."""
     value = str(text).strip().lower()
@@ -112,6 +126,7 @@ duration = _named(parse_duration, "duration")
 address = _named(parse_address, "address")
 size = _named(parse_size, "size")
 boolean = _named(parse_boolean, "boolean")
+networks = _named(parse_networks, "networks")
 destinations = _named(parse_destinations, "destinations")
 
 
@@ -242,6 +257,11 @@ SERVER_OPTIONS = [
            "HAProxy's send-proxy or send-proxy-v2 sends it): logs and per-source limits "
            "use the client's address it carries; a connection without one is closed",
            env="AMPROXY_PROXY_PROTOCOL", type=bool),
+    Option("--proxy-protocol-from", "",
+           "with --proxy-protocol: take connections only from these addresses or "
+           "networks, the load balancers (comma-separated: 10.0.0.5,10.0.1.0/24); "
+           "empty: from anywhere, so that anyone who reaches the port can claim any "
+           "address: firewall it", env="AMPROXY_PROXY_PROTOCOL_FROM", type=networks),
     # Self-metrics.
     Option("--stats-interval", "60s",
            "send amproxy's own counters to Carbon this often; 0 turns it off",

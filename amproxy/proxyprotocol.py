@@ -65,6 +65,16 @@ def _address(text, version):
         raise ProxyHeaderError("bad address in PROXY v1 header") from None
     if address.version != version:
         raise ProxyHeaderError("address of the wrong family in PROXY v1 header")
+    if address.version == 6 and address.scope_id is not None:
+        # "fe80::1%anything": text of the sender's choosing, bound for the logs
+        raise ProxyHeaderError("scoped address in PROXY v1 header")
+    return client_address(address)
+
+
+def client_address(address):
+    """An address as logs and limits show it: an IPv4 client mapped into IPv6 as IPv4."""
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
     return str(address)
 
 
@@ -92,4 +102,4 @@ def _parse_v2(data):
     if length < addresses.size:
         raise ProxyHeaderError("PROXY v2 header too short for its addresses")
     source, _, source_port, _ = addresses.unpack_from(data, _V2_HEADER.size)
-    return total, (str(ipaddress.ip_address(source)), source_port)
+    return total, (client_address(ipaddress.ip_address(source)), source_port)

@@ -6,6 +6,7 @@ connections, the Carbon connection and a wakeup pipe for signals.
 
 import collections
 import errno
+import ipaddress
 import logging
 import os
 import select
@@ -19,7 +20,7 @@ from .balance import NOT_ACCEPTING
 from .config import LIVE_OPTIONS
 from .destinations import Destinations
 from .logs import RejectionLog, reopen_log_files, set_level
-from .proxyprotocol import ProxyHeaderError
+from .proxyprotocol import ProxyHeaderError, client_address
 from .proxyprotocol import parse as parse_proxy_header
 from .protocol import LINE_TOO_LONG, MALFORMED, REJECTION_REASONS, filter_lines
 from .stats import WorkerStats
@@ -131,6 +132,17 @@ class ProxyHeaders:
             conn.set_address(source)
         conn.partial = b""
         return data[length:]
+
+    @staticmethod
+    def trusts(peer, balancers):
+        """Whether ``peer`` may send headers: one of ``balancers`` (networks), or any if none."""
+        if not balancers:
+            return True
+        try:
+            address = ipaddress.ip_address(client_address(ipaddress.ip_address(peer)))
+        except ValueError:  # a Unix socket, say
+            return False
+        return any(address in network for network in balancers)
 
     def late(self, conn, now):
         """Whether ``conn`` has waited too long for its header (then counted and logged)."""
@@ -381,6 +393,10 @@ class Worker:
             raise
         conn = Connection(sock, address, self.clock())
         if self.options.proxy_protocol:
+            if not self.proxy_headers.trusts(conn.source, self.options.proxy_protocol_from):
+                self.proxy_headers.error(conn, "not from a --proxy-protocol-from address")
+                sock.close()
+                return True
             # The address is the balancer's; the client's comes with the header.
             conn.awaiting_header_since = conn.last_active
         source = conn.source if conn.awaiting_header_since is None else None

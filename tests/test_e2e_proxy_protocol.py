@@ -2,11 +2,12 @@
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
-from conftest import KEYS, line_for, wait_for, wait_points
+from conftest import AMPROXY, KEYS, line_for, wait_for, wait_points
 from test_e2e_hostile import counters
 from test_proxyprotocol import v2
 
@@ -164,3 +165,28 @@ def test_a_client_waiting_for_its_header_to_be_read_survives_a_pause(
         wait_points(own_carbon, "e2e.alpha.temp",
                     {now - 100 + i: float(i) for i in range(30)}, now - 110)
     late.close()
+
+
+def test_only_the_balancers_in_proxy_protocol_from_may_send_headers(carbon, pp_proxy):
+    now = int(time.time())
+    stranger = pp_proxy("--proxy-protocol-from", "10.0.0.0/8, 192.0.2.1")
+    with stranger.connect() as sock:
+        sock.sendall(v2("203.0.113.7", 1000)
+                     + line_for(KEYS, "alpha", "e2e.alpha.humidity", 61.0, now - 7))
+        assert closed_by_server(sock, 5)
+    # Two: this one, and the check at start-up that the port is open.
+    assert wait_for(lambda: counters(stranger)["proxyHeaderErrors"] == 2, 5, what="counted")
+    assert "not from a --proxy-protocol-from address" in stranger.log()
+    balancer = pp_proxy("--proxy-protocol-from", "127.0.0.0/8")
+    with balancer.connect() as sock:
+        sock.sendall(v2("203.0.113.7", 1000)
+                     + line_for(KEYS, "alpha", "e2e.alpha.humidity", 62.0, now - 7))
+    wait_points(carbon, "e2e.alpha.humidity", {now - 7: 62.0}, now - 10)
+
+
+def test_a_bad_balancer_network_is_named(auth_file):
+    result = subprocess.run([AMPROXY, "server", "--auth-file", str(auth_file),
+                             "--proxy-protocol-from", "10.0.0.0/8,10.0.0.300"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "'10.0.0.300' is not an address or network" in result.stderr

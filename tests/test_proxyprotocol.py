@@ -30,6 +30,9 @@ def v2(source="203.0.113.7", port=51234, command=1, family=None, protocol=1, tlv
     (v2(tlvs=b"\x05\x00\x04abcd"), ("203.0.113.7", 51234)),  # a unique-id TLV
     (v2(command=0), None),  # LOCAL: the balancer's health check
     (v2(family=0), None),  # UNSPEC
+    # An IPv4 client that reached the balancer over IPv6 is the IPv4 address.
+    (b"PROXY TCP6 ::ffff:203.0.113.7 ::1 51234 2005\r\n", ("203.0.113.7", 51234)),
+    (v2("::ffff:203.0.113.7", 7), ("203.0.113.7", 7)),
 ])
 def test_headers_give_the_clients_address_and_their_length(header, source):
     rest = b"dev1.temp 21 1700000000 k sig\n"
@@ -51,6 +54,7 @@ def test_headers_give_the_clients_address_and_their_length(header, source):
     b"PROXY TCP4 203.0.113.7 10.0.0.1 0123 2005\r\n",
     b"PROXY TCP4 203.0.113.7 10.0.0.1 +1 2005\r\n",
     b"PROXY TCP4 203.0.113.7  10.0.0.1 1 2005\r\n",
+    b'PROXY TCP6 fe80::1%x"_level=err_msg=forged ::2 1 2\r\n',  # a scope id is free text
     b"PROXY " + b"9" * 200,  # no CRLF within 107 bytes
     V2_SIGNATURE + b"\x11\x11\x00\x0c" + b"\x00" * 12,  # version 1
     V2_SIGNATURE + b"\x22\x11\x00\x0c" + b"\x00" * 12,  # command 2
