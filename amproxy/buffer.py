@@ -96,10 +96,14 @@ class Spool:
 
     # -- opening -------------------------------------------------------------
 
-    def open(self):
+    def open(self, wait=True):
+        """Lock and scan the directory; without ``wait``, None if another process holds it."""
         try:
             os.makedirs(self.directory, mode=0o750, exist_ok=True)
-            self._lock_fd = self._lock(self.directory, blocking=True)
+            try:
+                self._lock_fd = self._lock(self.directory, blocking=wait)
+            except BlockingIOError:
+                return None
             for seq in self._scan(self.directory):
                 self._add_segment(seq, os.path.getsize(self._path(seq)))
             self._adopt_orphans()

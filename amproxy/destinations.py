@@ -10,10 +10,10 @@ pays a dictionary lookup per line, not a hash ring walk.
 import logging
 import os
 
-from .buffer import SPOOL_PREFIX, Spool
+from .buffer import SPOOL_PREFIX, Spool, SpoolError
 from .carbon import CarbonSender
 from .deadletter import DeadLetters
-from .placement import CACHE_SIZE, Placement
+from .placement import CACHE_BYTES, CACHE_SIZE, Placement
 from .protocol import carbon_payload
 from .stats import metric_node
 
@@ -70,6 +70,7 @@ class Destinations:
                 options.replay_rate, options.resend_window, dead_letters))
         self._batches = [[] for _ in self.senders]
         self._placed = {}  # metric -> what appends a line to its destinations' batches
+        self._placed_bytes = 0  # of the names in it
 
     # -- lines ---------------------------------------------------------------
 
@@ -96,8 +97,12 @@ class Destinations:
                 batch.clear()
 
     def _place(self, metric):
-        if len(self._placed) >= CACHE_SIZE:
-            self._placed.clear()  # bounded: names seldom seen cost a placement again
+        self._placed_bytes += len(metric)
+        if len(self._placed) >= CACHE_SIZE or self._placed_bytes > CACHE_BYTES:
+            # Bounded in names and in bytes (names may be 4,000 bytes long):
+            # names seldom seen cost a placement again.
+            self._placed.clear()
+            self._placed_bytes = len(metric)
         appends = [self._batches[i].append for i in self.placement.place(metric)]
         if len(appends) == 1:
             append = appends[0]
@@ -107,6 +112,36 @@ class Destinations:
                     each(line)
         self._placed[metric] = append
         return append
+
+    def replay_stranded(self, spool_dir, max_bytes):
+        """Place again the lines spooled for another list of destinations (at a worker's start).
+
+        Going from one destination to three, say, leaves lines in spools that
+        no sender reads any more.  Each is read, its lines placed by today's
+        list, written to those destinations' spools, and only then deleted:
+        a crash in between sends some twice, never none.  Another worker
+        busy with a spool leaves it to that worker.
+        """
+        for directory in stranded_spools(spool_dir, self.placement.destinations):
+            lines = 0
+            try:
+                spool = Spool(directory, max_bytes).open(wait=False)
+                if spool is None:
+                    continue
+                try:
+                    for data, count in iter(spool.read_chunk, None):
+                        self.send(data.splitlines())
+                        for sender in self.senders:
+                            sender.save_to_spool()  # on disk before the old copy goes
+                        spool.release_read()
+                        lines += count
+                finally:
+                    spool.close()
+            except SpoolError as e:
+                log.error("%s; its lines stay there", e)
+            if lines:
+                log.warning("placed again the lines spooled for an earlier list of "
+                            "destinations", extra={"spool": directory, "lines": lines})
 
     # -- the senders, together -----------------------------------------------
 

@@ -22,7 +22,6 @@ from .config import (LIVE_OPTIONS, LiveOptions, config_file_path, reread_server_
 from .errors import AmproxyError
 from .logs import reopen_log_files, set_level
 from .placement import Placement
-from .destinations import stranded_spools
 from .stats import StatsService
 from .worker import WORKER_BOOT_ERROR, Heartbeat, Worker
 
@@ -141,10 +140,6 @@ class Master:
             log.warning("--replication-factor is %d, but each metric can go to only %d "
                         "destinations (with --diverse-replicas, one per host)",
                         options.replication_factor, placement.copies)
-        for spool in stranded_spools(options.spool_dir, options.carbon_addr):
-            log.warning("spooled lines for a destination no longer in --carbon-addr are "
-                        "not sent; move them into a configured destination's directory",
-                        extra={"spool": spool})
 
     @staticmethod
     def _nonblocking_pipe():

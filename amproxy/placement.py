@@ -22,8 +22,10 @@ import hashlib
 REPLICAS = 100
 HASH_TYPES = ("carbon_ch", "fnv1a_ch")
 RELAY_METHODS = ("consistent-hashing", "broadcast")
-# Placements remembered per worker; past this the memory is cleared and refilled.
+# Placements remembered per worker, at most this many names of at most this
+# many bytes in all; past that the memory is cleared and refilled.
 CACHE_SIZE = 50000
+CACHE_BYTES = 4 << 20
 
 
 class Destination(tuple):

@@ -238,6 +238,8 @@ class Worker:
         self.auth_file.reload_if_changed()
         options = self.options
         self.destinations = Destinations(options, self.selector, self.clock, self.slot)
+        if options.spool_dir:
+            self.destinations.replay_stranded(options.spool_dir, options.spool_max_bytes)
         self.reject_log = RejectionLog(log, self.options.log_rejections, self.rejected)
         self.stats = WorkerStats(self.stats_channels, options.stats_per_key)
         self.selector.register(self.stats_channels.outbox_out, selectors.EVENT_READ,

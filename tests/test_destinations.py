@@ -112,3 +112,46 @@ def test_spools_of_destinations_no_longer_listed_are_named(tmp_path):
     # Back to the one destination: only the subdirectory's lines are stranded.
     assert stranded_spools(str(spool), parse_destinations("h1:2003")) == [
         str(spool / "old:2003:z" / "worker-1")]
+
+
+def test_lines_spooled_for_another_list_of_destinations_are_placed_again(tmp_path):
+    # One destination, then two: what the single one's spool held is re-placed.
+    first, second = listener(), listener()
+    addresses = "127.0.0.1:%d:a,127.0.0.1:%d:b" % (first.getsockname()[1],
+                                                   second.getsockname()[1])
+    spool = tmp_path / "spool"
+    (spool / "worker-0").mkdir(parents=True)
+    lines = [b"dev.m%d %d 1700000000" % (i, i) for i in range(300)]
+    (spool / "worker-0" / "0000000000000001.spool").write_bytes(b"\n".join(lines[:200]) + b"\n")
+    (spool / "worker-1").mkdir()  # another worker's, left by a smaller config
+    (spool / "worker-1" / "0000000000000001.spool").write_bytes(b"\n".join(lines[200:]) + b"\n")
+    opts = options(addresses, spool_dir=str(spool))
+    placement = Placement(opts.carbon_addr)
+    selector = selectors.DefaultSelector()
+    destinations = Destinations(opts, selector, time.monotonic, slot=0)
+    destinations.replay_stranded(str(spool), 1 << 20)
+    assert stranded_spools(str(spool), opts.carbon_addr) == []
+    destinations.flush()
+    for index, sock in enumerate((first, second)):
+        conn, _ = sock.accept()
+        expected = [line for line in lines if placement.place(line.split()[0]) == (index,)]
+        assert sorted(received(conn, len(expected), destinations, selector)) == sorted(expected)
+        conn.close()
+    destinations.close()
+    first.close()
+    second.close()
+
+
+def test_the_placement_memory_is_bounded_in_names_and_bytes(monkeypatch):
+    from amproxy import destinations as module
+    monkeypatch.setattr(module, "CarbonSender", lambda *args: types.SimpleNamespace(
+        enqueue=lambda data, lines: None))
+    destinations = Destinations(options("a:1:a,b:1:b"), None, time.monotonic, 0)
+    long_names = [b"dev." + b"x" * 4000 + b".%d" % i for i in range(3000)]
+    for name in long_names:
+        destinations.send([name + b" 1 1700000000"])
+    assert destinations._placed_bytes <= module.CACHE_BYTES
+    assert sum(map(len, destinations._placed)) <= module.CACHE_BYTES
+    for i in range(module.CACHE_SIZE + 10):
+        destinations.send([b"d.%d 1 1700000000" % i])
+    assert len(destinations._placed) <= module.CACHE_SIZE
