@@ -181,8 +181,9 @@ def cmd_route(argv):
     parser.add_argument("metrics", nargs="*", metavar="METRIC",
                         help="metric names (default: one per line from standard input)")
     args = parser.parse_args(argv)
-    placement = Placement(args.carbon_addr, args.relay_method, args.hash_type,
-                          args.replication_factor, args.diverse_replicas)
+    placement = Placement.from_options(args)
+    for warning in placement.warnings():
+        print("amproxy route: warning: %s" % warning, file=sys.stderr)
     metrics = args.metrics or (line.strip() for line in sys.stdin if line.strip())
     for metric in metrics:
         destinations = placement.route(metric.encode("utf-8", "surrogateescape"))

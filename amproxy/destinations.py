@@ -15,7 +15,7 @@ from .carbon import CarbonSender
 from .deadletter import DeadLetters
 from .placement import CACHE_BYTES, CACHE_SIZE, Placement
 from .protocol import carbon_payload
-from .stats import metric_node
+from .stats import DESTINATION_COUNTERS, DESTINATION_GAUGES, destination_node
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ class Destinations:
 
     def __init__(self, options, selector, clock, slot):
         destinations = options.carbon_addr
-        self.placement = Placement(destinations, options.relay_method, options.hash_type,
-                                   options.replication_factor, options.diverse_replicas)
+        self.placement = Placement.from_options(options)
         self.senders = []
         for destination in destinations:
             spool = dead_letters = None
@@ -202,16 +201,17 @@ class Destinations:
             "deadLetters": sum(s.dead_letters.count for s in self.senders),
         }
         for sender in self.senders:
-            node = "destinations." + metric_node(str(sender.address))
-            counters[node + ".linesSent"] = sender.lines_sent
-            counters[node + ".carbonReconnects"] = sender.reconnects
+            node = destination_node(sender.address)
+            for name, value in zip(DESTINATION_COUNTERS, (sender.lines_sent, sender.reconnects)):
+                counters["%s.%s" % (node, name)] = value
         return counters
 
     def gauges(self):
         gauges = {"bufferedLines": sum(s.queued_lines for s in self.senders),
                   "spooledBytes": sum(s.spooled_bytes for s in self.senders)}
         for sender in self.senders:
-            node = "destinations." + metric_node(str(sender.address))
-            gauges[node + ".bufferedLines"] = sender.queued_lines
-            gauges[node + ".spooledBytes"] = sender.spooled_bytes
+            node = destination_node(sender.address)
+            for name, value in zip(DESTINATION_GAUGES, (sender.queued_lines,
+                                                        sender.spooled_bytes)):
+                gauges["%s.%s" % (node, name)] = value
         return gauges

@@ -134,12 +134,11 @@ class Master:
             "addr": "%s:%d" % self.listener.getsockname()[:2],
             "carbon": ",".join(map(str, options.carbon_addr)), "workers": self.num_workers,
             "keys": len(db), "auth_file": options.auth_file})
-        placement = Placement(options.carbon_addr, options.relay_method, options.hash_type,
-                              options.replication_factor, options.diverse_replicas)
-        if placement.copies < options.replication_factor and not placement.broadcast:
-            log.warning("--replication-factor is %d, but each metric can go to only %d "
-                        "destinations (with --diverse-replicas, one per host)",
-                        options.replication_factor, placement.copies)
+        for warning in Placement.from_options(options).warnings():
+            log.warning(warning)
+        if len(options.carbon_addr) > 1 and not options.spool_dir:
+            log.warning("several Carbon destinations and no --spool-dir: when one is down "
+                        "and its --buffer-size lines are held, reading stops for all of them")
 
     @staticmethod
     def _nonblocking_pipe():

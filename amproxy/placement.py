@@ -58,7 +58,7 @@ def parse_destination(text):
     else:
         host, _, rest = text.partition(":")
     port, separator, instance = rest.partition(":")
-    if (not host or not port.isdigit() or not 0 < int(port) <= 65535
+    if (not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535
             or (separator and not instance) or ":" in instance
             or any(c.isspace() or c in "[]/" for c in host + instance)):
         raise ValueError(problem)
@@ -149,13 +149,31 @@ class Placement:
         self.replication_factor = replication_factor
         self.diverse_replicas = diverse_replicas
 
-    @property
-    def copies(self):
-        """How many destinations each metric really gets (fewer hosts than replicas: fewer)."""
-        if self.broadcast:
-            return len(self.destinations)
-        hosts = {d.host for d in self.destinations} if self.diverse_replicas else self.destinations
-        return min(self.replication_factor, len(hosts))
+    @classmethod
+    def from_options(cls, options):
+        """The placement the server's options (or ``amproxy route``'s) describe."""
+        return cls(options.carbon_addr, options.relay_method, options.hash_type,
+                   options.replication_factor, options.diverse_replicas)
+
+    def warnings(self):
+        """What an operator should hear at start: settings carbon accepts that do not do
+        what they seem to."""
+        if self.broadcast or len(self.destinations) == 1:
+            return []
+        found = []
+        hosts = {d.host for d in self.destinations} if self.diverse_replicas \
+            else self.destinations
+        if len(hosts) < self.replication_factor:
+            found.append("--replication-factor is %d, but each metric can go to only %d "
+                         "destinations (with --diverse-replicas, one per host)"
+                         % (self.replication_factor, len(hosts)))
+        instances = [d.instance for d in self.destinations]
+        if self.ring.hash_type == "fnv1a_ch" and len(set(instances)) < len(instances):
+            found.append("with --hash-type fnv1a_ch the ring knows destinations by instance "
+                         "only (as carbon's), so destinations without distinct instances "
+                         "share positions and one takes most metrics; give each an "
+                         "instance (host:port:instance)")
+        return found
 
     def place(self, metric):
         if self.broadcast:

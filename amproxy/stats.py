@@ -45,6 +45,16 @@ def metric_node(text):
     return _UNSAFE.sub("_", text)
 
 
+def destination_node(destination):
+    """Where a Carbon destination's own metrics go: ``destinations.127_0_0_1_2003_a``."""
+    return PER_DESTINATION + metric_node(str(destination))
+
+
+# Per destination: counters, then gauges, each under destination_node().
+DESTINATION_COUNTERS = ("linesSent", "carbonReconnects")
+DESTINATION_GAUGES = ("bufferedLines", "spooledBytes")
+
+
 def _datagram_pair():
     pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     for sock in pair:
@@ -156,12 +166,15 @@ class WorkerStats:
 class StatsCollector:
     """The master's side: totals since start, and the current interval."""
 
-    def __init__(self, channels, prefix, per_key):
+    def __init__(self, channels, prefix, per_key, destinations=()):
         self.channels = channels
         self.prefix = prefix
         self.per_key = per_key
-        self.totals = dict.fromkeys(COUNTERS, 0)
-        self.interval = dict.fromkeys(COUNTERS, 0)
+        # Every destination's counters from the start, so that they graph as 0, not nothing.
+        self.totals = dict.fromkeys(COUNTERS + tuple(
+            "%s.%s" % (destination_node(d), name)
+            for d in destinations for name in DESTINATION_COUNTERS), 0)
+        self.interval = dict.fromkeys(self.totals, 0)
         self.gauges = {}  # worker pid -> its latest gauges
         self.key_totals = {}
         self.key_interval = {}
@@ -255,7 +268,8 @@ class StatsService:
         self.options = options
         self.channels = StatsChannels()
         self.collector = StatsCollector(self.channels, options.stats_prefix or
-                                        default_prefix(), options.stats_per_key)
+                                        default_prefix(), options.stats_per_key,
+                                        options.carbon_addr)
         self.listener = self._listen(socket_path) if socket_path else None
         self._next_flush = None
 

@@ -143,7 +143,7 @@ def test_destinations_parse_as_carbon_writes_them(text, expected):
 @pytest.mark.parametrize("text", [
     "", "carbon1", "carbon1:", ":2003", "carbon1:http", "carbon1:0", "carbon1:65536",
     "carbon1:2003:", "carbon1:2003:a:b", "::1:2003", "[::1]2003", "[::1:2003",
-    "car bon:2003", "carbon1:2003:a/b",
+    "car bon:2003", "carbon1:2003:a/b", "carbon1:\u00b2", "carbon1:\u0662\u0660\u0660\u0663",
 ])
 def test_bad_destinations_are_refused_by_name(text):
     with pytest.raises(ValueError, match="is not a destination"):
@@ -181,3 +181,15 @@ def test_route_names_the_bad_destination():
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "'carbon1' is not a destination" in result.stderr
+
+
+def test_settings_that_do_not_do_what_they_seem_are_warned_about():
+    def warnings(text, **settings):
+        return Placement(parse_destinations(text), **settings).warnings()
+    assert warnings("a:2003:x,a:2103:y", replication_factor=2) == [
+        "--replication-factor is 2, but each metric can go to only 1 destinations (with "
+        "--diverse-replicas, one per host)"]
+    assert warnings("a:2003:x,a:2103:y", replication_factor=2, diverse_replicas=False) == []
+    assert "by instance only" in warnings("a:2003,b:2003", hash_type="fnv1a_ch")[0]
+    assert warnings("a:2003:x,b:2003:y", hash_type="fnv1a_ch") == []
+    assert warnings("a:2003,b:2003", relay_method="broadcast", replication_factor=3) == []

@@ -213,3 +213,23 @@ def test_an_interval_of_many_keys_waits_for_room_instead_of_being_dropped(pipeli
     assert len(lines) == len(COUNTERS) + len(GAUGES) + 1 + 2 * 10000
     assert b"p.keys.key-09999.linesForwarded 9999 1700000000" in lines
     assert "not sent" not in caplog.text and "dropped" not in caplog.text
+
+
+def test_each_destination_has_its_counters_from_the_start_and_they_add_up():
+    from amproxy.placement import parse_destinations
+    channels = StatsChannels()
+    destinations = parse_destinations("127.0.0.1:2103:a,[::1]:2203:b")
+    collector = StatsCollector(channels, "p", per_key=False, destinations=destinations)
+    worker = WorkerStats(channels, per_key=False)
+    node = "destinations.127_0_0_1_2103_a"
+    assert worker.report({node + ".linesSent": 5}, dict(GAUGE_VALUES, **{
+        node + ".bufferedLines": 7})) is True
+    assert worker.report({node + ".linesSent": 8}, GAUGE_VALUES) is True
+    collector.drain()
+    assert collector.totals[node + ".linesSent"] == 8
+    collector.flush(workers=[], timestamp=1700000000)
+    lines = channels.outbox_out.recv(1 << 20).splitlines()
+    assert b"p.destinations.127_0_0_1_2103_a.linesSent 8 1700000000" in lines
+    # The other has sent nothing yet: its counters are 0, not missing.
+    assert b"p.destinations.___1__2203_b.linesSent 0 1700000000" in lines
+    assert b"p.destinations.___1__2203_b.carbonReconnects 0 1700000000" in lines
