@@ -7,6 +7,7 @@ Every scalar is read as the string written in the file (YAML's "base"
 schema): ``secret_key: 0123`` is the secret "0123", ``yes`` is "yes".
 """
 
+import datetime
 import logging
 import os
 import re
@@ -46,19 +47,26 @@ class AuthKey(Signer):
     """
 
     __slots__ = ("name", "metrics", "allows_pattern", "patterns", "matched", "_secret",
-                 "_metric_names")
+                 "_metric_names", "previous", "previous_until", "_previous_secret")
 
-    def __init__(self, name, secret, metric_names, patterns=(), matcher=None):
+    def __init__(self, name, secret, metric_names, patterns=(), matcher=None,
+                 previous_secret=None, previous_until=0):
         self.name = name
         self._secret = secret
         self._metric_names = metric_names
         self.patterns = patterns
         self.allows_pattern = matcher or _never
+        # Key rotation: the secret before this one also signs, until then (Unix time;
+        # 0: no previous secret).  Checked only when the current secret fails.
+        self._previous_secret = previous_secret
+        self.previous_until = previous_until
 
     def __getattr__(self, attribute):
         # Only called for a slot not yet set: build it now.
         if attribute in ("inner", "outer"):
             Signer.__init__(self, self._secret)
+        elif attribute == "previous":
+            self.previous = Signer(self._previous_secret) if self._previous_secret else None
         elif attribute == "matched":
             self.matched = set()
         elif attribute == "metrics":
@@ -159,8 +167,41 @@ def parse_auth_data(data, path):
             bad = next(m for m in metrics if not _all_metric_names([m]))
             raise AuthFileError("auth file %s: key %r: metric %r must be a non-empty "
                                 "string without spaces" % (path, name, bad))
-        keys.append(AuthKey(name, secret, *_split_patterns(metrics, name, path, compiled)))
+        keys.append(AuthKey(name, secret, *_split_patterns(metrics, name, path, compiled),
+                            *_previous_secret(entry, name, path)))
     return AuthDB(keys)
+
+
+def parse_rfc3339(text):
+    """An RFC 3339 time (``2026-12-05T10:00:00Z``, with an offset) as Unix time; ValueError."""
+    if not isinstance(text, str) or not _RFC3339.match(text):
+        raise ValueError("%r is not an RFC 3339 time such as 2026-12-05T10:00:00Z" % (text,))
+    return datetime.datetime.fromisoformat(
+        text.replace("z", "Z").replace("Z", "+00:00").replace("t", "T")).timestamp()
+
+
+def format_rfc3339(seconds):
+    return datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)\Z")
+
+
+def _previous_secret(entry, name, path):
+    """(previous secret, until when) of a key in rotation; (None, 0) for the others."""
+    previous = entry.get("previous_secret_key")
+    expires = entry.get("previous_secret_expires")
+    if previous is None and expires is None:
+        return None, 0
+    if not previous or not isinstance(previous, str) or expires is None:
+        raise AuthFileError("auth file %s: key %r needs both previous_secret_key and "
+                            "previous_secret_expires, or neither" % (path, name))
+    try:
+        return previous, parse_rfc3339(expires)
+    except ValueError as e:
+        raise AuthFileError("auth file %s: key %r: previous_secret_expires: %s" % (
+            path, name, e)) from None
 
 
 # A plain scalar that means the same string in every YAML schema: no quotes,
@@ -168,6 +209,9 @@ def parse_auth_data(data, path):
 _PLAIN_TEXT = r"[A-Za-z0-9_./][A-Za-z0-9_./+=@~^%*?-]*"
 _PLAIN = re.compile(_PLAIN_TEXT + r"\Z")
 _PLAIN_LINES = re.compile(r"(?:%s\n)*\Z" % _PLAIN_TEXT)
+
+
+_SIMPLE_FIELDS = ("secret_key", "metrics", "previous_secret_key", "previous_secret_expires")
 
 
 def parse_simple_layout(text):
@@ -225,8 +269,7 @@ def parse_simple_layout(text):
             return None
         if field_indent is None:
             field_indent = indent
-        if indent != field_indent or name in entry or name not in (
-                "secret_key", "metrics"):
+        if indent != field_indent or name in entry or name not in _SIMPLE_FIELDS:
             return None
         value = value.lstrip(" ")
         metrics = None
@@ -237,7 +280,8 @@ def parse_simple_layout(text):
                 return None
             else:
                 metrics = entry[name] = []
-        elif not _PLAIN.match(value):
+        elif not (_PLAIN.match(value) or (name == "previous_secret_expires"
+                                            and _RFC3339.match(value))):
             return None
         else:
             entry[name] = value

@@ -4,13 +4,14 @@ import json
 import logging
 import socket
 import sys
+import time
 
 from . import __version__
 from . import keytool
-from .auth import warn_if_world_readable
+from .auth import format_rfc3339, warn_if_world_readable
 from .client import Client, format_address, run_test_client
 from .config import (AUTH_FILE, KEY_PRIVATE, KEY_PUBLIC, PIDFILE, ROUTE_OPTIONS, SERVER_ADDR,
-                     STATS_SOCKET, TEST_CLIENT_OPTIONS, build_parser, config_parser,
+                     STATS_SOCKET, TEST_CLIENT_OPTIONS, build_parser, config_parser, duration,
                      parse_server_args, stats_socket_path)
 from .errors import AmproxyError
 from .logs import setup_logging
@@ -32,6 +33,9 @@ commands:
   keys new KEY --metric M...  add a key with a new secret to the auth file
   keys list                   show the keys and what they may write (no secrets)
   keys revoke KEY             remove a key from the auth file
+  keys rotate KEY [--grace 7d]
+                              give a key a new secret (printed once); the old one
+                              still passes until the grace period ends
   auth-file check [FILE]      validate an auth file; non-zero exit on errors
   route [METRIC...]           print where each metric goes: its Carbon destinations,
                               as carbon's router places it (names from stdin if none)
@@ -139,6 +143,25 @@ def cmd_keys_revoke(argv):
     return 0
 
 
+def cmd_keys_rotate(argv):
+    parser = _keys_parser("amproxy keys rotate", "Give a key a new random secret; the "
+                          "current one stays valid as its previous secret for the grace "
+                          "period, so that devices can be updated one by one.", argv)
+    parser.add_argument("public_key")
+    parser.add_argument("--grace", type=duration, default="7d",
+                        help="how long the old secret still passes (default: 7d)")
+    args = parser.parse_args(argv)
+    secret, kept_layout = keytool.rotate_key(args.auth_file, args.public_key, args.grace,
+                                             time.time())
+    if not kept_layout:
+        print(LAYOUT_LOST % args.auth_file, file=sys.stderr)
+    print("rotated %s in %s; the old secret passes until %s; the new secret key (shown "
+          "only now):" % (args.public_key, args.auth_file,
+                          format_rfc3339(time.time() + args.grace)), file=sys.stderr)
+    print(secret)
+    return 0
+
+
 def cmd_auth_file_check(argv):
     parser = _keys_parser("amproxy auth-file check", "Validate an auth file.", argv)
     parser.add_argument("file", nargs="?", help="the file to check (default: the server's "
@@ -222,6 +245,7 @@ COMMANDS = {
     ("keys", "new"): cmd_keys_new,
     ("keys", "list"): cmd_keys_list,
     ("keys", "revoke"): cmd_keys_revoke,
+    ("keys", "rotate"): cmd_keys_rotate,
     ("auth-file", "check"): cmd_auth_file_check,
     ("stats",): cmd_stats,
     ("route",): cmd_route,

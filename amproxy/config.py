@@ -26,8 +26,9 @@ LOG_LEVELS = ("all", "debug", "info", "warn", "err")
 LOG_FORMATS = ("logfmt", "json")
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "ms": 1e-3,
-                   "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|ms|s|m|h)")
+                   "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Go's units, and days (a key's rotation lasts days), which Go lacks.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|ms|s|m|h|d)")
 
 
 def parse_duration(text):

@@ -12,10 +12,11 @@ import os
 import re
 import secrets
 import tempfile
+import time
 
 import yaml
 
-from .auth import load_auth_file, parse_auth_data, parse_auth_text
+from .auth import format_rfc3339, load_auth_file, parse_auth_data, parse_auth_text
 from .errors import AuthFileError
 from .protocol import metric_problem
 
@@ -51,7 +52,8 @@ def _read(path):
 
 def _summary_of(db):
     """What each key is: its secret and everything it may write."""
-    return {name: (key._secret, frozenset(key._metric_names) | frozenset(key.patterns))
+    return {name: (key._secret, frozenset(key._metric_names) | frozenset(key.patterns),
+                   key._previous_secret, key.previous_until)
             for name, key in db.keys.items()}
 
 
@@ -146,7 +148,7 @@ def add_key(path, public_key, patterns):
     block += ["%s%s" % (item_prefix, _yaml_scalar(p)) for p in patterns]
     new_text = text + ("" if text.endswith("\n") else "\n") + "\n".join(block) + "\n"
     expected = dict(current)
-    expected[public_key.encode()] = (secret, frozenset(patterns))
+    expected[public_key.encode()] = (secret, frozenset(patterns), None, 0)
     data = _data_of(path, text)
     data["apikeys"][public_key] = {"secret_key": secret, "metrics": list(patterns)}
     kept_layout = _replace_file(path, new_text, expected, data)
@@ -161,33 +163,80 @@ def _data_of(path, text):
     return data
 
 
-def revoke_key(path, public_key):
-    """Remove a key; return whether the file's layout was kept.  Raise if it is absent."""
+def _existing_key(path, public_key):
+    """The file's text and every key's summary; raise unless ``public_key`` is in it."""
     text = _read(path)
     if text is None:
         raise AuthFileError("cannot read auth file %s: no such file" % path)
     current = _summary_of(load_auth_file(path))
     if public_key.encode() not in current:
         raise AuthFileError("auth file %s has no key %r" % (path, public_key))
-    lines = text.splitlines(keepends=True)
-    kept, skipping, indent = [], False, None
-    for line in lines:
+    return text, current
+
+
+def _key_block(lines, public_key):
+    """(first, end): the lines of ``public_key``'s entry, its own line first."""
+    first, indent = None, None
+    for i, line in enumerate(lines):
         match = _KEY_LINE.match(line.rstrip("\n"))
-        if not skipping and match and match.group(2).strip("'\"") == public_key:
-            skipping, indent = True, len(match.group(1))
+        if first is None:
+            if match and match.group(2).strip("'\"") == public_key:
+                first, indent = i, len(match.group(1))
             continue
-        if skipping:
-            content = line.lstrip(" ")
-            if content.strip() and len(line) - len(content) <= indent:
-                skipping = False
-            else:
-                continue
-        kept.append(line)
+        content = line.lstrip(" ")
+        if content.strip() and len(line) - len(content) <= indent:
+            return first, i
+    return first, len(lines)
+
+
+def revoke_key(path, public_key):
+    """Remove a key; return whether the file's layout was kept.  Raise if it is absent."""
+    text, current = _existing_key(path, public_key)
+    lines = text.splitlines(keepends=True)
+    first, end = _key_block(lines, public_key)
+    kept = lines if first is None else lines[:first] + lines[end:]
     expected = dict(current)
     del expected[public_key.encode()]
     data = _data_of(path, text)
     del data["apikeys"][public_key]
     return _replace_file(path, "".join(kept), expected, data)
+
+
+_SECRET_LINE = re.compile(r"( +)secret_key:")
+_PREVIOUS_LINE = re.compile(r" +previous_secret_(key|expires):")
+
+
+def rotate_key(path, public_key, grace_seconds, now):
+    """Give a key a new secret, keeping the current one as previous for ``grace_seconds``.
+
+    Returns the new secret and whether the file's layout was kept.  A secret
+    that was already previous is dropped: its devices had the whole grace
+    period to take the one that replaced it.
+    """
+    text, current = _existing_key(path, public_key)
+    old_secret, metrics, _, _ = current[public_key.encode()]
+    secret = new_secret()
+    until = int(now + grace_seconds)
+    lines = text.splitlines(keepends=True)
+    first, end = _key_block(lines, public_key)
+    block = [] if first is None else [
+        line for line in lines[first:end] if not _PREVIOUS_LINE.match(line)]
+    for i, line in enumerate(block):
+        match = _SECRET_LINE.match(line)
+        if match:
+            block[i:i + 1] = ["%ssecret_key: %s\n" % (match.group(1), secret),
+                              "%sprevious_secret_key: %s\n" % (match.group(1),
+                                                               _yaml_scalar(old_secret)),
+                              "%sprevious_secret_expires: %s\n" % (match.group(1),
+                                                                   format_rfc3339(until))]
+            break
+    new_text = "".join(lines[:first] + block + lines[end:]) if first is not None else text
+    expected = dict(current)
+    expected[public_key.encode()] = (secret, metrics, old_secret, until)
+    data = _data_of(path, text)
+    data["apikeys"][public_key].update(secret_key=secret, previous_secret_key=old_secret,
+                                       previous_secret_expires=format_rfc3339(until))
+    return secret, _replace_file(path, new_text, expected, data)
 
 
 def describe(path):
@@ -196,7 +245,12 @@ def describe(path):
     out = []
     for name, key in sorted(db.keys.items()):
         allowed = list(key._metric_names) + list(key.patterns)
-        out.append("%s\t%s" % (name.decode(), " ".join(allowed) or "(no metrics)"))
+        line = "%s\t%s" % (name.decode(), " ".join(allowed) or "(no metrics)")
+        if key.previous_until:
+            line += "\t(rotating: the previous secret %s %s)" % (
+                "passes until" if key.previous_until > time.time() else "expired",
+                format_rfc3339(key.previous_until))
+        out.append(line)
     return out
 
 
@@ -213,5 +267,10 @@ def check(path):
             if problem is not None:
                 log.warning("auth file %s: key %r: metric %r can never be written: %s",
                             path, name.decode(), metric, problem)
+        if key.previous_until and key.previous_until <= time.time():
+            log.warning("auth file %s: key %r: its previous secret expired at %s and no "
+                        "longer passes; remove previous_secret_key and "
+                        "previous_secret_expires", path, name.decode(),
+                        format_rfc3339(key.previous_until))
     return "auth file %s is valid: %d keys, %d exact metric names, %d patterns" % (
         path, len(db), db.metric_count, db.pattern_count)

@@ -223,7 +223,10 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
         inner.update(line[:signed_length])
         outer = key.outer.copy()
         outer.update(inner.digest())
-        if not compare(_b2a_base64(outer.digest(), newline=False), signature):
+        if not compare(_b2a_base64(outer.digest(), newline=False), signature) and not (
+                # A key in rotation: its previous secret, until it expires.
+                key.previous_until > now and
+                compare(key.previous.signature(line[:signed_length]), signature)):
             # Whitespace around the line (a tab, say) shows as a signature of
             # the wrong length or a metric starting with it.
             if (len(signature) != _SIGNATURE_LENGTH or not metric[:1] > b" ") and \

@@ -46,6 +46,16 @@ def test_loads_keys_and_metrics(tmp_path):
     ("apikeys:\n  k:\n    secret_key: s\n    metrics: ['a b']\n", ["'k'", "'a b'"]),
     ("apikeys:\n  'a b':\n    secret_key: s\n    metrics: [a]\n", ["'a b'", "without spaces"]),
     ("apikeys:\n  k: hello\n", ["'k'", "must be a mapping"]),
+    ("apikeys:\n  k:\n    secret_key: s\n    previous_secret_key: p\n    metrics: [a]\n",
+     ["'k'", "both previous_secret_key and previous_secret_expires"]),
+    ("apikeys:\n  k:\n    secret_key: s\n    previous_secret_expires: 2026-12-05T10:00:00Z\n"
+     "    metrics: [a]\n", ["'k'", "both previous_secret_key"]),
+    ("apikeys:\n  k:\n    secret_key: s\n    previous_secret_key: p\n"
+     "    previous_secret_expires: next week\n    metrics: [a]\n",
+     ["'k'", "previous_secret_expires: 'next week' is not an RFC 3339 time"]),
+    ("apikeys:\n  k:\n    secret_key: s\n    previous_secret_key: p\n"
+     "    previous_secret_expires: 2026-12-05T10:00:00\n    metrics: [a]\n",
+     ["'k'", "is not an RFC 3339 time"]),  # no offset: which time zone?
 ])
 def test_invalid_files_name_the_file_and_key(tmp_path, text, words):
     path = write(tmp_path / "bad.yaml", text)
@@ -120,6 +130,8 @@ LAYOUT_CASES = [
     "apikeys:\n  k:\n    secret_key: s\n    metrics:\n    - a\n    - b\n  j:\n"
     "    secret_key: t\n    metrics: []\n",
     "apikeys:\n    k:\n        secret_key: s\n        metrics:\n            - a\n",
+    "apikeys:\n  k:\n    secret_key: s\n    previous_secret_key: p\n"
+    "    previous_secret_expires: 2026-12-05T10:00:00+01:00\n    metrics:\n    - a\n",
     # Everything below is outside the fast layout, so YAML must parse it.
     "apikeys:\n  k:\n    secret_key: 's p'\n    metrics: [a, b]\n",
     "apikeys:\n  k:\n    secret_key: s # comment\n    metrics:\n    - a\n",
@@ -143,8 +155,8 @@ def test_fast_layout_parser_agrees_with_yaml(text):
 
 def test_fast_layout_parser_takes_the_usual_layouts():
     from amproxy.auth import parse_simple_layout
-    assert all(parse_simple_layout(text) is not None for text in LAYOUT_CASES[:5])
-    assert all(parse_simple_layout(text) is None for text in LAYOUT_CASES[5:12])
+    assert all(parse_simple_layout(text) is not None for text in LAYOUT_CASES[:6])
+    assert all(parse_simple_layout(text) is None for text in LAYOUT_CASES[6:13])
 
 
 def test_scalars_are_read_as_written(tmp_path):
@@ -164,3 +176,15 @@ def test_background_reload_swaps_in_the_new_keys(tmp_path):
     auth._thread.join(10)
     assert auth.db is not old
     assert auth.db.get(b"my_public_key").allows(b"metric7")
+
+
+def test_a_key_in_rotation_has_its_previous_secret_until_the_time_given(tmp_path):
+    path = write(tmp_path / "auth.yaml", "apikeys:\n  k:\n    secret_key: new\n"
+                 "    previous_secret_key: old\n"
+                 "    previous_secret_expires: 2026-12-05T10:00:00+01:00\n"
+                 "    metrics:\n    - a\n")
+    key = load_auth_file(path).keys[b"k"]
+    assert key.previous_until == 1796461200  # 09:00 UTC
+    assert key.previous.signature(b"x") == Signer("old").signature(b"x")
+    assert load_auth_file(write(tmp_path / "plain.yaml", GOOD)).keys[
+        b"my_public_key"].previous_until == 0

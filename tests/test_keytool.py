@@ -150,3 +150,57 @@ def test_running_server_picks_up_new_and_revoked_keys(carbon, auth_file, make_pr
     proxy.wait_log(r"auth file reloaded", count=4)
     proxy.send(line_for(keys, "frank", "e2e.frank.temp", 8, ts + 1))
     proxy.wait_log(r"reason=unknownKey.*public_key=f\.\.\. public_key_length=5")
+
+
+def test_rotate_keeps_the_old_secret_as_previous_for_the_grace_period(auth):
+    before = time.time()
+    secret, kept = keytool.rotate_key(auth, "alice", 3 * 86400, before)
+    assert kept
+    text = open(auth).read()
+    assert "# the living room" in text and "home.bob.*" in text
+    key = load_auth_file(auth).keys[b"alice"]
+    assert key._secret == secret and key._previous_secret == "alice-secret"
+    assert key.previous_until == int(before + 3 * 86400)
+    assert load_auth_file(auth).keys[b"bob"].previous_until == 0
+    assert oct(os.stat(auth).st_mode & 0o777) == "0o640"
+    # Rotating again: the secret just replaced becomes previous; the older one goes.
+    newer, _ = keytool.rotate_key(auth, "alice", 60, before)
+    key = load_auth_file(auth).keys[b"alice"]
+    assert (key._secret, key._previous_secret) == (newer, secret)
+    assert "alice-secret" not in open(auth).read()
+    with pytest.raises(AuthFileError, match="has no key 'carol'"):
+        keytool.rotate_key(auth, "carol", 60, before)
+
+
+def test_cli_rotate_list_and_check_show_the_rotation_never_the_secrets(auth):
+    result = run("keys", "rotate", "alice", "--grace", "2d", "--auth-file", auth)
+    assert result.returncode == 0, result.stderr
+    secret = result.stdout.strip()
+    assert len(secret) >= 43 and "\n" not in secret
+    assert "the old secret passes until 20" in result.stderr
+    listing = run("keys", "list", "--auth-file", auth)
+    assert "alice\thome.alice.temp\t(rotating: the previous secret passes until 20" \
+        in listing.stdout
+    assert secret not in listing.stdout and "alice-secret" not in listing.stdout
+    assert run("keys", "rotate", "bob", "--grace", "0s", "--auth-file", auth).returncode == 0
+    check = run("auth-file", "check", auth)
+    assert check.returncode == 0
+    assert "key 'bob': its previous secret expired" in check.stderr
+    assert "bob-secret" not in check.stdout + check.stderr
+    assert "alice-secret" not in check.stdout + check.stderr
+
+
+def test_a_running_server_takes_both_secrets_during_a_rotation(carbon, auth_file, make_proxy):
+    result = run("keys", "new", "gina", "--metric", "e2e.gina.*", "--auth-file",
+                 str(auth_file))
+    old = result.stdout.strip()
+    rotated = run("keys", "rotate", "gina", "--grace", "1h", "--auth-file", str(auth_file))
+    assert rotated.returncode == 0, rotated.stderr
+    new = rotated.stdout.strip()
+    proxy = make_proxy(carbon.address, auth_file)
+    ts = int(time.time()) - 30
+    proxy.send(line_for({"gina": (old, [])}, "gina", "e2e.gina.temp", 1, ts)
+               + line_for({"gina": (new, [])}, "gina", "e2e.gina.temp", 2, ts + 1)
+               + line_for({"gina": ("a-third-secret", [])}, "gina", "e2e.gina.temp", 3, ts + 2))
+    wait_points(carbon, "e2e.gina.temp", {ts: 1.0, ts + 1: 2.0}, ts)
+    proxy.wait_log(r"reason=badSignature")

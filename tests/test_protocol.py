@@ -220,3 +220,31 @@ def test_absurd_numbers_are_refused_without_raising():
     assert check(b"1", b"000%d" % NOW) is None
     assert check(b"9" * 5000, b"%d" % NOW) == "badValue"  # carbon would store inf
     assert check(b"9" * 40, b"%d" % NOW) is None
+
+
+# -- key rotation: the previous secret signs too, until it expires ------------------
+
+@pytest.mark.parametrize("vector", VECTORS, ids=[v["note"] for v in VECTORS])
+def test_vector_wire_lines_pass_under_the_current_and_the_previous_secret(vector):
+    metric, value, timestamp, public_key = vector["signed_text"].split(" ")
+    now = int(timestamp)
+    line = vector["wire_line"].encode()
+    as_current = AuthKey("k", vector["secret_key"], [metric], previous_secret="old",
+                         previous_until=now + 60)
+    as_previous = AuthKey("k", "the-new-secret", [metric],
+                          previous_secret=vector["secret_key"], previous_until=now + 60)
+    for key in (as_current, as_previous):
+        assert check_line(line, {public_key.encode(): key}, now, 300) is None
+    # Once the previous secret has expired, its lines are refused without a reload.
+    expired = AuthKey("k", "the-new-secret", [metric], previous_secret=vector["secret_key"],
+                      previous_until=now)
+    assert check_line(line, {public_key.encode(): expired}, now, 300) == "badSignature"
+
+
+def test_a_third_secret_never_passes_during_rotation():
+    key = AuthKey("k", "new", ["a.b"], previous_secret="old", previous_until=NOW + 60)
+    keys = {b"pub": key}
+    assert check_line(line(secret="new"), keys, NOW, 300) is None
+    assert check_line(line(secret="old"), keys, NOW, 300) is None
+    assert check_line(line(secret="older"), keys, NOW, 300) == "badSignature"
+    assert check_line(line(secret="old"), keys, NOW + 60, 300) == "badSignature"
