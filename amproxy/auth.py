@@ -47,11 +47,13 @@ class AuthKey(Signer):
     """
 
     __slots__ = ("name", "metrics", "allows_pattern", "patterns", "matched", "_secret",
-                 "_metric_names", "previous", "previous_until", "_previous_secret")
+                 "_metric_names", "previous", "previous_until", "_previous_secret",
+                 "max_rate")
 
     def __init__(self, name, secret, metric_names, patterns=(), matcher=None,
-                 previous_secret=None, previous_until=0):
+                 previous_secret=None, previous_until=0, max_rate=0.0):
         self.name = name
+        self.max_rate = max_rate  # lines per second; 0: --key-max-rate applies
         self._secret = secret
         self._metric_names = metric_names
         self.patterns = patterns
@@ -102,6 +104,7 @@ class AuthDB:
 
     def __init__(self, keys):
         self.keys = {k.name.encode("utf-8"): k for k in keys}
+        self.rate_limited = any(k.max_rate for k in self.keys.values())
 
     def __len__(self):
         return len(self.keys)
@@ -168,7 +171,8 @@ def parse_auth_data(data, path):
             raise AuthFileError("auth file %s: key %r: metric %r must be a non-empty "
                                 "string without spaces" % (path, name, bad))
         keys.append(AuthKey(name, secret, *_split_patterns(metrics, name, path, compiled),
-                            *_previous_secret(entry, name, path)))
+                            *_previous_secret(entry, name, path),
+                            _max_rate(entry, name, path)))
     return AuthDB(keys)
 
 
@@ -186,6 +190,20 @@ def format_rfc3339(seconds):
 
 
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)\Z")
+
+
+def _max_rate(entry, name, path):
+    text = entry.get("max_rate")
+    if text is None:
+        return 0.0
+    try:
+        rate = float(text)
+    except (TypeError, ValueError):
+        rate = -1.0
+    if not 0 < rate < float("inf"):
+        raise AuthFileError("auth file %s: key %r: max_rate %r is not a number of lines per "
+                            "second above 0" % (path, name, text))
+    return rate
 
 
 def _previous_secret(entry, name, path):
@@ -211,7 +229,8 @@ _PLAIN = re.compile(_PLAIN_TEXT + r"\Z")
 _PLAIN_LINES = re.compile(r"(?:%s\n)*\Z" % _PLAIN_TEXT)
 
 
-_SIMPLE_FIELDS = ("secret_key", "metrics", "previous_secret_key", "previous_secret_expires")
+_SIMPLE_FIELDS = ("secret_key", "metrics", "previous_secret_key", "previous_secret_expires",
+                  "max_rate")
 
 
 def parse_simple_layout(text):

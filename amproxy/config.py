@@ -74,6 +74,13 @@ def parse_size(text):
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
+def non_negative_number(text):
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError("%r must be a number, 0 or more" % text)
+    return value
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:
@@ -212,6 +219,10 @@ SERVER_OPTIONS = [
            "--max-connections, so that one address cannot take every slot while a "
            "fleet behind one NAT still fits", env="AMPROXY_MAX_CONNECTIONS_PER_SOURCE",
            type=non_negative_int, live=True),
+    Option("--key-max-rate", 0,
+           "lines per second a key may send when its max_rate in the auth file does "
+           "not say (a burst of one second's worth; the workers share the count); "
+           "0: no limit", env="AMPROXY_KEY_MAX_RATE", type=non_negative_number, live=True),
     Option("--allow-tags", False,
            "forward tagged series (name;tag=value;...); the key's metrics apply to "
            "the name", env="AMPROXY_ALLOW_TAGS", type=bool, live=True),

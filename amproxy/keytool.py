@@ -53,7 +53,7 @@ def _read(path):
 def _summary_of(db):
     """What each key is: its secret and everything it may write."""
     return {name: (key._secret, frozenset(key._metric_names) | frozenset(key.patterns),
-                   key._previous_secret, key.previous_until)
+                   key._previous_secret, key.previous_until, key.max_rate)
             for name, key in db.keys.items()}
 
 
@@ -148,7 +148,7 @@ def add_key(path, public_key, patterns):
     block += ["%s%s" % (item_prefix, _yaml_scalar(p)) for p in patterns]
     new_text = text + ("" if text.endswith("\n") else "\n") + "\n".join(block) + "\n"
     expected = dict(current)
-    expected[public_key.encode()] = (secret, frozenset(patterns), None, 0)
+    expected[public_key.encode()] = (secret, frozenset(patterns), None, 0, 0.0)
     data = _data_of(path, text)
     data["apikeys"][public_key] = {"secret_key": secret, "metrics": list(patterns)}
     kept_layout = _replace_file(path, new_text, expected, data)
@@ -214,7 +214,7 @@ def rotate_key(path, public_key, grace_seconds, now):
     period to take the one that replaced it.
     """
     text, current = _existing_key(path, public_key)
-    old_secret, metrics, _, _ = current[public_key.encode()]
+    old_secret, metrics, _, _, max_rate = current[public_key.encode()]
     secret = new_secret()
     until = int(now + grace_seconds)
     lines = text.splitlines(keepends=True)
@@ -232,7 +232,7 @@ def rotate_key(path, public_key, grace_seconds, now):
             break
     new_text = "".join(lines[:first] + block + lines[end:]) if first is not None else text
     expected = dict(current)
-    expected[public_key.encode()] = (secret, metrics, old_secret, until)
+    expected[public_key.encode()] = (secret, metrics, old_secret, until, max_rate)
     data = _data_of(path, text)
     data["apikeys"][public_key].update(secret_key=secret, previous_secret_key=old_secret,
                                        previous_secret_expires=format_rfc3339(until))
@@ -246,6 +246,8 @@ def describe(path):
     for name, key in sorted(db.keys.items()):
         allowed = list(key._metric_names) + list(key.patterns)
         line = "%s\t%s" % (name.decode(), " ".join(allowed) or "(no metrics)")
+        if key.max_rate:
+            line += "\t(at most %g lines/s)" % key.max_rate
         if key.previous_until:
             line += "\t(rotating: the previous secret %s %s)" % (
                 "passes until" if key.previous_until > time.time() else "expired",

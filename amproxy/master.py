@@ -22,6 +22,7 @@ from .config import (LIVE_OPTIONS, LiveOptions, config_file_path, reread_server_
 from .errors import AmproxyError
 from .logs import reopen_log_files, set_level
 from .placement import Placement
+from .ratelimit import RateTable
 from .stats import StatsService
 from .worker import WORKER_BOOT_ERROR, Heartbeat, Worker
 
@@ -98,6 +99,7 @@ class Master:
         self._worker_age = 0
         self.live_options = None
         self.connection_table = None
+        self.rate_table = None
         self.stats = None  # a StatsService
         self.pid = os.getpid()
 
@@ -125,6 +127,7 @@ class Master:
         check_access(options)
         self.live_options = LiveOptions()
         self.connection_table = ConnectionTable()
+        self.rate_table = RateTable(len(db))
         self.stats = StatsService(options, stats_socket_path(options))
         self._signal_pipe = self._nonblocking_pipe()
         self._boot_pipe = self._nonblocking_pipe()
@@ -324,7 +327,7 @@ class Master:
         slot = min(set(range(len(self.workers) + 1)) - used)
         worker = Worker(slot, self._worker_age, self.listener, self.options,
                         self.auth_file, Heartbeat(), self.stats.channels,
-                        self.connection_table)
+                        self.connection_table, self.rate_table)
         if not self.ready:
             # Devices cut off by a restart reconnect all at once: a slot still
             # booting counts as empty, so the first worker up does not take them all.

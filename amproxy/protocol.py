@@ -20,9 +20,10 @@ METRIC_NOT_ALLOWED = "metricNotAllowed"
 BAD_VALUE = "badValue"
 LINE_TOO_LONG = "lineTooLong"
 BAD_METRIC = "badMetric"
+RATE_LIMITED = "rateLimited"
 
 REJECTION_REASONS = (MALFORMED, UNKNOWN_KEY, BAD_SIGNATURE, SKEW, BAD_METRIC,
-                     METRIC_NOT_ALLOWED, BAD_VALUE, LINE_TOO_LONG)
+                     METRIC_NOT_ALLOWED, BAD_VALUE, LINE_TOO_LONG, RATE_LIMITED)
 
 # Bounds that keep every forwarded line far below carbon's 16,384-byte line
 # limit (a longer line makes carbon-cache drop the connection) and every
@@ -174,7 +175,7 @@ def metric_problem(metric, allow_tags=False):
 
 
 def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
-                 allow_tags=False):
+                 allow_tags=False, rate_allows=None):
     """Check lines (bytes, without line ending); return the Carbon lines of those that pass.
 
     ``keys`` maps a public key (bytes) to a :class:`Signer` that also has
@@ -189,6 +190,8 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
     original does.  Each accepted line gives its ``metric value timestamp``
     part, without a newline: see :func:`carbon_payload`.  If a dict is given
     as ``forwarded_per_key``, it counts the accepted lines of each public key.
+    ``rate_allows(public_key, key)``, if given, is asked last, for a line
+    that passed everything else (see :mod:`amproxy.ratelimit`).
 
     This is the proxy's hot path, so it is one flat loop with the signature
     check written out: each function call costs a visible share per line.
@@ -206,7 +209,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
         fields = line.split(b" ")
         if len(fields) != 5:
             if _retry_trimmed(line, accepted, keys, now, max_skew, reject,
-                              forwarded_per_key, allow_tags):
+                              forwarded_per_key, allow_tags, rate_allows):
                 continue
             reject(MALFORMED, None, None)
             continue
@@ -231,7 +234,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
             # the wrong length or a metric starting with it.
             if (len(signature) != _SIGNATURE_LENGTH or not metric[:1] > b" ") and \
                     _retry_trimmed(line, accepted, keys, now, max_skew, reject,
-                                   forwarded_per_key, allow_tags):
+                                   forwarded_per_key, allow_tags, rate_allows):
                 continue
             reject(BAD_SIGNATURE, public_key, metric)
             continue
@@ -263,13 +266,17 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
             if number is None or number - number != 0.0:  # not a number, inf or nan
                 reject(BAD_VALUE, public_key, metric)
                 continue
+        if rate_allows is not None and not rate_allows(public_key, key):
+            reject(RATE_LIMITED, public_key, metric)
+            continue
         append(line[:signed_length - len(public_key) - 1])
         if forwarded_per_key is not None:
             forwarded_per_key[public_key] = forwarded_per_key.get(public_key, 0) + 1
     return accepted
 
 
-def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key, allow_tags):
+def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key, allow_tags,
+                   rate_allows):
     """A line that failed may pass without surrounding whitespace (or be empty).
 
     Returns True if the trimmed line was handled (checked, or skipped as empty).
@@ -279,7 +286,7 @@ def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key, allow_t
         return False
     if trimmed:
         accepted.extend(filter_lines((trimmed,), keys, now, max_skew, reject, per_key,
-                                     allow_tags))
+                                     allow_tags, rate_allows))
     return True
 
 

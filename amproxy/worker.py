@@ -21,6 +21,7 @@ from .config import LIVE_OPTIONS
 from .destinations import Destinations
 from .logs import RejectionLog, reopen_log_files, set_level
 from .proxyprotocol import ProxyHeaderError, client_address
+from .ratelimit import RateLimiter
 from .proxyprotocol import parse as parse_proxy_header
 from .protocol import LINE_TOO_LONG, MALFORMED, REJECTION_REASONS, filter_lines
 from .stats import WorkerStats
@@ -186,10 +187,11 @@ class Worker:
     """Built by the master before the fork; ``run`` is called in the child."""
 
     def __init__(self, slot, age, listener, options, auth_file, heartbeat, stats_channels,
-                 connection_table):
+                 connection_table, rate_table):
         self.slot = slot
         self.stats_channels = stats_channels
         self.connection_table = connection_table
+        self.rate_limiter = RateLimiter(rate_table)
         self.watching_listener = False
         self.age = age
         self.listener = listener
@@ -515,11 +517,13 @@ class Worker:
             lines = conn.partial.splitlines()
             conn.partial = b""
             self._close(conn)
-        keys = self.auth_file.db.keys
+        db = self.auth_file.db
+        keys = db.keys
         try:
             accepted = filter_lines(lines, keys, int(time.time()), self.options.skew,
                                     self._rejecter(conn.remote, keys),
-                                    self.stats.forwarded_per_key, self.options.allow_tags)
+                                    self.stats.forwarded_per_key, self.options.allow_tags,
+                                    self.rate_limiter.for_batch(db, self.options.key_max_rate))
         except Exception:  # a bug must cost this read's lines, not the worker
             self._internal_error(conn, len(lines))
             return

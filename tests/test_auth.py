@@ -56,6 +56,12 @@ def test_loads_keys_and_metrics(tmp_path):
     ("apikeys:\n  k:\n    secret_key: s\n    previous_secret_key: p\n"
      "    previous_secret_expires: 2026-12-05T10:00:00\n    metrics: [a]\n",
      ["'k'", "is not an RFC 3339 time"]),  # no offset: which time zone?
+    ("apikeys:\n  k:\n    secret_key: s\n    max_rate: fast\n    metrics: [a]\n",
+     ["'k'", "max_rate 'fast' is not a number of lines per second above 0"]),
+    ("apikeys:\n  k:\n    secret_key: s\n    max_rate: 0\n    metrics: [a]\n",
+     ["'k'", "max_rate '0'"]),
+    ("apikeys:\n  k:\n    secret_key: s\n    max_rate: inf\n    metrics: [a]\n",
+     ["'k'", "max_rate 'inf'"]),
 ])
 def test_invalid_files_name_the_file_and_key(tmp_path, text, words):
     path = write(tmp_path / "bad.yaml", text)
@@ -131,7 +137,8 @@ LAYOUT_CASES = [
     "    secret_key: t\n    metrics: []\n",
     "apikeys:\n    k:\n        secret_key: s\n        metrics:\n            - a\n",
     "apikeys:\n  k:\n    secret_key: s\n    previous_secret_key: p\n"
-    "    previous_secret_expires: 2026-12-05T10:00:00+01:00\n    metrics:\n    - a\n",
+    "    previous_secret_expires: 2026-12-05T10:00:00+01:00\n    max_rate: 2.5\n"
+    "    metrics:\n    - a\n",
     # Everything below is outside the fast layout, so YAML must parse it.
     "apikeys:\n  k:\n    secret_key: 's p'\n    metrics: [a, b]\n",
     "apikeys:\n  k:\n    secret_key: s # comment\n    metrics:\n    - a\n",
@@ -188,3 +195,12 @@ def test_a_key_in_rotation_has_its_previous_secret_until_the_time_given(tmp_path
     assert key.previous.signature(b"x") == Signer("old").signature(b"x")
     assert load_auth_file(write(tmp_path / "plain.yaml", GOOD)).keys[
         b"my_public_key"].previous_until == 0
+
+
+def test_max_rate_is_read_per_key(tmp_path):
+    path = write(tmp_path / "auth.yaml", "apikeys:\n  k:\n    secret_key: s\n    max_rate: 2.5\n"
+                 "    metrics: [a]\n  j:\n    secret_key: t\n    metrics: [a]\n")
+    db = load_auth_file(path)
+    assert (db.keys[b"k"].max_rate, db.keys[b"j"].max_rate) == (2.5, 0.0)
+    assert db.rate_limited
+    assert not load_auth_file(write(tmp_path / "plain.yaml", GOOD)).rate_limited

@@ -5,7 +5,8 @@ import os
 import amproxy
 
 LAYERS = ["errors", "protocol", "patterns", "placement", "proxyprotocol", "buffer", "deadletter",
-          "logs", "auth", "config", "daemon", "balance", "stats", "carbon", "destinations",
+          "logs", "auth", "config", "daemon", "balance", "ratelimit", "stats", "carbon",
+          "destinations",
           "worker", "master", "client", "keytool", "cli", "__main__"]
 PACKAGE_DIR = os.path.dirname(amproxy.__file__)
 
