@@ -175,7 +175,7 @@ def metric_problem(metric, allow_tags=False):
 
 
 def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
-                 allow_tags=False, rate_allows=None):
+                 allow_tags=False, rate_limiter=None):
     """Check lines (bytes, without line ending); return the Carbon lines of those that pass.
 
     ``keys`` maps a public key (bytes) to a :class:`Signer` that also has
@@ -190,8 +190,9 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
     original does.  Each accepted line gives its ``metric value timestamp``
     part, without a newline: see :func:`carbon_payload`.  If a dict is given
     as ``forwarded_per_key``, it counts the accepted lines of each public key.
-    ``rate_allows(public_key, key)``, if given, is asked last, for a line
-    that passed everything else (see :mod:`amproxy.ratelimit`).
+    A ``rate_limiter`` (see :mod:`amproxy.ratelimit`), if given, is asked
+    once per key for the lines it may still send (``budget``); the lines
+    past that are rejected, and what was spent is told back (``spend``).
 
     This is the proxy's hot path, so it is one flat loop with the signature
     check written out: each function call costs a visible share per line.
@@ -199,6 +200,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
     """
     accepted = []
     append = accepted.append
+    budgets = {} if rate_limiter is not None else None  # public key -> lines left
     compare = hmac.compare_digest
     oldest, newest = int(now - max_skew), int(now + max_skew)
     # Timestamps of the same number of digits compare as bytes, which is much
@@ -209,7 +211,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
         fields = line.split(b" ")
         if len(fields) != 5:
             if _retry_trimmed(line, accepted, keys, now, max_skew, reject,
-                              forwarded_per_key, allow_tags, rate_allows):
+                              forwarded_per_key, allow_tags, rate_limiter):
                 continue
             reject(MALFORMED, None, None)
             continue
@@ -234,7 +236,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
             # the wrong length or a metric starting with it.
             if (len(signature) != _SIGNATURE_LENGTH or not metric[:1] > b" ") and \
                     _retry_trimmed(line, accepted, keys, now, max_skew, reject,
-                                   forwarded_per_key, allow_tags, rate_allows):
+                                   forwarded_per_key, allow_tags, rate_limiter):
                 continue
             reject(BAD_SIGNATURE, public_key, metric)
             continue
@@ -266,17 +268,26 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
             if number is None or number - number != 0.0:  # not a number, inf or nan
                 reject(BAD_VALUE, public_key, metric)
                 continue
-        if rate_allows is not None and not rate_allows(public_key, key):
-            reject(RATE_LIMITED, public_key, metric)
-            continue
+        if budgets is not None:
+            try:
+                left = budgets[public_key]  # a subscript: cheaper than .get()
+            except KeyError:
+                left = rate_limiter.budget(public_key, key)
+            if left < 1.0:
+                budgets[public_key] = left
+                reject(RATE_LIMITED, public_key, metric)
+                continue
+            budgets[public_key] = left - 1.0
         append(line[:signed_length - len(public_key) - 1])
         if forwarded_per_key is not None:
             forwarded_per_key[public_key] = forwarded_per_key.get(public_key, 0) + 1
+    if budgets:
+        rate_limiter.spend(budgets)
     return accepted
 
 
 def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key, allow_tags,
-                   rate_allows):
+                   rate_limiter):
     """A line that failed may pass without surrounding whitespace (or be empty).
 
     Returns True if the trimmed line was handled (checked, or skipped as empty).
@@ -286,7 +297,7 @@ def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key, allow_t
         return False
     if trimmed:
         accepted.extend(filter_lines((trimmed,), keys, now, max_skew, reject, per_key,
-                                     allow_tags, rate_allows))
+                                     allow_tags, rate_limiter))
     return True
 
 

@@ -62,33 +62,39 @@ class RateTable:
                 return slot
         return start  # a crowded table: share a bucket rather than fail
 
-    def take(self, slot, rate):
-        """Take one line from the bucket of ``slot`` at ``rate`` lines/s; False if empty."""
+    def available(self, slot, rate):
+        """Lines the bucket of ``slot`` holds now, at ``rate`` lines/s (refilled to now)."""
         values = self._values
-        tokens_at, stamp_at = slot * 3 + 1, slot * 3 + 2
-        tokens = values[tokens_at]
+        tokens = values[slot * 3 + 1]
         if tokens < 0:
-            tokens = rate  # first use
-        else:
-            tokens = min(float(rate), tokens + (self.now - values[stamp_at]) * rate)
-        values[stamp_at] = self.now
-        if tokens < 1.0:
-            values[tokens_at] = tokens
-            return False
-        values[tokens_at] = tokens - 1.0
-        return True
+            return float(rate)  # first use: a full bucket
+        return min(float(rate), tokens + (self.now - values[slot * 3 + 2]) * rate)
+
+    def spend(self, slot, rate, lines):
+        """Take ``lines`` from the bucket (what another worker took meanwhile counts too)."""
+        self._values[slot * 3 + 1] = max(0.0, self.available(slot, rate) - lines)
+        self._values[slot * 3 + 2] = self.now
 
 
 class RateLimiter:
-    """A worker's view: each key's rate (its ``max_rate``, else the default) and slot."""
+    """A worker's side: each key's rate (its ``max_rate``, else the default) and slot.
+
+    For a batch of lines, :func:`amproxy.protocol.filter_lines` asks once per
+    key what it may send (``budget``), counts down locally, and reports what
+    was spent (``spend``): the shared memory is read and written once per
+    key and batch, not per line.  Two workers whose batches of one key
+    overlap may both spend the same tokens; in a flood the bucket is nearly
+    empty, so that costs little.
+    """
 
     def __init__(self, table):
         self.table = table
         self.default_rate = 0.0
         self._slots = {}  # public key -> slot; as many as the keys that sent
+        self._granted = {}  # public key -> (slot, rate, budget) for this batch
 
     def for_batch(self, db, default_rate):
-        """What filter_lines asks of each line (None when no key is limited).
+        """The limiter for one batch, or None when no key is limited.
 
         ``default_rate`` is --key-max-rate, which SIGHUP may change.
         """
@@ -96,13 +102,22 @@ class RateLimiter:
             return None
         self.default_rate = default_rate
         self.table.begin()
-        return self.allows
+        self._granted.clear()
+        return self
 
-    def allows(self, public_key, key):
+    def budget(self, public_key, key):
         rate = key.max_rate or self.default_rate
         if not rate:
-            return True
+            return float("inf")
         slot = self._slots.get(public_key)
         if slot is None:
             slot = self._slots[public_key] = self.table.slot_of(public_key)
-        return self.table.take(slot, rate)
+        budget = self.table.available(slot, rate)
+        self._granted[public_key] = (slot, rate, budget)
+        return budget
+
+    def spend(self, left):
+        """``left``: public key -> lines its budget still held at the end of the batch."""
+        for public_key, (slot, rate, budget) in self._granted.items():
+            self.table.spend(slot, rate, budget - left[public_key])
+        self._granted.clear()

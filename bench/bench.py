@@ -294,6 +294,9 @@ def settle(sinks, expected, timeout):
 # Rows of --scale-out: (name, destinations, extra flags, copies of each line).
 SCALE_OUT = [("amproxy-3-destinations", 3, [], 1),
              ("amproxy-broadcast-2", 2, ["--relay-method", "broadcast"], 2)]
+# The row of --rate-limit: every key limited, far above what it sends, so what
+# it costs a key under its limit.
+RATE_LIMITED = ("amproxy-rate-limited", 1, ["--key-max-rate", "1000000000"], 1)
 
 
 def run_once(name, command, args, sinks, auth_file, keys, workers, extra=(), copies=1):
@@ -482,6 +485,8 @@ def main():
                         help="also time start-up and a HUP with an auth file this large")
     parser.add_argument("--scale-out", action="store_true",
                         help="also run with 3 destinations and with broadcast to 2")
+    parser.add_argument("--rate-limit", action="store_true",
+                        help="also run with every key under a (high) rate limit")
     parser.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args()
 
@@ -497,12 +502,12 @@ def main():
             shlex.quote(sys.executable), shlex.quote(os.path.join(HERE, "plain_verifier.py"))),
          None)]
     contenders += [("amproxy", None, w) for w in args.workers]
-    if args.scale_out:
-        contenders += [(name, None, args.workers[0]) for name, _, _, _ in SCALE_OUT]
+    variants = (SCALE_OUT if args.scale_out else []) + ([RATE_LIMITED] if args.rate_limit else [])
+    contenders += [(name, None, args.workers[0]) for name, _, _, _ in variants]
     for spec in args.compare:
         name, _, command = spec.partition("=")
         contenders.append((name, command, None))
-    scale_out = {name: (sinks[:n], extra, copies) for name, n, extra, copies in SCALE_OUT}
+    scale_out = {name: (sinks[:n], extra, copies) for name, n, extra, copies in variants}
     results = {}
     try:
         for repeat in range(args.repeats):
