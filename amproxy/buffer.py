@@ -184,7 +184,9 @@ class Spool:
         if self._writer is not None:
             self._writer.close()
         seq = self._next_seq()
-        self._writer = open(self._path(seq), "ab")
+        # 0640, as the dead letters: spooled lines are the devices' data.
+        self._writer = os.fdopen(os.open(self._path(seq), os.O_WRONLY | os.O_APPEND |
+                                         os.O_CREAT, 0o640), "ab")
         self._add_segment(seq, 0)
 
     def sync(self):

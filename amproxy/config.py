@@ -190,8 +190,9 @@ SERVER_OPTIONS = [
            env="ADDR", type=address),
     AUTH_FILE,
     Option("--carbon-addr", "127.0.0.1:2003",
-           "Carbon's plaintext receiver; several, comma-separated, as carbon's "
-           "DESTINATIONS (host:port or host:port:instance, [v6]:port)",
+           "Carbon's plaintext receiver (LINE_RECEIVER_PORT, not a pickle port); several, "
+           "comma-separated, as carbon's DESTINATIONS (host:port or host:port:instance, "
+           "[v6]:port)",
            env="CARBON_ADDR", type=destinations),
     Option("--skew", "5m0s", "how far a line's timestamp may be from now, either way",
            env="MAX_SKEW", type=duration, live=True),

@@ -54,8 +54,9 @@ class DeadLetters:
             except OSError as e:
                 where = "not kept: %s" % (e.strerror or e)
         log.error("Carbon drops the connection on this line; set aside, the other lines "
-                  "are delivered", extra={"carbon": carbon, "line": line.rstrip(b"\n"),
-                                          "dead_letter": where})
+                  "are delivered (if every line ends here, check that the address is "
+                  "Carbon's plaintext port, not its pickle port)",
+                  extra={"carbon": carbon, "line": line.rstrip(b"\n"), "dead_letter": where})
 
     def _append(self, line):
         try:

@@ -136,7 +136,9 @@ class Master:
         log.info("amproxy started", extra={
             "addr": "%s:%d" % self.listener.getsockname()[:2],
             "carbon": ",".join(map(str, options.carbon_addr)), "workers": self.num_workers,
-            "keys": len(db), "auth_file": options.auth_file})
+            "keys": len(db), "auth_file": options.auth_file,
+            "spool_dir": options.spool_dir or "none",
+            "proxy_protocol": "on" if options.proxy_protocol else "off"})
         for warning in Placement.from_options(options).warnings():
             log.warning(warning)
         if len(options.carbon_addr) > 1 and not options.spool_dir:

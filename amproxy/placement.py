@@ -49,7 +49,7 @@ class Destination(tuple):
 def parse_destination(text):
     """``host:port``, ``host:port:instance`` or ``[v6]:port[:instance]``; ValueError if not."""
     text = text.strip()
-    problem = "%r is not a destination such as 127.0.0.1:2003 or carbon1:2004:a" % text
+    problem = "%r is not a destination such as 127.0.0.1:2003 or carbon1:2003:a" % text
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or not rest.startswith(":"):
@@ -165,8 +165,8 @@ class Placement:
             else self.destinations
         if len(hosts) < self.replication_factor:
             found.append("--replication-factor is %d, but each metric can go to only %d "
-                         "destinations (with --diverse-replicas, one per host)"
-                         % (self.replication_factor, len(hosts)))
+                         "destination%s (with --diverse-replicas, one per host)"
+                         % (self.replication_factor, len(hosts), "" if len(hosts) == 1 else "s"))
         instances = [d.instance for d in self.destinations]
         if self.ring.hash_type == "fnv1a_ch" and len(set(instances)) < len(instances):
             found.append("with --hash-type fnv1a_ch the ring knows destinations by instance "

@@ -187,7 +187,7 @@ def test_settings_that_do_not_do_what_they_seem_are_warned_about():
     def warnings(text, **settings):
         return Placement(parse_destinations(text), **settings).warnings()
     assert warnings("a:2003:x,a:2103:y", replication_factor=2) == [
-        "--replication-factor is 2, but each metric can go to only 1 destinations (with "
+        "--replication-factor is 2, but each metric can go to only 1 destination (with "
         "--diverse-replicas, one per host)"]
     assert warnings("a:2003:x,a:2103:y", replication_factor=2, diverse_replicas=False) == []
     assert "by instance only" in warnings("a:2003,b:2003", hash_type="fnv1a_ch")[0]
