@@ -3,6 +3,7 @@
 import json
 import logging
 import socket
+import ssl
 import sys
 import time
 
@@ -10,13 +11,14 @@ from . import __version__
 from . import keytool
 from .auth import format_rfc3339, warn_if_world_readable
 from .client import Client, format_address, run_test_client
-from .config import (AUTH_FILE, KEY_PRIVATE, KEY_PUBLIC, PIDFILE, ROUTE_OPTIONS, SERVER_ADDR,
+from .config import (AUTH_FILE, CLIENT_TLS_OPTIONS, KEY_PRIVATE, KEY_PUBLIC, PIDFILE, ROUTE_OPTIONS, SERVER_ADDR,
                      STATS_SOCKET, TEST_CLIENT_OPTIONS, build_parser, config_parser, duration,
                      parse_server_args, stats_socket_path)
 from .errors import AmproxyError
 from .logs import setup_logging
 from .master import Master
 from .placement import Placement
+from .tls import client_context
 from .protocol import sign
 
 log = logging.getLogger("amproxy")
@@ -96,7 +98,7 @@ def cmd_client_test_client(argv):
                            "(or KEY_PUBLIC and KEY_PRIVATE)")
     setup_logging()
     run_test_client(args.server_addr, args.key_public, args.key_private, args.metric,
-                    args.interval, args.count)
+                    args.interval, args.count, **_client_tls(args))
     return 0
 
 
@@ -214,9 +216,23 @@ def cmd_route(argv):
     return 0
 
 
+def _client_tls(args):
+    """The TLS arguments of Client from the command's options; files are checked here."""
+    if not args.tls:
+        return {}
+    try:
+        client_context(args.ca_file or None, args.client_cert or None, args.client_key or None)
+    except (OSError, ssl.SSLError) as e:
+        raise AmproxyError("cannot use the TLS files (--ca-file %s, --client-cert %s): %s" % (
+            args.ca_file or "none", args.client_cert or "none",
+            getattr(e, "strerror", None) or e)) from None
+    return {"tls": True, "ca_file": args.ca_file or None,
+            "cert_file": args.client_cert or None, "key_file": args.client_key or None}
+
+
 def cmd_client_send(argv):
     parser = build_parser("amproxy client send", "Send one signed data point.",
-                          [KEY_PUBLIC, KEY_PRIVATE, SERVER_ADDR])
+                          [KEY_PUBLIC, KEY_PRIVATE, SERVER_ADDR] + CLIENT_TLS_OPTIONS)
     parser.add_argument("metric")
     parser.add_argument("value", type=float)
     parser.add_argument("timestamp", nargs="?", type=int, help="Unix seconds (default: now)")
@@ -225,7 +241,7 @@ def cmd_client_send(argv):
         raise AmproxyError("pass --key-public and --key-private (or KEY_PUBLIC and "
                            "KEY_PRIVATE)")
     value = int(args.value) if args.value.is_integer() else args.value
-    client = Client(args.server_addr, args.key_public, args.key_private)
+    client = Client(args.server_addr, args.key_public, args.key_private, **_client_tls(args))
     client.send(args.metric, value, args.timestamp)
     # No later flush will come, so a point kept for later would be lost.
     try:

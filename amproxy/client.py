@@ -3,6 +3,11 @@
     from amproxy.client import Client
     with Client("proxy.example.com:2005", "my_public_key", "my_secret_key") as c:
         c.send("home.temp.living_room", 21.5)
+
+Over TLS (to the server's ``--tls-addr``)::
+
+    Client("proxy.example.com:2443", "my_public_key", "my_secret_key", tls=True,
+           ca_file="/etc/ssl/amproxy-ca.pem")
 """
 
 import collections
@@ -12,6 +17,7 @@ import socket
 import time
 
 from .protocol import Signer
+from .tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +46,12 @@ class Client:
     """
 
     def __init__(self, address, public_key, secret_key, batch_size=500,
-                 max_queued=100000, timeout=10.0):
+                 max_queued=100000, timeout=10.0, tls=False, ca_file=None, cert_file=None,
+                 key_file=None):
         self.address = _parse_address(address)
+        # With TLS the server's certificate is verified (against ca_file, else the
+        # system's CAs) for the host name or address given.
+        self._tls = client_context(ca_file, cert_file, key_file) if tls else None
         self.public_key = public_key
         self._signer = Signer(secret_key)
         self.batch_size = batch_size
@@ -82,7 +92,7 @@ class Client:
         batch = list(self._queue)
         try:
             if self._sock is None:
-                self._sock = socket.create_connection(self.address, timeout=self.timeout)
+                self._sock = self._connect()
             self._sock.sendall(b"".join(batch))
         except OSError as e:
             self._drop_connection()
@@ -94,6 +104,16 @@ class Client:
         for _ in batch:
             self._queue.popleft()
         return True
+
+    def _connect(self):
+        sock = socket.create_connection(self.address, timeout=self.timeout)
+        if self._tls is None:
+            return sock
+        try:
+            return self._tls.wrap_socket(sock, server_hostname=self.address[0])
+        except OSError:
+            sock.close()
+            raise
 
     def _drop_connection(self):
         if self._sock is not None:
@@ -108,14 +128,14 @@ class Client:
             self._drop_connection()
 
 
-def run_test_client(address, public_key, secret_key, metric, interval, count=None):
+def run_test_client(address, public_key, secret_key, metric, interval, count=None, **tls):
     """Send one random value from 30 to 100 every ``interval`` s, each over a new connection."""
     sent = 0
     while count is None or sent < count:
         if sent:
             time.sleep(interval)
         value = random.randint(30, 100)
-        with Client(address, public_key, secret_key) as client:
+        with Client(address, public_key, secret_key, **tls) as client:
             client.send(metric, value)
             ok = client.flush()
         sent += 1

@@ -220,6 +220,17 @@ SERVER_OPTIONS = [
            "--max-connections, so that one address cannot take every slot while a "
            "fleet behind one NAT still fits", env="AMPROXY_MAX_CONNECTIONS_PER_SOURCE",
            type=non_negative_int, live=True),
+    # TLS for devices on untrusted networks.
+    Option("--tls-addr", None,
+           "also listen here for the same line protocol inside TLS (1.2 or newer); "
+           "needs --tls-cert and --tls-key", env="AMPROXY_TLS_ADDR", type=address),
+    Option("--tls-cert", "", "the TLS listener's certificate chain (PEM); read again on "
+           "SIGHUP", env="AMPROXY_TLS_CERT"),
+    Option("--tls-key", "", "the private key of --tls-cert (PEM), readable by --user; "
+           "read again on SIGHUP", env="AMPROXY_TLS_KEY"),
+    Option("--tls-client-ca", "",
+           "require client certificates signed by this CA (PEM) on the TLS listener",
+           env="AMPROXY_TLS_CLIENT_CA"),
     Option("--key-max-rate", 0,
            "lines per second a key may send when its max_rate in the auth file does "
            "not say (a burst of one second's worth; the workers share the count); "
@@ -324,6 +335,17 @@ KEY_PRIVATE = Option("--key-private", None, "the secret key to sign with",
 KEY_PUBLIC = Option("--key-public", None, "the public key to send", env="KEY_PUBLIC")
 SERVER_ADDR = Option("--server-addr", "127.0.0.1:2005", "amproxy's address",
                      env="SERVER_ADDR", type=address)
+# A client's TLS: the server's CA, and a certificate of its own for mutual TLS.
+CLIENT_TLS_OPTIONS = [
+    Option("--tls", False, "connect with TLS (to the server's --tls-addr)",
+           env="AMPROXY_CLIENT_TLS", type=bool),
+    Option("--ca-file", "", "the CA that signed the server's certificate (PEM; default: "
+           "the system's CAs)", env="AMPROXY_CA_FILE"),
+    Option("--client-cert", "", "this client's certificate, for a server with "
+           "--tls-client-ca (PEM)", env="AMPROXY_CLIENT_CERT"),
+    Option("--client-key", "", "the private key of --client-cert (PEM)",
+           env="AMPROXY_CLIENT_KEY"),
+]
 TEST_CLIENT_OPTIONS = [
     KEY_PUBLIC, KEY_PRIVATE,
     Option("--metric", "metric1", "the metric to send", env="METRIC_NAME"),
@@ -332,7 +354,7 @@ TEST_CLIENT_OPTIONS = [
            type=duration),
     Option("--count", None, "stop after this many data points (default: never)",
            env="AMPROXY_COUNT", type=positive_int),
-]
+] + CLIENT_TLS_OPTIONS
 
 
 class _RaisingParser(configargparse.ArgumentParser):

@@ -11,3 +11,7 @@ class ConfigError(AmproxyError):
 
 class AuthFileError(AmproxyError):
     """The auth file is missing, unreadable or invalid."""
+
+
+class CloseConnection(Exception):
+    """A client connection must be closed (why has been counted and logged)."""

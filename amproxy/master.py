@@ -23,6 +23,7 @@ from .errors import AmproxyError
 from .logs import reopen_log_files, set_level
 from .placement import Placement
 from .ratelimit import RateTable
+from .tls import server_context
 from .stats import StatsService
 from .worker import WORKER_BOOT_ERROR, Heartbeat, Worker
 
@@ -88,6 +89,7 @@ class Master:
         self.num_workers = options.workers
         self.workers = {}  # pid -> Worker
         self.listener = None
+        self.tls_listener = None
         self.auth_file = None
         self.pidfile = None
         self.ready = False
@@ -112,6 +114,10 @@ class Master:
         db = self.auth_file.load()
         warn_if_world_readable(options.auth_file)
         self.listener = daemon.inherited_listener() or bind_listener(options.addr)
+        if options.tls_addr:
+            if not (options.tls_cert and options.tls_key):
+                raise AmproxyError("--tls-addr needs --tls-cert and --tls-key")
+            self.tls_listener = bind_listener(options.tls_addr)
         self._raise_file_limit()
         if options.pidfile:
             self.pidfile = daemon.Pidfile(options.pidfile)
@@ -125,6 +131,8 @@ class Master:
             self.pidfile.create(self.pid)
         daemon.drop_privileges(options.user, options.group)
         check_access(options)
+        if self.tls_listener is not None:  # as the workers will read them
+            server_context(options.tls_cert, options.tls_key, options.tls_client_ca)
         self.live_options = LiveOptions()
         self.connection_table = ConnectionTable()
         self.rate_table = RateTable(len(db))
@@ -135,6 +143,8 @@ class Master:
             signal.signal(sig, self._record_signal)
         log.info("amproxy started", extra={
             "addr": "%s:%d" % self.listener.getsockname()[:2],
+            "tls_addr": "%s:%d" % self.tls_listener.getsockname()[:2]
+                        if self.tls_listener is not None else "none",
             "carbon": ",".join(map(str, options.carbon_addr)), "workers": self.num_workers,
             "keys": len(db), "auth_file": options.auth_file,
             "spool_dir": options.spool_dir or "none",
@@ -327,7 +337,7 @@ class Master:
         self._worker_age += 1
         used = {w.slot for w in self.workers.values()}
         slot = min(set(range(len(self.workers) + 1)) - used)
-        worker = Worker(slot, self._worker_age, self.listener, self.options,
+        worker = Worker(slot, self._worker_age, (self.listener, self.tls_listener), self.options,
                         self.auth_file, Heartbeat(), self.stats.channels,
                         self.connection_table, self.rate_table)
         if not self.ready:
@@ -427,9 +437,10 @@ class Master:
     def stop(self, graceful=True):
         """Stop accepting, ask every worker to stop, wait, then kill stragglers."""
         daemon.systemd_notify("STOPPING=1")
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+        for listener in (self.listener, self.tls_listener):
+            if listener is not None:
+                listener.close()
+        self.listener = self.tls_listener = None
         self.kill_workers(signal.SIGTERM if graceful else signal.SIGQUIT)
         limit = (self.options.graceful_timeout if graceful else 0) + KILL_GRACE
         deadline = time.monotonic() + limit

@@ -19,9 +19,11 @@ import time
 from .balance import NOT_ACCEPTING
 from .config import LIVE_OPTIONS
 from .destinations import Destinations
+from .errors import CloseConnection
 from .logs import RejectionLog, reopen_log_files, set_level
 from .proxyprotocol import ProxyHeaderError, client_address
 from .ratelimit import RateLimiter
+from .tls import TLS_HANDSHAKE_RECORD, TlsConnections
 from .proxyprotocol import parse as parse_proxy_header
 from .protocol import LINE_TOO_LONG, MALFORMED, REJECTION_REASONS, filter_lines
 from .stats import WorkerStats
@@ -77,7 +79,8 @@ class Connection:
     that sends nothing valid is idle, however much it sends.
     """
 
-    __slots__ = ("sock", "remote", "source", "partial", "last_active", "awaiting_header_since")
+    __slots__ = ("sock", "remote", "source", "partial", "last_active", "awaiting_header_since",
+                 "handshake_since", "tls", "fresh")
 
     def __init__(self, sock, address, now):
         self.sock = sock
@@ -85,6 +88,9 @@ class Connection:
         self.partial = b""
         self.last_active = now
         self.awaiting_header_since = None  # --proxy-protocol: accepted when, until the header
+        self.handshake_since = None  # TLS: accepted when, until the handshake is done
+        self.tls = False
+        self.fresh = True  # nothing read yet
 
     def set_address(self, address):
         if isinstance(address, tuple):
@@ -93,10 +99,6 @@ class Connection:
             self.remote = "%s:%d" % (host, address[1])
         else:
             self.source = self.remote = str(address) or "unix"
-
-
-class CloseConnection(Exception):
-    pass
 
 
 class ProxyHeaders:
@@ -186,7 +188,7 @@ class SourceSlots:
 class Worker:
     """Built by the master before the fork; ``run`` is called in the child."""
 
-    def __init__(self, slot, age, listener, options, auth_file, heartbeat, stats_channels,
+    def __init__(self, slot, age, listeners, options, auth_file, heartbeat, stats_channels,
                  connection_table, rate_table):
         self.slot = slot
         self.stats_channels = stats_channels
@@ -194,7 +196,8 @@ class Worker:
         self.rate_limiter = RateLimiter(rate_table)
         self.watching_listener = False
         self.age = age
-        self.listener = listener
+        self.listener, self.tls_listener = listeners  # the TLS one may be None
+        self.tls = None  # TlsConnections, with a TLS listener
         self.options = options
         self.auth_file = auth_file
         self.heartbeat = heartbeat
@@ -240,6 +243,9 @@ class Worker:
         self.auth_file.reload_if_changed()
         options = self.options
         self.destinations = Destinations(options, self.selector, self.clock, self.slot)
+        self.tls = TlsConnections(options, self.clock)
+        if self.tls.context is None:
+            self.tls_listener = None  # no TLS clients for this worker (logged)
         if options.spool_dir:
             self.destinations.replay_stranded(options.spool_dir, options.spool_max_bytes)
         self.reject_log = RejectionLog(log, self.options.log_rejections, self.rejected)
@@ -295,12 +301,14 @@ class Worker:
         # The least loaded worker may be hung: do not leave clients waiting on it.
         # Only clients already waiting a tick ago are taken, so a worker that is
         # merely slow to be scheduled still gets the ones that just arrived.
-        clients_waiting = (self.accepting and not self.watching_listener
-                           and bool(select.select([self.listener], [], [], 0)[0]))
+        waiting = select.select(self._listeners(), [], [], 0)[0] \
+            if self.accepting and not self.watching_listener else []
+        clients_waiting = bool(waiting)
         if clients_waiting and self._clients_were_waiting:
-            for _ in range(FALLBACK_ACCEPTS):
-                if not self._on_accept(selectors.EVENT_READ):
-                    break
+            for listener in waiting:
+                for _ in range(FALLBACK_ACCEPTS):
+                    if not self._on_accept(listener):
+                        break
         self._clients_were_waiting = clients_waiting
         if now >= self._next_stats_report:
             self._next_stats_report = now + STATS_REPORT_INTERVAL
@@ -315,6 +323,9 @@ class Worker:
             # Paused, nothing is read: no client is late or idle meanwhile.
             if conn.awaiting_header_since is not None:
                 if self.proxy_headers.late(conn, now):
+                    self._close(conn)
+            elif conn.handshake_since is not None:
+                if self.tls.late(conn, now):
                     self._close(conn)
             elif now - conn.last_active > idle_limit:
                 log.info("closing idle client connection", extra={
@@ -333,6 +344,7 @@ class Worker:
             elif signum == signal.SIGHUP:
                 self.auth_file.reload_in_background("SIGHUP")
                 self._reload_options()
+                self.tls.reload()
             elif signum == signal.SIGUSR1:
                 reopen_log_files()
             # TTIN and TTOU are for the master; a worker ignores them.
@@ -346,6 +358,7 @@ class Worker:
             "connectionsOpened": self.connections_opened,
             "connectionsRefused": self.connections_refused,
             "proxyHeaderErrors": self.proxy_headers.errors,
+            "tlsHandshakeErrors": self.tls.errors,
             "internalErrors": self.internal_errors,
             "authReloads": self.auth_file.reloads,
             "authReloadErrors": self.auth_file.reload_errors,
@@ -380,10 +393,13 @@ class Worker:
 
     # -- clients -------------------------------------------------------------
 
-    def _on_accept(self, mask):
+    def _listeners(self):
+        return [self.listener] + ([self.tls_listener] if self.tls_listener else [])
+
+    def _on_accept(self, listener):
         """Take one waiting connection; False if there was none to take."""
         try:
-            sock, address = self.listener.accept()
+            sock, address = listener.accept()
         except (BlockingIOError, InterruptedError):
             return False  # another worker took it
         except OSError as e:
@@ -396,7 +412,10 @@ class Worker:
                 return False
             raise
         conn = Connection(sock, address, self.clock())
-        if self.options.proxy_protocol:
+        if listener is not self.listener:
+            conn.tls = True
+            conn.handshake_since = conn.last_active
+        elif self.options.proxy_protocol:
             if not self.proxy_headers.trusts(conn.source, self.options.proxy_protocol_from):
                 self.proxy_headers.error(conn, "not from a --proxy-protocol-from address")
                 sock.close()
@@ -409,6 +428,8 @@ class Worker:
             sock.close()
             return True
         sock.setblocking(False)
+        if conn.tls:
+            sock = conn.sock = self.tls.wrap(sock)
         self.connections[sock.fileno()] = conn
         if conn.awaiting_header_since is None:
             self.source_slots.add(conn.source)
@@ -437,10 +458,37 @@ class Worker:
         if watch:
             # Level-triggered and shared: every watching worker sees a waiting
             # connection, so none is left behind when one of them stops watching.
-            self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+            for listener in self._listeners():
+                self.selector.register(listener, selectors.EVENT_READ,
+                                       lambda mask, listener=listener: self._on_accept(listener))
         else:
-            self.selector.unregister(self.listener)
+            for listener in self._listeners():
+                self.selector.unregister(listener)
         self.watching_listener = watch
+
+    def _handshake(self, conn):
+        """Go on with a TLS handshake; once done, read what came with it."""
+        if conn.fresh:
+            try:
+                first = socket.socket.recv(conn.sock, 1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                first = b""
+            if not first:  # connected and closed: a balancer's health check, not an error
+                self._close(conn)
+                return
+            conn.fresh = False
+        try:
+            wait = self.tls.handshake(conn)
+        except CloseConnection:
+            self._close(conn)
+            return
+        events = selectors.EVENT_WRITE if wait == "write" else selectors.EVENT_READ
+        self.selector.modify(conn.sock, events, lambda mask, conn=conn: self._on_readable(conn))
+        if wait is None:
+            conn.handshake_since = None
+            self._on_readable(conn)  # lines may have come with the last handshake record
 
     def _after_proxy_header(self, conn, data):
         """What the client sent after its PROXY header, once its source is admitted; else None."""
@@ -480,6 +528,8 @@ class Worker:
                 conn.last_active = self.clock()
                 if conn.awaiting_header_since is not None:
                     conn.awaiting_header_since = conn.last_active
+                if conn.handshake_since is not None:
+                    conn.handshake_since = conn.last_active
                 self.selector.register(conn.sock, selectors.EVENT_READ,
                                        lambda mask, conn=conn: self._on_readable(conn))
         if paused:
@@ -490,12 +540,24 @@ class Worker:
 
     def _on_readable(self, conn):
         """The hot path: read a chunk, split it into lines, verify, queue for Carbon."""
+        if conn.handshake_since is not None:
+            self._handshake(conn)
+            return
         try:
-            data = conn.sock.recv(RECV_SIZE)
+            data = self.tls.recv(conn, RECV_SIZE) if conn.tls else conn.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
+            return
+        except CloseConnection:
+            self._close(conn)
             return
         except OSError:
             data = b""
+        if conn.fresh:
+            conn.fresh = False
+            if data[:2] == TLS_HANDSHAKE_RECORD and not conn.tls:
+                self.tls.error(conn, "TLS on the plain port (use --tls-addr's port)")
+                self._close(conn)
+                return
         if conn.awaiting_header_since is not None:
             data = self._after_proxy_header(conn, data)
             if not data:
@@ -578,7 +640,8 @@ class Worker:
         if self.stopping_since is None:
             self.stopping_since = self.clock()
             self._stop_accepting()
-            self.listener.close()
+            for listener in self._listeners():
+                listener.close()
         if not graceful:
             self.alive = False
             return
@@ -611,8 +674,11 @@ class Worker:
 
     def _close_if_drained(self, conn):
         """Close a client once nothing it sent is left unread (it reconnects later)."""
+        if conn.tls and conn.sock.pending():
+            return  # decrypted and waiting: the next read takes it
         try:
-            pending = conn.sock.recv(1, socket.MSG_PEEK)
+            # The bytes on the socket (for TLS, still encrypted) tell whether any are left.
+            pending = socket.socket.recv(conn.sock, 1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             pending = None
         except OSError:

@@ -4,7 +4,8 @@ import os
 
 import amproxy
 
-LAYERS = ["errors", "protocol", "patterns", "placement", "proxyprotocol", "buffer", "deadletter",
+LAYERS = ["errors", "protocol", "patterns", "placement", "proxyprotocol", "tls", "buffer",
+          "deadletter",
           "logs", "auth", "config", "daemon", "balance", "ratelimit", "stats", "carbon",
           "destinations",
           "worker", "master", "client", "keytool", "cli", "__main__"]

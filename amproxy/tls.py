@@ -1,0 +1,137 @@
+"""TLS for devices on untrusted networks: the listener's context and its connections.
+
+The handshake runs in the worker's selector loop, never blocking: a client
+that stalls halfway holds only its own connection, until the handshake
+timeout closes it.  amproxy never writes to a client, so the server sends no
+session tickets (nothing to write after the handshake).  Only TLS 1.2 and
+newer are accepted.
+"""
+
+import logging
+import ssl
+
+from .errors import AmproxyError, CloseConnection
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+# The first bytes of a TLS record carrying a handshake: a ClientHello on the plain port.
+TLS_HANDSHAKE_RECORD = b"\x16\x03"
+
+
+def server_context(cert_file, key_file, client_ca=None):
+    """The listener's context; AmproxyError names the file that cannot be used."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.num_tickets = 0
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise AmproxyError("TLS certificate %s and key %s cannot be used: %s" % (
+            cert_file, key_file, _why(e))) from None
+    if client_ca:
+        try:
+            context.load_verify_locations(client_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise AmproxyError("TLS client CA file %s cannot be used: %s" % (
+                client_ca, _why(e))) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _why(error):
+    """An OSError's or SSLError's reason, without the C source location."""
+    return getattr(error, "strerror", None) or getattr(error, "reason", None) or str(error)
+
+
+def client_context(ca_file=None, cert_file=None, key_file=None):
+    """For devices: verify the server (against ``ca_file``, else the system's CAs)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+class TlsConnections:
+    """A worker's TLS side: its context, the handshakes under way, and their failures."""
+
+    def __init__(self, options, clock):
+        """Without a TLS listener there is no context, but TLS sent to the plain port
+        is still counted here."""
+        self.options = options
+        self.clock = clock
+        self.errors = 0
+        self._logged_at = None
+        self.context = None
+        if options.tls_addr:
+            try:
+                self.context = self._load()
+            except AmproxyError as e:  # the files changed since the master checked them
+                log.error("%s; this worker takes no TLS clients", e)
+
+    def _load(self):
+        options = self.options
+        return server_context(options.tls_cert, options.tls_key, options.tls_client_ca)
+
+    def reload(self):
+        """On SIGHUP: the certificate may have been renewed.  A bad new pair keeps the old."""
+        if not self.options.tls_addr:
+            return
+        try:
+            self.context = self._load()
+        except AmproxyError as e:
+            log.error("TLS certificate not reloaded; keeping the one in use",
+                      extra={"error": str(e)})
+            return
+        log.info("TLS certificate reloaded", extra={"tls_cert": self.options.tls_cert})
+
+    def wrap(self, sock):
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+
+    def handshake(self, conn):
+        """Go on with ``conn``'s handshake; the events to wait for next, or None once done.
+
+        Raises CloseConnection when it failed (counted and logged).
+        """
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return "read"
+        except ssl.SSLWantWriteError:
+            return "write"
+        except (ssl.SSLError, OSError) as e:
+            self.error(conn, "TLS handshake failed: %s" % _why(e))
+            raise CloseConnection() from None
+        return None
+
+    def recv(self, conn, size):
+        """Read what arrived, with what TLS already decrypted.
+
+        Raises BlockingIOError when nothing is whole yet, and CloseConnection
+        on a TLS error (a truncated or forged record).
+        """
+        sock = conn.sock
+        try:
+            data = sock.recv(size)
+            while data and sock.pending():
+                data += sock.recv(sock.pending())
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError() from None  # a record not yet whole: as for a plain socket
+        except ssl.SSLError as e:
+            self.error(conn, "TLS error: %s" % (e.reason or e))
+            raise CloseConnection() from None
+        return data
+
+    def late(self, conn, now):
+        if now - conn.handshake_since <= HANDSHAKE_TIMEOUT:
+            return False
+        self.error(conn, "no TLS handshake within %d s" % HANDSHAKE_TIMEOUT)
+        return True
+
+    def error(self, conn, why):
+        self.errors += 1
+        now = self.clock()
+        if self._logged_at is None or now - self._logged_at >= 1:
+            self._logged_at = now  # one a second: a scan must not flood the log
+            log.warning("closing client connection: %s", why, extra={"remote": conn.remote})

@@ -1,0 +1,210 @@
+"""The TLS listener: devices on untrusted networks, with certificates the test makes."""
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from conftest import AMPROXY, KEYS, free_port, line_for, wait_for, wait_points
+from test_e2e_hostile import counters
+
+OPENSSL = shutil.which("openssl")
+pytestmark = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not "
+                                "installed (apt-get install openssl; .ci/run installs it)")
+
+
+def openssl(*args, cwd):
+    subprocess.run([OPENSSL] + list(args), cwd=cwd, check=True, capture_output=True,
+                   timeout=60)
+
+
+def make_ca(directory, name):
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=%s" % name, "-keyout", name + ".key", "-out", name + ".pem", cwd=directory)
+
+
+def make_cert(directory, name, ca, san):
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=%s" % name,
+            "-keyout", name + ".key", "-out", name + ".csr", cwd=directory)
+    with open(os.path.join(directory, name + ".ext"), "w") as f:
+        f.write("subjectAltName=%s\n" % san)
+    openssl("x509", "-req", "-in", name + ".csr", "-CA", ca + ".pem", "-CAkey", ca + ".key",
+            "-CAcreateserial", "-days", "2", "-extfile", name + ".ext", "-out", name + ".pem",
+            cwd=directory)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A CA and the server's certificate; a client CA, a client, and one from a stranger."""
+    d = str(tmp_path_factory.mktemp("certs"))
+    make_ca(d, "ca")
+    make_cert(d, "server", "ca", "IP:127.0.0.1,DNS:localhost")
+    make_ca(d, "client-ca")
+    make_cert(d, "device", "client-ca", "DNS:device1")
+    make_ca(d, "stranger-ca")
+    make_cert(d, "stranger", "stranger-ca", "DNS:stranger")
+    make_cert(d, "renewed", "ca", "IP:127.0.0.1")
+    return lambda name: os.path.join(d, name)
+
+
+@pytest.fixture
+def tls_proxy(carbon, auth_file, make_proxy, tmp_path, certs):
+    def make(*args, workers=2):
+        port = free_port()
+        sock = str(tmp_path / ("stats-%d.sock" % port))
+        proxy = make_proxy(carbon.address, auth_file, workers=workers, args=[
+            "--tls-addr", "127.0.0.1:%d" % port, "--tls-cert", certs("server.pem"),
+            "--tls-key", certs("server.key"), "--stats-socket", sock] + list(args))
+        proxy.tls_port, proxy.stats_socket = port, sock
+        wait_for(lambda: port_open(port), 5, what="the TLS port")
+        return proxy
+    return make
+
+
+def port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def tls_connect(port, certs, cert=None):
+    context = ssl.create_default_context(cafile=certs("ca.pem"))
+    if cert:
+        context.load_cert_chain(certs(cert + ".pem"), certs(cert + ".key"))
+    return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
+                               server_hostname="127.0.0.1")
+
+
+def closed_by_server(sock, timeout=5):
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_lines_over_tls_and_plain_reach_whisper_side_by_side(carbon, tls_proxy, certs):
+    proxy = tls_proxy()
+    now = int(time.time())
+    with tls_connect(proxy.tls_port, certs) as sock:
+        assert sock.version() in ("TLSv1.2", "TLSv1.3")
+        # Far more than one TLS record, in pieces: everything decrypted is read.
+        sock.sendall(b"".join(line_for(KEYS, "alpha", "e2e.alpha.temp", float(i), now - 250 + i)
+                              for i in range(240)))
+    proxy.send(line_for(KEYS, "alpha", "e2e.alpha.humidity", 3.25, now - 2))
+    wait_points(carbon, "e2e.alpha.temp", {now - 250 + i: float(i) for i in range(240)},
+                now - 260)
+    wait_points(carbon, "e2e.alpha.humidity", {now - 2: 3.25}, now - 10)
+
+
+def test_the_client_command_sends_over_tls(carbon, tls_proxy, certs):
+    proxy = tls_proxy()
+    now = int(time.time())
+    env = dict(os.environ, KEY_PUBLIC="alpha", KEY_PRIVATE=KEYS["alpha"][0],
+               SERVER_ADDR="127.0.0.1:%d" % proxy.tls_port)
+    result = subprocess.run([AMPROXY, "client", "send", "--tls", "--ca-file", certs("ca.pem"),
+                             "e2e.alpha.humidity", "4.5", str(now - 3)], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    wait_points(carbon, "e2e.alpha.humidity", {now - 3: 4.5}, now - 10)
+    # Without the CA the server's certificate is not trusted: one clear error.
+    result = subprocess.run([AMPROXY, "client", "send", "--tls", "e2e.alpha.humidity", "1"],
+                            env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("what", ["plain text to the TLS port", "TLS to the plain port",
+                                  "a forged record", "a stalled handshake"])
+def test_bad_tls_is_closed_and_counted_and_other_clients_go_on(carbon, tls_proxy, certs, what):
+    proxy = tls_proxy(workers=1)  # the one worker must keep serving everyone
+    now = int(time.time())
+    if what == "plain text to the TLS port":
+        bad = socket.create_connection(("127.0.0.1", proxy.tls_port))
+        bad.sendall(line_for(KEYS, "alpha", "e2e.alpha.temp", 1) * 3)
+    elif what == "TLS to the plain port":
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = ssl.create_default_context(cafile=certs("ca.pem")).wrap_bio(
+            incoming, outgoing, server_hostname="127.0.0.1")
+        with pytest.raises(ssl.SSLWantReadError):
+            client.do_handshake()
+        bad = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        bad.sendall(outgoing.read())  # a ClientHello
+    elif what == "a forged record":
+        bad = tls_connect(proxy.tls_port, certs)
+        raw = socket.socket(fileno=os.dup(bad.fileno()))
+        raw.sendall(b"\x17\x03\x03\x00\x40" + os.urandom(64))  # whole, but not sealed by the key
+        raw.close()
+    else:
+        bad = socket.create_connection(("127.0.0.1", proxy.tls_port))
+        bad.sendall(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+    # Meanwhile another device's lines go through at once.
+    with tls_connect(proxy.tls_port, certs) as good:
+        good.sendall(line_for(KEYS, "alpha", "e2e.alpha.temp", 77.0, now - 4))
+    wait_points(carbon, "e2e.alpha.temp", {now - 4: 77.0}, now - 10)
+    assert closed_by_server(bad, 15), what
+    bad.close()
+    wait_for(lambda: counters(proxy)["tlsHandshakeErrors"] >= 1, 5, what="the error counted")
+    assert proxy.process.poll() is None and len(proxy.workers()) == 1
+    assert "Traceback" not in proxy.log()
+
+
+def test_client_certificates_are_required_with_tls_client_ca(carbon, tls_proxy, certs):
+    proxy = tls_proxy("--tls-client-ca", certs("client-ca.pem"))
+    now = int(time.time())
+    with tls_connect(proxy.tls_port, certs, cert="device") as sock:
+        sock.sendall(line_for(KEYS, "alpha", "e2e.alpha.humidity", 8.5, now - 5))
+    wait_points(carbon, "e2e.alpha.humidity", {now - 5: 8.5}, now - 10)
+    for cert in (None, "stranger"):
+        try:
+            sock = tls_connect(proxy.tls_port, certs, cert=cert)
+            sock.sendall(line_for(KEYS, "alpha", "e2e.alpha.humidity", 9.5, now - 6))
+            assert closed_by_server(sock)
+            sock.close()
+        except (ssl.SSLError, OSError):
+            pass  # refused during the handshake (TLS 1.2) or right after it (TLS 1.3)
+    wait_for(lambda: counters(proxy)["tlsHandshakeErrors"] == 2, 5, what="both counted")
+    assert 9.5 not in carbon.points("e2e.alpha.humidity", now - 10).values()
+
+
+def test_hup_reads_a_renewed_certificate_and_keeps_the_old_if_the_new_is_bad(
+        tls_proxy, certs, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(certs("server.pem"), cert)
+    shutil.copy(certs("server.key"), key)
+    proxy = tls_proxy("--tls-cert", str(cert), "--tls-key", str(key))
+
+    def serial():
+        with tls_connect(proxy.tls_port, certs) as sock:
+            return sock.getpeercert()["serialNumber"]
+    first = serial()
+    cert.write_text("not a certificate\n")
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_log("TLS certificate not reloaded; keeping the one in use", count=2)
+    assert serial() == first
+    shutil.copy(certs("renewed.pem"), cert)
+    shutil.copy(certs("renewed.key"), key)
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_log("TLS certificate reloaded", count=2)
+    assert serial() != first
+    assert "PRIVATE KEY" not in proxy.log()
+
+
+def test_a_key_that_cannot_be_read_is_one_clear_error_at_start(auth_file, certs, tmp_path):
+    result = subprocess.run([AMPROXY, "server", "--auth-file", str(auth_file), "--addr",
+                             "127.0.0.1:%d" % free_port(), "--tls-addr",
+                             "127.0.0.1:%d" % free_port(), "--tls-cert", certs("server.pem"),
+                             "--tls-key", str(tmp_path / "missing.key")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "TLS certificate %s and key %s cannot be used" % (
+        certs("server.pem"), tmp_path / "missing.key") in result.stderr
+    assert "Traceback" not in result.stderr
