@@ -228,3 +228,26 @@ class RejectionLog:
                     "limit_per_second": self.per_second})
         self.budget = dict.fromkeys(self.counts, self.per_second)
         self._counts_at_start = dict(self.counts)
+
+
+class ClosedConnectionLog:
+    """Counts client connections closed for one kind of fault; logs at most one a second.
+
+    A scan or a misconfigured balancer can open thousands of bad connections:
+    each is counted, but the log says so once a second, not thousands of times.
+    """
+
+    def __init__(self, logger, clock, note=""):
+        self.logger = logger
+        self.clock = clock
+        self.note = note  # appended to each message, such as the option that applies
+        self.count = 0
+        self._logged_at = None
+
+    def closing(self, remote, why):
+        self.count += 1
+        now = self.clock()
+        if self._logged_at is None or now - self._logged_at >= 1:
+            self._logged_at = now
+            self.logger.warning("closing client connection: %s%s", why, self.note,
+                                extra={"remote": remote})

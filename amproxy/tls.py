@@ -11,6 +11,7 @@ import logging
 import ssl
 
 from .errors import AmproxyError, CloseConnection
+from .logs import ClosedConnectionLog
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,7 @@ class TlsConnections:
         """Without a TLS listener there is no context, but TLS sent to the plain port
         is still counted here."""
         self.options = options
-        self.clock = clock
-        self.errors = 0
-        self._logged_at = None
+        self._closed = ClosedConnectionLog(log, clock)
         self.context = None
         if options.tls_addr:
             try:
@@ -129,9 +128,9 @@ class TlsConnections:
         self.error(conn, "no TLS handshake within %d s" % HANDSHAKE_TIMEOUT)
         return True
 
+    @property
+    def errors(self):
+        return self._closed.count
+
     def error(self, conn, why):
-        self.errors += 1
-        now = self.clock()
-        if self._logged_at is None or now - self._logged_at >= 1:
-            self._logged_at = now  # one a second: a scan must not flood the log
-            log.warning("closing client connection: %s", why, extra={"remote": conn.remote})
+        self._closed.closing(conn.remote, why)

@@ -20,7 +20,7 @@ from .balance import NOT_ACCEPTING
 from .config import LIVE_OPTIONS
 from .destinations import Destinations
 from .errors import CloseConnection
-from .logs import RejectionLog, reopen_log_files, set_level
+from .logs import ClosedConnectionLog, RejectionLog, reopen_log_files, set_level
 from .proxyprotocol import ProxyHeaderError, client_address
 from .ratelimit import RateLimiter
 from .tls import TLS_HANDSHAKE_RECORD, TlsConnections
@@ -105,9 +105,7 @@ class ProxyHeaders:
     """--proxy-protocol: take the header off each new connection; count and log the bad."""
 
     def __init__(self, clock):
-        self.clock = clock
-        self.errors = 0
-        self._logged_at = None
+        self._closed = ClosedConnectionLog(log, clock, " (--proxy-protocol is on)")
 
     def take(self, conn, data):
         """The bytes after ``conn``'s header once it is complete (b"" if none); None until then.
@@ -154,13 +152,12 @@ class ProxyHeaders:
         self.error(conn, "no PROXY header within %d s" % PROXY_HEADER_TIMEOUT)
         return True
 
+    @property
+    def errors(self):
+        return self._closed.count
+
     def error(self, conn, why):
-        self.errors += 1
-        now = self.clock()
-        if self._logged_at is None or now - self._logged_at >= 1:
-            self._logged_at = now  # one a second: a scan must not flood the log
-            log.warning("closing client connection: %s (--proxy-protocol is on)", why,
-                        extra={"remote": conn.remote})
+        self._closed.closing(conn.remote, why)
 
 
 class SourceSlots:
@@ -552,15 +549,15 @@ class Worker:
             return
         except OSError:
             data = b""
-        if conn.fresh:
+        if conn.awaiting_header_since is not None:
+            data = self._after_proxy_header(conn, data)
+            if not data:
+                return
+        if conn.fresh and data:
             conn.fresh = False
             if data[:2] == TLS_HANDSHAKE_RECORD and not conn.tls:
                 self.tls.error(conn, "TLS on the plain port (use --tls-addr's port)")
                 self._close(conn)
-                return
-        if conn.awaiting_header_since is not None:
-            data = self._after_proxy_header(conn, data)
-            if not data:
                 return
         if data:
             if conn.partial:

@@ -116,6 +116,7 @@ def test_a_stop_reads_what_a_just_accepted_connection_sent_with_its_header(
     now = int(time.time())
     for trial in range(3):
         proxy = make_proxy(carbon.address, auth_file, workers=1, args=["--proxy-protocol"])
+        proxy.wait_log("workers ready")  # booted: its loop is running
         worker = proxy.workers()[0]
         os.kill(worker, signal.SIGSTOP)
         try:
