@@ -35,7 +35,7 @@ test: venv
 
 bench: venv
 	$(BIN)/python bench/bench.py --lines 1000000 --connections 4 --keys 10 \
-		--metrics-per-key 100 --workers 1 2 --repeats 3 --latency --scale-out --rate-limit \
+		--metrics-per-key 100 --workers 1 2 --repeats 3 --latency --scale-out --rate-limit --tls \
 		$(BENCH_ARGS)
 	$(BIN)/python bench/bench.py --lines 1000000 --workers 2 --repeats 3 \
 		--bad-fraction 0.1 --no-baseline --big-auth-keys 100000 $(BENCH_ARGS)

@@ -162,13 +162,16 @@ def generate(keys, lines, connections, bad_fraction):
     return [b"".join(p) for p in parts], good
 
 
-def send_all(port, blobs):
-    """Send each blob over its own connection, in parallel; return when all are sent."""
+def send_all(port, blobs, tls=None):
+    """Send each blob over its own connection (TLS with a ``tls`` context), in parallel."""
     errors = []
 
     def send(blob):
         try:
-            with socket.create_connection(("127.0.0.1", port)) as s:
+            sock = socket.create_connection(("127.0.0.1", port))
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
+            with sock as s:
                 view = memoryview(blob)
                 for start in range(0, len(blob), 1 << 20):
                     s.sendall(view[start:start + (1 << 20)])
@@ -224,7 +227,9 @@ def carbon_addr(sinks):
 class Proxy:
     def __init__(self, command, sink, auth_file, workers, extra=(), sinks=None):
         self.port = free_port()
+        self.tls_port = free_port()
         fields = {"addr": "127.0.0.1:%d" % self.port, "port": self.port,
+                  "tls_port": self.tls_port,
                   "carbon_addr": carbon_addr(sinks or [sink]), "carbon_port": sink.port,
                   "auth_file": auth_file}
         if command is None:
@@ -232,7 +237,8 @@ class Proxy:
             self.argv = [amproxy, "server", "--addr", fields["addr"], "--carbon-addr",
                          fields["carbon_addr"], "--auth-file", auth_file, "--workers",
                          str(workers), "--skew", "1h", "--log-level",
-                         os.environ.get("BENCH_LOG_LEVEL", "err")] + list(extra)
+                         os.environ.get("BENCH_LOG_LEVEL", "err")] + [
+                             arg.format(**fields) for arg in extra]
         else:
             self.argv = shlex.split(command.format(**fields))
         self.workers = workers if command is None else None
@@ -299,18 +305,22 @@ SCALE_OUT = [("amproxy-3-destinations", 3, [], 1),
 RATE_LIMITED = ("amproxy-rate-limited", 1, ["--key-max-rate", "1000000000"], 1)
 
 
-def run_once(name, command, args, sinks, auth_file, keys, workers, extra=(), copies=1):
+def run_once(name, command, args, sinks, auth_file, keys, workers, extra=(), copies=1,
+             tls=None):
     blobs, good = generate(keys, args.lines, args.connections, args.bad_fraction)
     proxy = None
     if name != "no-proxy":
         proxy = Proxy(command, sinks[0], auth_file, workers, extra, sinks)
     port = proxy.port if proxy else sinks[0].port
+    if tls is not None:
+        port = proxy.tls_port
+        wait_for(lambda: port_open(port), 30, "the TLS port")
     try:
         for sink in sinks:
             sink.reset()
         cpu_before = proxy.cpu() if proxy else 0.0
         started = time.monotonic()
-        send_all(port, blobs)
+        send_all(port, blobs, tls)
         end, counted = settle(sinks, good * copies, args.timeout)
         counted //= copies
         elapsed = max(end - started, 1e-9)
@@ -387,6 +397,35 @@ def big_auth_file(args, sink, directory, workers):
         return {"auth_keys": args.big_auth_keys, "auth_metrics": args.big_auth_keys * 10,
                 "startup_seconds": round(proxy.startup_seconds, 2),
                 "max_forwarding_gap_during_hup_s": round(sink.max_gap.value, 3)}
+    finally:
+        proxy.stop()
+
+
+def tls_args(cert, key):
+    return ["--tls-addr", "127.0.0.1:{tls_port}", "--tls-cert", cert, "--tls-key", key]
+
+
+def make_certificate(directory):
+    """A self-signed certificate for 127.0.0.1 (the openssl command); (cert, key, client context)."""
+    import ssl
+    cert, key = os.path.join(directory, "bench.pem"), os.path.join(directory, "bench.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
+    return cert, key, ssl.create_default_context(cafile=cert)
+
+
+def tls_handshakes_per_second(sink, auth_file, cert, key, context, seconds=3.0):
+    """New TLS connections one worker completes per second (connect, handshake, close)."""
+    proxy = Proxy(None, sink, auth_file, 1, tls_args(cert, key))
+    try:
+        wait_for(lambda: port_open(proxy.tls_port), 30, "the TLS port")
+        done, started = 0, time.monotonic()
+        while time.monotonic() - started < seconds:
+            with socket.create_connection(("127.0.0.1", proxy.tls_port)) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1"):
+                    done += 1
+        return round(done / (time.monotonic() - started))
     finally:
         proxy.stop()
 
@@ -487,6 +526,9 @@ def main():
                         help="also run with 3 destinations and with broadcast to 2")
     parser.add_argument("--rate-limit", action="store_true",
                         help="also run with every key under a (high) rate limit")
+    parser.add_argument("--tls", action="store_true",
+                        help="also send over TLS, and count the TLS handshakes one worker "
+                        "completes per second (needs the openssl command)")
     parser.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args()
 
@@ -503,6 +545,10 @@ def main():
          None)]
     contenders += [("amproxy", None, w) for w in args.workers]
     variants = (SCALE_OUT if args.scale_out else []) + ([RATE_LIMITED] if args.rate_limit else [])
+    tls = None
+    if args.tls:
+        tls_cert, tls_key, tls = make_certificate(directory)
+        variants.append(("amproxy-tls", 1, tls_args(tls_cert, tls_key), 1))
     contenders += [(name, None, args.workers[0]) for name, _, _, _ in variants]
     for spec in args.compare:
         name, _, command = spec.partition("=")
@@ -514,7 +560,7 @@ def main():
             for name, command, workers in contenders:
                 run_sinks, extra, copies = scale_out.get(name, ([sink], (), 1))
                 result = run_once(name, command, args, run_sinks, auth_file, keys, workers,
-                                  extra, copies)
+                                  extra, copies, tls if name == "amproxy-tls" else None)
                 result["repeat"] = repeat + 1
                 print(json.dumps(result), flush=True)
                 results.setdefault((name, workers), []).append(result)
@@ -544,6 +590,9 @@ def main():
             extra.update(big_auth_file(args, sink, directory, args.workers[0]))
         if args.scale_out:
             extra["routing_us_per_line"] = routing_cost()
+        if args.tls:
+            extra["tls_handshakes_per_s_one_worker"] = tls_handshakes_per_second(
+                sink, auth_file, tls_cert, tls_key, tls)
         print(json.dumps({"summary": summaries, **extra,
                           "machine": "%s, %d CPUs, Python %s" % (
                               platform.platform(), os.cpu_count(),

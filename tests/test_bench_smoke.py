@@ -11,14 +11,14 @@ def test_benchmark_smoke_run():
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--lines", "20000",
          "--repeats", "1", "--workers", "2", "--bad-fraction", "0.1", "--latency",
-         "--big-auth-keys", "2000", "--scale-out", "--rate-limit"],
+         "--big-auth-keys", "2000", "--scale-out", "--rate-limit", "--tls"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     runs = [r for r in records if "proxy" in r]
     assert {r["proxy"] for r in runs} == {"no-proxy", "plain-verifier", "amproxy",
                                           "amproxy-3-destinations", "amproxy-broadcast-2",
-                                          "amproxy-rate-limited"}
+                                          "amproxy-rate-limited", "amproxy-tls"}
     # Every line reaches its destinations: once over three, twice with broadcast.
     assert all(r["lost"] == 0 and r["extra"] == 0 for r in runs if r["proxy"] != "no-proxy")
     amproxy = next(r for r in runs if r["proxy"] == "amproxy")
@@ -30,4 +30,5 @@ def test_benchmark_smoke_run():
     assert summary["idle_latency_ms_median"] > 0
     assert summary["auth_keys"] == 2000
     assert summary["routing_us_per_line"] > 0
+    assert summary["tls_handshakes_per_s_one_worker"] > 0
     assert "| amproxy | 2 |" in result.stderr
