@@ -175,7 +175,7 @@ def metric_problem(metric, allow_tags=False):
 
 
 def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
-                 allow_tags=False, rate_limiter=None):
+                 allow_tags=False, rate_limiter=None, _budgets=None):
     """Check lines (bytes, without line ending); return the Carbon lines of those that pass.
 
     ``keys`` maps a public key (bytes) to a :class:`Signer` that also has
@@ -200,7 +200,10 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
     """
     accepted = []
     append = accepted.append
-    budgets = {} if rate_limiter is not None else None  # public key -> lines left
+    # Public key -> lines it may still send; a trimmed line's recursive call shares it.
+    budgets = _budgets
+    if budgets is None and rate_limiter is not None:
+        budgets = {}
     compare = hmac.compare_digest
     oldest, newest = int(now - max_skew), int(now + max_skew)
     # Timestamps of the same number of digits compare as bytes, which is much
@@ -211,7 +214,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
         fields = line.split(b" ")
         if len(fields) != 5:
             if _retry_trimmed(line, accepted, keys, now, max_skew, reject,
-                              forwarded_per_key, allow_tags, rate_limiter):
+                              forwarded_per_key, allow_tags, rate_limiter, budgets):
                 continue
             reject(MALFORMED, None, None)
             continue
@@ -236,7 +239,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
             # the wrong length or a metric starting with it.
             if (len(signature) != _SIGNATURE_LENGTH or not metric[:1] > b" ") and \
                     _retry_trimmed(line, accepted, keys, now, max_skew, reject,
-                                   forwarded_per_key, allow_tags, rate_limiter):
+                                   forwarded_per_key, allow_tags, rate_limiter, budgets):
                 continue
             reject(BAD_SIGNATURE, public_key, metric)
             continue
@@ -281,13 +284,13 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
         append(line[:signed_length - len(public_key) - 1])
         if forwarded_per_key is not None:
             forwarded_per_key[public_key] = forwarded_per_key.get(public_key, 0) + 1
-    if budgets:
+    if budgets and _budgets is None:  # the outermost call tells what was spent
         rate_limiter.spend(budgets)
     return accepted
 
 
 def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key, allow_tags,
-                   rate_limiter):
+                   rate_limiter, budgets):
     """A line that failed may pass without surrounding whitespace (or be empty).
 
     Returns True if the trimmed line was handled (checked, or skipped as empty).
@@ -297,7 +300,7 @@ def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key, allow_t
         return False
     if trimmed:
         accepted.extend(filter_lines((trimmed,), keys, now, max_skew, reject, per_key,
-                                     allow_tags, rate_limiter))
+                                     allow_tags, rate_limiter, budgets))
     return True
 
 

@@ -13,13 +13,18 @@ process, so the refill times are comparable across workers.
 """
 
 import hashlib
+import logging
 import mmap
 import struct
 import time
 
+log = logging.getLogger(__name__)
+
 # Per slot: the key's hash (0: free), then tokens and the time of the last refill.
 _SLOT = struct.Struct("=qdd")
 MIN_SLOTS = 1 << 16
+# Keys the auth file may gain by reloads, beyond this many times those at start.
+HEADROOM = 4
 _PROBES = 64
 
 
@@ -34,7 +39,7 @@ class RateTable:
 
     def __init__(self, expected_keys=0):
         slots = MIN_SLOTS
-        while slots < 2 * expected_keys:
+        while slots < HEADROOM * expected_keys:
             slots *= 2
         self.slots = slots
         # Untouched pages of an anonymous mapping cost no memory.
@@ -42,6 +47,7 @@ class RateTable:
         self._hashes = memoryview(self._memory).cast("q")
         self._values = memoryview(self._memory).cast("d")
         self.now = time.monotonic()
+        self._crowded_logged = False
 
     def begin(self):
         """Read the clock once for a batch of lines."""
@@ -58,22 +64,35 @@ class RateTable:
                 return slot
             if found == 0:
                 self._hashes[slot * 3] = wanted
+                if self._hashes[slot * 3] != wanted:
+                    continue  # another worker claimed it at the same instant
                 self._values[slot * 3 + 1] = -1.0  # a new bucket: full at first use
                 return slot
-        return start  # a crowded table: share a bucket rather than fail
+        if not self._crowded_logged:
+            self._crowded_logged = True
+            log.warning("the rate limit table is full: some keys share a bucket until "
+                        "amproxy restarts", extra={"slots": self.slots})
+        return start
 
     def available(self, slot, rate):
-        """Lines the bucket of ``slot`` holds now, at ``rate`` lines/s (refilled to now)."""
+        """Lines the bucket of ``slot`` holds now, at ``rate`` lines/s (refilled to now).
+
+        It holds one second's worth, and at least one line (a rate below 1/s
+        lets a line through every 1/rate seconds).
+        """
         values = self._values
+        burst = max(1.0, float(rate))
         tokens = values[slot * 3 + 1]
         if tokens < 0:
-            return float(rate)  # first use: a full bucket
-        return min(float(rate), tokens + (self.now - values[slot * 3 + 2]) * rate)
+            return burst  # first use: a full bucket
+        # A batch that began before another worker's last update refills nothing.
+        return min(burst, tokens + max(0.0, self.now - values[slot * 3 + 2]) * rate)
 
     def spend(self, slot, rate, lines):
         """Take ``lines`` from the bucket (what another worker took meanwhile counts too)."""
-        self._values[slot * 3 + 1] = max(0.0, self.available(slot, rate) - lines)
-        self._values[slot * 3 + 2] = self.now
+        values = self._values
+        values[slot * 3 + 1] = max(0.0, self.available(slot, rate) - lines)
+        values[slot * 3 + 2] = max(self.now, values[slot * 3 + 2])
 
 
 class RateLimiter:

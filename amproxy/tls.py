@@ -8,6 +8,7 @@ newer are accepted.
 """
 
 import logging
+import re
 import ssl
 
 from .errors import AmproxyError, CloseConnection
@@ -42,7 +43,9 @@ def server_context(cert_file, key_file, client_ca=None):
 
 def _why(error):
     """An OSError's or SSLError's reason, without the C source location."""
-    return getattr(error, "strerror", None) or getattr(error, "reason", None) or str(error)
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return error.reason  # WRONG_VERSION_NUMBER, PEM_LIB, ...
+    return re.sub(r" \(_ssl\.c:\d+\)", "", getattr(error, "strerror", None) or str(error))
 
 
 def client_context(ca_file=None, cert_file=None, key_file=None):
@@ -111,16 +114,23 @@ class TlsConnections:
         on a TLS error (a truncated or forged record).
         """
         sock = conn.sock
+        chunks, got = [], 0
         try:
-            data = sock.recv(size)
-            while data and sock.pending():
-                data += sock.recv(sock.pending())
+            # A record at a time (16 KB at most): read on until nothing whole is left,
+            # as a plain recv() takes all that arrived.
+            while got < size:
+                chunk = sock.recv(size - got)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            raise BlockingIOError() from None  # a record not yet whole: as for a plain socket
+            if not chunks:
+                raise BlockingIOError() from None  # a record not yet whole: as for a plain socket
         except ssl.SSLError as e:
-            self.error(conn, "TLS error: %s" % (e.reason or e))
+            self.error(conn, "TLS error: %s" % _why(e))
             raise CloseConnection() from None
-        return data
+        return b"".join(chunks)
 
     def late(self, conn, now):
         if now - conn.handshake_since <= HANDSHAKE_TIMEOUT:

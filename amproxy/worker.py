@@ -426,7 +426,11 @@ class Worker:
             return True
         sock.setblocking(False)
         if conn.tls:
-            sock = conn.sock = self.tls.wrap(sock)
+            try:
+                sock = conn.sock = self.tls.wrap(sock)
+            except OSError:  # reset before it could be wrapped: a health check, say
+                sock.close()
+                return True
         self.connections[sock.fileno()] = conn
         if conn.awaiting_header_since is None:
             self.source_slots.add(conn.source)
@@ -525,9 +529,11 @@ class Worker:
                 conn.last_active = self.clock()
                 if conn.awaiting_header_since is not None:
                     conn.awaiting_header_since = conn.last_active
+                events = selectors.EVENT_READ
                 if conn.handshake_since is not None:
                     conn.handshake_since = conn.last_active
-                self.selector.register(conn.sock, selectors.EVENT_READ,
+                    events |= selectors.EVENT_WRITE  # it may have been waiting to write
+                self.selector.register(conn.sock, events,
                                        lambda mask, conn=conn: self._on_readable(conn))
         if paused:
             log.warning("Carbon backlog is full (memory and spool); pausing reads from "

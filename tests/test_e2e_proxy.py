@@ -40,7 +40,7 @@ def test_bad_lines_are_dropped_and_the_connection_survives(carbon, auth_file, ma
         line_for(KEYS, "alpha", "e2e.alpha.temp", "nan", now),      # bad value
         line_for(KEYS, "alpha", "e2e.alpha.temp", 1, now).replace(b" 1 ", b" 2 ", 1),
         b"e2e.bad.unknown 1 %d nobody c2lnbmF0dXJl\n" % now,        # unknown key
-        line_for({"beta": ("wrong", [])}, "beta", "e2e.beta.temp", 1, now),
+        line_for({"beta": ("not-beta-secret", [])}, "beta", "e2e.beta.temp", 1, now),
     ]
     sock = proxy.connect()
     expected = {}

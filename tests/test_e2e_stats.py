@@ -23,7 +23,7 @@ def test_self_metrics_reach_whisper_and_match_the_traffic(carbon, auth_file, mak
     now = int(time.time())
     good = [line_for(KEYS, "alpha", "e2e.alpha.temp", i, now - 100 - i) for i in range(40)]
     good += [line_for(KEYS, "beta", "e2e.beta.temp", i, now - 100 - i) for i in range(25)]
-    bad = [line_for({"alpha": ("wrong", [])}, "alpha", "e2e.alpha.temp", 1, now)] * 7
+    bad = [line_for({"alpha": ("not-alpha-secret", [])}, "alpha", "e2e.alpha.temp", 1, now)] * 7
     bad += [line_for(KEYS, "beta", "e2e.not.allowed", 1, now)] * 3
     bad += [b"junk\n"] * 5
     for i in range(5):

@@ -208,3 +208,52 @@ def test_a_key_that_cannot_be_read_is_one_clear_error_at_start(auth_file, certs,
     assert "TLS certificate %s and key %s cannot be used" % (
         certs("server.pem"), tmp_path / "missing.key") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def reset_connection(port, data=b""):
+    """Connect, maybe send, and close with a reset (as HAProxy's health checks do)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    if data:
+        sock.sendall(data)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+def test_a_connection_reset_before_it_is_accepted_costs_the_worker_nothing(
+        carbon, tls_proxy, certs):
+    proxy = tls_proxy(workers=1)
+    worker = proxy.workers()[0]
+    os.kill(worker, signal.SIGSTOP)  # so the resets happen before the accept
+    try:
+        for data in (b"", b"\x16\x03\x01"):
+            for _ in range(5):
+                reset_connection(proxy.tls_port, data)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    now = int(time.time())
+    with tls_connect(proxy.tls_port, certs) as sock:
+        sock.sendall(line_for(KEYS, "alpha", "e2e.alpha.temp", 12.5, now - 8))
+    wait_points(carbon, "e2e.alpha.temp", {now - 8: 12.5}, now - 10)
+    assert proxy.workers() == [worker]
+    assert "worker crashed" not in proxy.log()
+
+
+def test_a_stop_reads_everything_a_tls_client_sent(carbon, tls_proxy, certs):
+    proxy = tls_proxy("--skew", "2h", workers=1)
+    proxy.wait_log("workers ready")
+    now = int(time.time())
+    points = {now - 3000 + i: float(i) for i in range(1000)}
+    sock = tls_connect(proxy.tls_port, certs)
+    sock.sendall(line_for(KEYS, "alpha", "e2e.alpha.temp", 0.0, now - 3000))
+    worker = proxy.workers()[0]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        lines = [line_for(KEYS, "alpha", "e2e.alpha.temp", v, ts) for ts, v in points.items()]
+        for batch in range(4):  # as Client.flush writes: many records, queued unread
+            sock.sendall(b"".join(lines[batch * 250:(batch + 1) * 250]))
+        proxy.signal(signal.SIGTERM)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert proxy.wait_exit(30) == 0
+    sock.close()
+    wait_points(carbon, "e2e.alpha.temp", points, now - 3010)

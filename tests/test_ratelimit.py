@@ -65,3 +65,43 @@ def test_lines_over_a_keys_rate_are_rejected_as_rate_limited():
                             lambda r, k, m: rejected.append(r),
                             rate_limiter=RateLimiter(RateTable()).for_batch(db, 4))
     assert len(accepted) == 4 and rejected == ["rateLimited"] * 6
+
+
+def test_a_line_with_whitespace_around_it_is_limited_with_the_rest():
+    # A trimmed line is checked again in a nested call: it must share the batch's budgets.
+    keys = {b"a": AuthKey("a", "s", ["m"], max_rate=5.0), b"b": AuthKey("b", "t", ["m"])}
+    db = AuthDB(keys.values())
+    limiter = RateLimiter(RateTable())
+    now = 1764201600
+    lines = [signed_line("t", "m", 0, now, "b").rstrip(b"\n")]
+    lines += [signed_line("s", "m", i, now, "a").rstrip(b"\n") + b" " for i in range(20)]
+    rejected = []
+    accepted = filter_lines(lines, db.keys, now, 300, lambda r, k, m: rejected.append(r),
+                            rate_limiter=limiter.for_batch(db, 0))
+    assert len(accepted) == 1 + 5 and rejected == ["rateLimited"] * 15
+    # What was spent reached the shared bucket: the next batch gets nothing more.
+    accepted = filter_lines(lines[1:], db.keys, now, 300, lambda r, k, m: None,
+                            rate_limiter=limiter.for_batch(db, 0))
+    assert accepted == []
+
+
+def test_a_rate_below_one_line_a_second_lets_one_through_now_and_then():
+    table = RateTable()
+    slot = table.slot_of(b"slow")
+    table.now = 1000.0
+    assert take_all(table, slot, 0.5) == 1
+    table.now = 1001.0
+    assert take_all(table, slot, 0.5) == 0
+    table.now = 1002.0
+    assert take_all(table, slot, 0.5) == 1
+
+
+def test_a_batch_that_began_earlier_does_not_take_the_refill_back():
+    table = RateTable()
+    slot = table.slot_of(b"k")
+    table.now = 1000.0
+    take_all(table, slot, 10)
+    table.now = 1001.0
+    table.spend(slot, 10, 0)  # another worker's batch, later
+    table.now = 1000.5  # this worker's batch began before it
+    assert int(table.available(slot, 10)) == 10
