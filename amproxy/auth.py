@@ -185,8 +185,11 @@ def parse_rfc3339(text):
 
 
 def format_rfc3339(seconds):
-    return datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):  # past the year 9999 in UTC
+        return "9999-12-31T23:59:59Z"
 
 
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)\Z")

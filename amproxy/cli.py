@@ -153,13 +153,14 @@ def cmd_keys_rotate(argv):
     parser.add_argument("--grace", type=duration, default="7d",
                         help="how long the old secret still passes (default: 7d)")
     args = parser.parse_args(argv)
-    secret, kept_layout = keytool.rotate_key(args.auth_file, args.public_key, args.grace,
-                                             time.time())
+    setup_logging()  # for the warning when a previous secret still in use is dropped
+    now = time.time()
+    secret, kept_layout = keytool.rotate_key(args.auth_file, args.public_key, args.grace, now)
     if not kept_layout:
         print(LAYOUT_LOST % args.auth_file, file=sys.stderr)
     print("rotated %s in %s; the old secret passes until %s; the new secret key (shown "
           "only now):" % (args.public_key, args.auth_file,
-                          format_rfc3339(time.time() + args.grace)), file=sys.stderr)
+                          format_rfc3339(now + args.grace)), file=sys.stderr)
     print(secret)
     return 0
 

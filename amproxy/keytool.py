@@ -203,6 +203,7 @@ def revoke_key(path, public_key):
 
 
 _SECRET_LINE = re.compile(r"( +)secret_key:")
+MAX_GRACE_SECONDS = 3650 * 86400
 _PREVIOUS_LINE = re.compile(r" +previous_secret_(key|expires):")
 
 
@@ -213,8 +214,14 @@ def rotate_key(path, public_key, grace_seconds, now):
     that was already previous is dropped: its devices had the whole grace
     period to take the one that replaced it.
     """
+    if not 0 <= grace_seconds <= MAX_GRACE_SECONDS:
+        raise AuthFileError("--grace must be between 0 and %d days" % (MAX_GRACE_SECONDS // 86400))
     text, current = _existing_key(path, public_key)
-    old_secret, metrics, _, _, max_rate = current[public_key.encode()]
+    old_secret, metrics, dropped, dropped_until, max_rate = current[public_key.encode()]
+    if dropped and dropped_until > now:
+        log.warning("key %r: its previous secret, valid until %s, no longer passes: devices "
+                    "still on it are refused from now on", public_key,
+                    format_rfc3339(dropped_until))
     secret = new_secret()
     until = int(now + grace_seconds)
     lines = text.splitlines(keepends=True)

@@ -204,3 +204,22 @@ def test_a_running_server_takes_both_secrets_during_a_rotation(carbon, auth_file
                + line_for({"gina": ("a-third-secret", [])}, "gina", "e2e.gina.temp", 3, ts + 2))
     wait_points(carbon, "e2e.gina.temp", {ts: 1.0, ts + 1: 2.0}, ts)
     proxy.wait_log(r"reason=badSignature")
+
+
+def test_rotating_again_says_which_previous_secret_stops_passing(auth):
+    assert run("keys", "rotate", "alice", "--grace", "2d", "--auth-file", auth).returncode == 0
+    again = run("keys", "rotate", "alice", "--grace", "2d", "--auth-file", auth)
+    assert again.returncode == 0
+    assert "key 'alice': its previous secret, valid until 20" in again.stderr
+    too_long = run("keys", "rotate", "alice", "--grace", "100000000d", "--auth-file", auth)
+    assert too_long.returncode == 1 and "--grace must be between 0 and 3650 days" in too_long.stderr
+    assert "Traceback" not in too_long.stderr
+
+
+def test_a_far_future_expiry_is_listed_not_a_traceback(tmp_path):
+    path = tmp_path / "far.yaml"
+    path.write_text("apikeys:\n  k:\n    secret_key: s\n    previous_secret_key: p\n"
+                    "    previous_secret_expires: 9999-12-31T23:59:59-01:00\n    metrics: [a]\n")
+    listing = run("keys", "list", "--auth-file", str(path))
+    assert listing.returncode == 0, listing.stderr
+    assert "passes until 9999-12-31T23:59:59Z" in listing.stdout
