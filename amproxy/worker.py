@@ -194,7 +194,7 @@ class Worker:
         self.watching_listener = False
         self.age = age
         self.listener, self.tls_listener = listeners  # the TLS one may be None
-        self.tls = None  # TlsConnections, with a TLS listener
+        self.tls = None  # TlsConnections, made in the child
         self.options = options
         self.auth_file = auth_file
         self.heartbeat = heartbeat
