@@ -158,9 +158,10 @@ def cmd_keys_rotate(argv):
     secret, kept_layout = keytool.rotate_key(args.auth_file, args.public_key, args.grace, now)
     if not kept_layout:
         print(LAYOUT_LOST % args.auth_file, file=sys.stderr)
-    print("rotated %s in %s; the old secret passes until %s; the new secret key (shown "
-          "only now):" % (args.public_key, args.auth_file,
-                          format_rfc3339(now + args.grace)), file=sys.stderr)
+    old = ("the old secret passes until %s" % format_rfc3339(now + args.grace)
+           if args.grace else "the old secret no longer passes")
+    print("rotated %s in %s; %s; the new secret key (shown only now):" % (
+        args.public_key, args.auth_file, old), file=sys.stderr)
     print(secret)
     return 0
 
@@ -247,6 +248,10 @@ def cmd_client_send(argv):
     # No later flush will come, so a point kept for later would be lost.
     try:
         client.flush(raise_errors=True)
+    except ssl.SSLCertVerificationError as e:
+        raise AmproxyError("the certificate of amproxy at %s was not accepted: %s (see "
+                           "--ca-file); the point was not sent" % (
+                               format_address(client.address), e.verify_message)) from None
     except OSError as e:
         raise AmproxyError("cannot reach amproxy at %s: %s; the point was not sent" % (
             format_address(client.address), e.strerror or e)) from None

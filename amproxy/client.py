@@ -14,6 +14,7 @@ import collections
 import logging
 import random
 import socket
+import ssl
 import time
 
 from .protocol import Signer
@@ -110,10 +111,28 @@ class Client:
         if self._tls is None:
             return sock
         try:
-            return self._tls.wrap_socket(sock, server_hostname=self.address[0])
+            started = time.monotonic()
+            sock = self._tls.wrap_socket(sock, server_hostname=self.address[0])
+            self._check_accepted(sock, time.monotonic() - started)
+            return sock
         except OSError:
             sock.close()
             raise
+
+    def _check_accepted(self, sock, handshake_seconds):
+        """With TLS 1.3 a server refuses a client certificate (or its absence) only after
+        the client's side of the handshake is done: wait for that answer (a round trip,
+        twice the handshake's time), or the lines sent next would be lost unnoticed.
+        amproxy never writes to a client, so anything but silence is a refusal."""
+        sock.settimeout(min(max(2 * handshake_seconds, 0.05), 2.0))
+        try:
+            sock.recv(1)
+        except socket.timeout:
+            sock.settimeout(self.timeout)
+            return
+        except ssl.SSLError as e:
+            raise ssl.SSLError("the server refused this client: %s" % (e.reason or e)) from None
+        raise ConnectionResetError("the server closed the connection after the TLS handshake")
 
     def _drop_connection(self):
         if self._sock is not None:

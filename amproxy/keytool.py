@@ -231,18 +231,25 @@ def rotate_key(path, public_key, grace_seconds, now):
     for i, line in enumerate(block):
         match = _SECRET_LINE.match(line)
         if match:
-            block[i:i + 1] = ["%ssecret_key: %s\n" % (match.group(1), secret),
-                              "%sprevious_secret_key: %s\n" % (match.group(1),
-                                                               _yaml_scalar(old_secret)),
-                              "%sprevious_secret_expires: %s\n" % (match.group(1),
-                                                                   format_rfc3339(until))]
+            block[i:i + 1] = ["%ssecret_key: %s\n" % (match.group(1), secret)]
+            if grace_seconds:  # no grace: the old secret stops at once, nothing to keep
+                block[i + 1:i + 1] = [
+                    "%sprevious_secret_key: %s\n" % (match.group(1), _yaml_scalar(old_secret)),
+                    "%sprevious_secret_expires: %s\n" % (match.group(1),
+                                                         format_rfc3339(until))]
             break
     new_text = "".join(lines[:first] + block + lines[end:]) if first is not None else text
     expected = dict(current)
-    expected[public_key.encode()] = (secret, metrics, old_secret, until, max_rate)
     data = _data_of(path, text)
-    data["apikeys"][public_key].update(secret_key=secret, previous_secret_key=old_secret,
-                                       previous_secret_expires=format_rfc3339(until))
+    entry = data["apikeys"][public_key]
+    entry.pop("previous_secret_key", None)
+    entry.pop("previous_secret_expires", None)
+    entry["secret_key"] = secret
+    if grace_seconds:
+        entry.update(previous_secret_key=old_secret, previous_secret_expires=format_rfc3339(until))
+        expected[public_key.encode()] = (secret, metrics, old_secret, until, max_rate)
+    else:
+        expected[public_key.encode()] = (secret, metrics, None, 0, max_rate)
     return secret, _replace_file(path, new_text, expected, data)
 
 

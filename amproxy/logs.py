@@ -243,11 +243,17 @@ class ClosedConnectionLog:
         self.note = note  # appended to each message, such as the option that applies
         self.count = 0
         self._logged_at = None
+        self._unlogged = 0  # since the last line logged
 
     def closing(self, remote, why):
         self.count += 1
         now = self.clock()
         if self._logged_at is None or now - self._logged_at >= 1:
             self._logged_at = now
-            self.logger.warning("closing client connection: %s%s", why, self.note,
-                                extra={"remote": remote})
+            extra = {"remote": remote}
+            if self._unlogged:
+                extra["not_logged_before"] = self._unlogged
+            self._unlogged = 0
+            self.logger.warning("closing client connection: %s%s", why, self.note, extra=extra)
+        else:
+            self._unlogged += 1

@@ -41,10 +41,18 @@ def server_context(cert_file, key_file, client_ca=None):
     return context
 
 
+_REASONS = {
+    "PEM_LIB": "no PEM certificate or key where one is expected (or the key is missing)",
+    "KEY_VALUES_MISMATCH": "the key does not belong to the certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client refused this server's certificate",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate",
+}
+
+
 def _why(error):
     """An OSError's or SSLError's reason, without the C source location."""
     if isinstance(error, ssl.SSLError) and error.reason:
-        return error.reason  # WRONG_VERSION_NUMBER, PEM_LIB, ...
+        return _REASONS.get(error.reason, error.reason)  # WRONG_VERSION_NUMBER, ...
     return re.sub(r" \(_ssl\.c:\d+\)", "", getattr(error, "strerror", None) or str(error))
 
 

@@ -182,10 +182,17 @@ def test_cli_rotate_list_and_check_show_the_rotation_never_the_secrets(auth):
     assert "alice\thome.alice.temp\t(rotating: the previous secret passes until 20" \
         in listing.stdout
     assert secret not in listing.stdout and "alice-secret" not in listing.stdout
-    assert run("keys", "rotate", "bob", "--grace", "0s", "--auth-file", auth).returncode == 0
+    rotated = run("keys", "rotate", "bob", "--grace", "0s", "--auth-file", auth)
+    assert "the old secret no longer passes" in rotated.stderr
+    assert "previous_secret" not in open(auth).read().split("bob:")[1]  # nothing to keep
+    with open(auth, "a") as f:  # a rotation whose grace period is over
+        f.write("  carol:\n    secret_key: carol-secret\n    previous_secret_key: old-carol\n"
+                "    previous_secret_expires: 2020-01-01T00:00:00Z\n    metrics:\n"
+                "      - home.carol\n")
     check = run("auth-file", "check", auth)
     assert check.returncode == 0
-    assert "key 'bob': its previous secret expired" in check.stderr
+    assert "key 'carol': its previous secret expired" in check.stderr
+    assert "old-carol" not in check.stdout + check.stderr
     assert "bob-secret" not in check.stdout + check.stderr
     assert "alice-secret" not in check.stdout + check.stderr
 
