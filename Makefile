@@ -38,7 +38,8 @@ bench: venv
 		--metrics-per-key 100 --workers 1 2 --repeats 3 --latency --scale-out --rate-limit --tls \
 		$(BENCH_ARGS)
 	$(BIN)/python bench/bench.py --lines 1000000 --workers 2 --repeats 3 \
-		--bad-fraction 0.1 --no-baseline --big-auth-keys 100000 $(BENCH_ARGS)
+		--bad-fraction 0.1 --no-baseline --big-auth-keys 100000 --big-auth-workers 4 \
+		$(BENCH_ARGS)
 
 # make install: amproxy for the system's Python, the way a Debian sysadmin runs it.
 # The runtime dependencies come from Debian (see DEBIAN_PACKAGES); the package

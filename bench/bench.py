@@ -367,7 +367,7 @@ def big_auth_file(args, sink, directory, workers):
     keys = make_keys(args.big_auth_keys, 10)
     path = os.path.join(directory, "big-auth.yaml")
     write_auth(path, keys)
-    proxy = Proxy(None, sink, path, workers)
+    proxy = Proxy(None, sink, path, workers, ["--log-level", "info"])  # to see reloads end
     try:
         rate, seconds = 20000, 4.0
         blobs, _ = generate(keys[:10], int(rate * seconds), 4, 0)
@@ -394,11 +394,58 @@ def big_auth_file(args, sink, directory, workers):
             sock.close()
         time.sleep(0.5)
         sink.watch_gaps.value = 0
-        return {"auth_keys": args.big_auth_keys, "auth_metrics": args.big_auth_keys * 10,
-                "startup_seconds": round(proxy.startup_seconds, 2),
-                "max_forwarding_gap_during_hup_s": round(sink.max_gap.value, 3)}
+        result = {"auth_keys": args.big_auth_keys, "auth_metrics": args.big_auth_keys * 10,
+                  "workers": workers, "startup_seconds": round(proxy.startup_seconds, 2),
+                  "max_forwarding_gap_during_hup_s": round(sink.max_gap.value, 3)}
+        result.update(memory_across_reloads(proxy, path, workers))
+        return result
     finally:
         proxy.stop()
+
+
+def tree_pss_mb(proxy):
+    """The proportional set size of the master and its workers (shared pages split)."""
+    total_kb = 0
+    for pid in proxy.pids():
+        try:
+            with open("/proc/%d/smaps_rollup" % pid) as f:
+                total_kb += sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except OSError:
+            pass
+    return round(total_kb / 1024, 1)
+
+
+def memory_across_reloads(proxy, path, workers, reloads=10):
+    """PSS at start and after ``reloads`` auth reloads, each after ``keys new`` added a key,
+    and how long ``keys new`` takes on the file (issue 13's figures)."""
+    amproxy = os.path.join(os.path.dirname(sys.executable), "amproxy")
+    env = dict(os.environ, AMPROXY_CONFIG="/dev/null")
+    before = tree_pss_mb(proxy)
+    durations, peaks = [], []
+    for n in range(reloads):
+        done = _reloads_logged(proxy) + workers
+        started = time.monotonic()
+        child = subprocess.Popen([amproxy, "keys", "new", "bench-added-%d" % n, "--metric",
+                                  "added.%d" % n, "--auth-file", path], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        durations.append(time.monotonic() - started)
+        peaks.append(usage.ru_maxrss / 1024)
+        if child.returncode:
+            raise RuntimeError("amproxy keys new failed on %s" % path)
+        # The workers' mtime poll sees the new file within a second.
+        wait_for(lambda: _reloads_logged(proxy) >= done, 120, "every worker to reload",
+                 interval=0.1)
+    return {"pss_mb_at_start": before, "pss_mb_after_%d_reloads" % reloads: tree_pss_mb(proxy),
+            "keys_new_seconds_median": round(statistics.median(durations), 2),
+            "keys_new_peak_rss_mb": round(max(peaks), 1)}
+
+
+def _reloads_logged(proxy):
+    # pread: the server writes through the same file offset, which a seek would move.
+    fd = proxy.log.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).count(b"auth file reloaded")
 
 
 def tls_args(cert, key):
@@ -529,6 +576,8 @@ def main():
     parser.add_argument("--tls", action="store_true",
                         help="also send over TLS, and count the TLS handshakes one worker "
                         "completes per second (needs the openssl command)")
+    parser.add_argument("--big-auth-workers", type=int, default=None,
+                        help="workers for --big-auth-keys (default: the first --workers)")
     parser.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args()
 
@@ -587,7 +636,8 @@ def main():
             extra["idle_latency_ms_median"] = latency(None, sink, auth_file, keys,
                                                       args.workers[0])
         if args.big_auth_keys:
-            extra.update(big_auth_file(args, sink, directory, args.workers[0]))
+            extra.update(big_auth_file(args, sink, directory,
+                                       args.big_auth_workers or args.workers[0]))
         if args.scale_out:
             extra["routing_us_per_line"] = routing_cost()
         if args.tls:

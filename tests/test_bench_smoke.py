@@ -29,6 +29,8 @@ def test_benchmark_smoke_run():
     summary = records[-1]
     assert summary["idle_latency_ms_median"] > 0
     assert summary["auth_keys"] == 2000
+    assert 0 < summary["pss_mb_at_start"] and 0 < summary["pss_mb_after_10_reloads"]
+    assert summary["keys_new_seconds_median"] > 0
     assert summary["routing_us_per_line"] > 0
     assert summary["tls_handshakes_per_s_one_worker"] > 0
     assert "| amproxy | 2 |" in result.stderr
