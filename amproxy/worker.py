@@ -207,7 +207,7 @@ class Worker:
         self.connections = {}
         self.source_slots = SourceSlots()
         self.accept_paused_until = 0.0
-        self._clients_were_waiting = False  # at the last housekeeping
+        self._clients_waiting_since = None  # seen waiting by a worker leaving them to others
         self.forwarded = 0
         self.internal_errors = 0
         self._internal_error_logged_at = None
@@ -282,9 +282,10 @@ class Worker:
             if self.paused != pause:
                 self._set_paused(pause)
             self._balance_accepting()
+            now = self.clock()
+            self._take_clients_left_waiting(now)
             if self._signals:
                 self._handle_signals()
-            now = self.clock()
             if now >= next_housekeeping:
                 next_housekeeping = now + TICK
                 self._housekeeping(now)
@@ -293,20 +294,31 @@ class Worker:
                 self.auth_file.reload_in_background_if_changed()
         self._shutdown()
 
-    def _housekeeping(self, now):
-        self.heartbeat.notify()
-        # The least loaded worker may be hung: do not leave clients waiting on it.
-        # Only clients already waiting a tick ago are taken, so a worker that is
-        # merely slow to be scheduled still gets the ones that just arrived.
-        waiting = select.select(self._listeners(), [], [], 0)[0] \
-            if self.accepting and not self.watching_listener else []
-        clients_waiting = bool(waiting)
-        if clients_waiting and self._clients_were_waiting:
+    def _take_clients_left_waiting(self, now):
+        """A worker leaving new clients to a less loaded one takes those that waited anyway.
+
+        The other may be hung, or busy, or asleep for a moment (it looks at the
+        table every REBALANCE_INTERVAL): clients still waiting after that long
+        are taken here, a batch at a time, so a burst of connections is never
+        served at the pace of one accept per look.
+        """
+        if not self.accepting or self.watching_listener:
+            self._clients_waiting_since = None
+            return
+        waiting = select.select(self._listeners(), [], [], 0)[0]
+        if not waiting:
+            self._clients_waiting_since = None
+        elif self._clients_waiting_since is None:
+            self._clients_waiting_since = now
+        elif now - self._clients_waiting_since >= REBALANCE_INTERVAL:
+            self._clients_waiting_since = None
             for listener in waiting:
                 for _ in range(FALLBACK_ACCEPTS):
                     if not self._on_accept(listener):
                         break
-        self._clients_were_waiting = clients_waiting
+
+    def _housekeeping(self, now):
+        self.heartbeat.notify()
         if now >= self._next_stats_report:
             self._next_stats_report = now + STATS_REPORT_INTERVAL
             self.report_stats()
