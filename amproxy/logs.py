@@ -245,15 +245,24 @@ class ClosedConnectionLog:
         self._logged_at = None
         self._unlogged = 0  # since the last line logged
 
-    def closing(self, remote, why):
+    def error(self, conn, why):
+        """Count and (within the budget) log why ``conn`` is closed."""
         self.count += 1
         now = self.clock()
         if self._logged_at is None or now - self._logged_at >= 1:
             self._logged_at = now
-            extra = {"remote": remote}
+            extra = {"remote": conn.remote}
             if self._unlogged:
                 extra["not_logged_before"] = self._unlogged
             self._unlogged = 0
             self.logger.warning("closing client connection: %s%s", why, self.note, extra=extra)
         else:
             self._unlogged += 1
+
+    def late(self, conn, since, now, timeout, what):
+        """Whether ``conn`` has waited more than ``timeout`` s for ``what`` since ``since``
+        (then it is counted and logged)."""
+        if now - since <= timeout:
+            return False
+        self.error(conn, "no %s within %d s" % (what, timeout))
+        return True

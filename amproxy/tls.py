@@ -65,14 +65,14 @@ def client_context(ca_file=None, cert_file=None, key_file=None):
     return context
 
 
-class TlsConnections:
+class TlsConnections(ClosedConnectionLog):
     """A worker's TLS side: its context, the handshakes under way, and their failures."""
 
     def __init__(self, options, clock):
         """Without a TLS listener there is no context, but TLS sent to the plain port
         is still counted here."""
         self.options = options
-        self._closed = ClosedConnectionLog(log, clock)
+        super().__init__(log, clock)
         self.context = None
         if options.tls_addr:
             try:
@@ -140,15 +140,3 @@ class TlsConnections:
             raise CloseConnection() from None
         return b"".join(chunks)
 
-    def late(self, conn, now):
-        if now - conn.handshake_since <= HANDSHAKE_TIMEOUT:
-            return False
-        self.error(conn, "no TLS handshake within %d s" % HANDSHAKE_TIMEOUT)
-        return True
-
-    @property
-    def errors(self):
-        return self._closed.count
-
-    def error(self, conn, why):
-        self._closed.closing(conn.remote, why)

@@ -23,7 +23,7 @@ from .errors import CloseConnection
 from .logs import ClosedConnectionLog, RejectionLog, reopen_log_files, set_level
 from .proxyprotocol import ProxyHeaderError, client_address
 from .ratelimit import RateLimiter
-from .tls import TLS_HANDSHAKE_RECORD, TlsConnections
+from .tls import HANDSHAKE_TIMEOUT, TLS_HANDSHAKE_RECORD, TlsConnections
 from .proxyprotocol import parse as parse_proxy_header
 from .protocol import LINE_TOO_LONG, MALFORMED, REJECTION_REASONS, filter_lines
 from .stats import WorkerStats
@@ -101,11 +101,11 @@ class Connection:
             self.source = self.remote = str(address) or "unix"
 
 
-class ProxyHeaders:
+class ProxyHeaders(ClosedConnectionLog):
     """--proxy-protocol: take the header off each new connection; count and log the bad."""
 
     def __init__(self, clock):
-        self._closed = ClosedConnectionLog(log, clock, " (--proxy-protocol is on)")
+        super().__init__(log, clock, " (--proxy-protocol is on)")
 
     def take(self, conn, data):
         """The bytes after ``conn``'s header once it is complete (b"" if none); None until then.
@@ -145,19 +145,6 @@ class ProxyHeaders:
             return False
         return any(address in network for network in balancers)
 
-    def late(self, conn, now):
-        """Whether ``conn`` has waited too long for its header (then counted and logged)."""
-        if now - conn.awaiting_header_since <= PROXY_HEADER_TIMEOUT:
-            return False
-        self.error(conn, "no PROXY header within %d s" % PROXY_HEADER_TIMEOUT)
-        return True
-
-    @property
-    def errors(self):
-        return self._closed.count
-
-    def error(self, conn, why):
-        self._closed.closing(conn.remote, why)
 
 
 class SourceSlots:
@@ -331,10 +318,12 @@ class Worker:
         for conn in [] if self.paused else list(self.connections.values()):
             # Paused, nothing is read: no client is late or idle meanwhile.
             if conn.awaiting_header_since is not None:
-                if self.proxy_headers.late(conn, now):
+                if self.proxy_headers.late(conn, conn.awaiting_header_since, now,
+                                           PROXY_HEADER_TIMEOUT, "PROXY header"):
                     self._close(conn)
             elif conn.handshake_since is not None:
-                if self.tls.late(conn, now):
+                if self.tls.late(conn, conn.handshake_since, now, HANDSHAKE_TIMEOUT,
+                                 "TLS handshake"):
                     self._close(conn)
             elif now - conn.last_active > idle_limit:
                 log.info("closing idle client connection", extra={
@@ -366,8 +355,8 @@ class Worker:
             "linesForwarded": self.forwarded,
             "connectionsOpened": self.connections_opened,
             "connectionsRefused": self.connections_refused,
-            "proxyHeaderErrors": self.proxy_headers.errors,
-            "tlsHandshakeErrors": self.tls.errors,
+            "proxyHeaderErrors": self.proxy_headers.count,
+            "tlsHandshakeErrors": self.tls.count,
             "internalErrors": self.internal_errors,
             "authReloads": self.auth_file.reloads,
             "authReloadErrors": self.auth_file.reload_errors,
