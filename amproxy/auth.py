@@ -1,7 +1,8 @@
-"""The auth file: load and validate it into an immutable lookup, and reload it.
+"""The auth file: read and validate it into a lookup of keys.
 
-A new lookup replaces the old one only once it is completely built and valid,
-so a half-written or broken file never takes keys away from running devices.
+The running server holds it as a snapshot (:mod:`amproxy.authsnapshot`);
+the full parse here serves the files in a layout other than the usual one,
+and the tools.
 
 Every scalar is read as the string written in the file (YAML's "base"
 schema): ``secret_key: 0123`` is the secret "0123", ``yes`` is "yes".
@@ -12,7 +13,6 @@ import logging
 import os
 import re
 import stat
-import threading
 
 import yaml
 
@@ -99,11 +99,24 @@ class AuthKey(Signer):
         self.matched.add(metric)
 
 
+class KeyMap(dict):
+    """Public key (bytes) -> :class:`AuthKey`; an unknown key gives None.
+
+    The hot path looks keys up with ``keys[public_key]``, which a subclass
+    may answer by building the key on first use (``__missing__``).
+    """
+
+    __slots__ = ()
+
+    def __missing__(self, public_key):
+        return None
+
+
 class AuthDB:
     """Public key (bytes) -> :class:`AuthKey`, as read from one version of the file."""
 
     def __init__(self, keys):
-        self.keys = {k.name.encode("utf-8"): k for k in keys}
+        self.keys = KeyMap((k.name.encode("utf-8"), k) for k in keys)
         self.rate_limited = any(k.max_rate for k in self.keys.values())
 
     def __len__(self):
@@ -192,7 +205,8 @@ def format_rfc3339(seconds):
         return "9999-12-31T23:59:59Z"
 
 
-_RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)\Z")
+RFC3339_TEXT = r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)"
+_RFC3339 = re.compile(RFC3339_TEXT + r"\Z")
 
 
 def _max_rate(entry, name, path):
@@ -227,9 +241,9 @@ def _previous_secret(entry, name, path):
 
 # A plain scalar that means the same string in every YAML schema: no quotes,
 # no indicators, no spaces, no comment.
-_PLAIN_TEXT = r"[A-Za-z0-9_./][A-Za-z0-9_./+=@~^%*?-]*"
-_PLAIN = re.compile(_PLAIN_TEXT + r"\Z")
-_PLAIN_LINES = re.compile(r"(?:%s\n)*\Z" % _PLAIN_TEXT)
+PLAIN_TEXT = r"[A-Za-z0-9_./][A-Za-z0-9_./+=@~^%*?-]*"
+_PLAIN = re.compile(PLAIN_TEXT + r"\Z")
+_PLAIN_LINES = re.compile(r"(?:%s\n)*\Z" % PLAIN_TEXT)
 
 
 _SIMPLE_FIELDS = ("secret_key", "metrics", "previous_secret_key", "previous_secret_expires",
@@ -316,11 +330,19 @@ def parse_simple_layout(text):
 
 def load_auth_file(path):
     """Read, parse and validate the auth file at ``path``; raise AuthFileError."""
+    return parse_auth_file(read_auth_file(path), path)
+
+
+def read_auth_file(path):
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            return f.read()
     except OSError as e:
         raise AuthFileError("cannot read auth file %s: %s" % (path, e.strerror or e)) from None
+
+
+def parse_auth_file(raw, path):
+    """Parse and validate an auth file's bytes (read from ``path``) into an :class:`AuthDB`."""
     try:
         data = parse_auth_text(raw)
     except yaml.YAMLError as e:
@@ -347,12 +369,6 @@ def parse_auth_text(raw):
     return data
 
 
-def _file_identity(path):
-    """What changes when the file is rewritten in place or replaced by a rename."""
-    st = os.stat(path)
-    return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
-
-
 def warn_if_world_readable(path):
     try:
         mode = os.stat(path).st_mode
@@ -361,80 +377,3 @@ def warn_if_world_readable(path):
     if mode & stat.S_IROTH:
         log.warning("auth file %s can be read by every user; it holds secret keys, "
                     "so chmod o-r it", path, extra={"file": path})
-
-
-class AuthFile:
-    """The current :class:`AuthDB` for one file, reloaded when the file changes.
-
-    ``db`` is replaced in one assignment, so a reader always sees a complete
-    version, even while a background reload is building the next one.
-    """
-
-    def __init__(self, path):
-        self.path = path
-        self._identity = None
-        self.db = None
-        self.reloads = 0
-        self.reload_errors = 0
-        self._thread = None
-        self._pending = None
-        self._lock = threading.Lock()
-
-    def load(self):
-        """First load: an error here is fatal, so it propagates."""
-        self._identity = self._current_identity()
-        self.db = load_auth_file(self.path)
-        return self.db
-
-    def _current_identity(self):
-        try:
-            return _file_identity(self.path)
-        except OSError:
-            return None
-
-    def changed(self):
-        return self._current_identity() != self._identity
-
-    def reload(self, reason):
-        """Load the file again; on error keep the previous keys and log why."""
-        self._identity = self._current_identity()
-        try:
-            db = load_auth_file(self.path)
-        except AuthFileError as e:
-            self.reload_errors += 1
-            log.error("%s; keeping the %d keys loaded before", e, len(self.db),
-                      extra={"file": self.path})
-            return False
-        self.db = db
-        self.reloads += 1
-        log.info("auth file reloaded", extra={"file": self.path, "keys": len(db),
-                                              "reason": reason})
-        return True
-
-    def reload_if_changed(self):
-        if self.changed():
-            return self.reload("file changed")
-        return False
-
-    def reload_in_background(self, reason):
-        """Reload in a thread, so that a large file does not stop the caller's loop.
-
-        A request that arrives while a reload runs is queued and runs after it.
-        """
-        with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                self._pending = reason
-                return
-            self._thread = threading.Thread(target=self._reload_until_done, args=(reason,),
-                                            name="auth-reload", daemon=True)
-            self._thread.start()
-
-    def _reload_until_done(self, reason):
-        while reason:
-            self.reload(reason)
-            with self._lock:
-                reason, self._pending = self._pending, None
-
-    def reload_in_background_if_changed(self):
-        if self.changed():
-            self.reload_in_background("file changed")

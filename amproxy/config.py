@@ -204,7 +204,7 @@ SERVER_OPTIONS = [
     Option("--workers", os.cpu_count() or 1, "how many worker processes to run",
            env="WORKERS", type=positive_int, live=True),
     Option("--auth-reload-interval", "1s",
-           "how often workers check whether the auth file changed",
+           "how often the master checks whether the auth file changed",
            env="AMPROXY_AUTH_RELOAD_INTERVAL", type=duration, live=True),
     Option("--max-line-length", 16384,
            "the longest line accepted, in bytes; a client sending a longer one is "

@@ -15,7 +15,8 @@ import struct
 import time
 
 from . import daemon
-from .auth import AuthFile, warn_if_world_readable
+from .auth import warn_if_world_readable
+from .authsnapshot import AuthFile, SnapshotChannel
 from .balance import NOT_ACCEPTING, ConnectionTable
 from .config import (LIVE_OPTIONS, LiveOptions, config_file_path, reread_server_args,
                      stats_socket_path)
@@ -91,6 +92,7 @@ class Master:
         self.listener = None
         self.tls_listener = None
         self.auth_file = None
+        self._next_auth_check = 0.0
         self.pidfile = None
         self.ready = False
         self._signal_queue = []
@@ -201,6 +203,7 @@ class Master:
                     self.murder_workers()
                     self.manage_workers()
                     self.stats.tick(list(self.workers))
+                    self.reload_auth_file_if_changed()
                     continue
                 if sig != signal.SIGCHLD:
                     log.info("received SIG%s", SIGNAL_NAMES[sig].upper())
@@ -218,8 +221,11 @@ class Master:
                 self.pidfile.unlink()
 
     def sleep(self, timeout=1.0):
-        """Wait for a signal, a booted worker, stats, or ``timeout`` seconds."""
-        watched = [self._signal_pipe[0], self._boot_pipe[0]] + self.stats.readable()
+        """Wait for a signal, a booted worker, stats, the auth file's next check, or
+        ``timeout`` seconds."""
+        timeout = max(0.0, min(timeout, self._next_auth_check - time.monotonic()))
+        channels = {w.auth_channel.master_end: w.auth_channel for w in self.workers.values()}
+        watched = [self._signal_pipe[0], self._boot_pipe[0], *channels] + self.stats.readable()
         try:
             ready, writable, _ = select.select(watched, self.stats.writable(), [],
                                                self.stats.timeout(timeout))
@@ -228,6 +234,9 @@ class Master:
         self.stats.on_ready(ready, writable, list(self.workers))
         if self._signal_pipe[0] in ready:
             self._drain(self._signal_pipe[0])
+        # A SIGHUP sent to a worker: every worker gets the file as it is now.
+        if any([channels[r].update_requested() for r in ready if r in channels]):
+            self.reload_auth_file("SIGHUP")
         if self._boot_pipe[0] in ready:
             data = self._drain(self._boot_pipe[0])
             for (pid,) in _PID.iter_unpack(data[:len(data) - len(data) % _PID.size]):
@@ -265,17 +274,29 @@ class Master:
         self.manage_workers()
 
     def handle_hup(self):
-        """Re-read the config file and make every worker reload the auth file.
-
-        The master does not load the auth file itself: a large one would stall
-        supervision, and a worker started later reloads it at boot anyway.
-        """
+        """Re-read the config file and the auth file, and tell every worker."""
         daemon.systemd_notify("RELOADING=1\nMONOTONIC_USEC=%d"
                               % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         self.reload_options()
+        self.reload_auth_file("SIGHUP")
         self.kill_workers(signal.SIGHUP)
         self.manage_workers()
         daemon.systemd_notify("READY=1")
+
+    def reload_auth_file_if_changed(self):
+        now = time.monotonic()
+        if now >= self._next_auth_check:
+            self._next_auth_check = now + max(self.options.auth_reload_interval, 0.1)
+            if self.auth_file.changed():
+                self.reload_auth_file("file changed")
+
+    def reload_auth_file(self, reason):
+        """Compile the auth file once, here, and send the new snapshot (or why there
+        is none) to every worker, which switches to it and logs it."""
+        update = self.auth_file.compile(reason)
+        for worker in self.workers.values():
+            worker.auth_channel.send(update)
+        self.auth_file.take(update, quiet=True)  # for the workers started from now on
 
     def reload_options(self):
         """Parse the config once, here; the workers take the live options from ``live_options``."""
@@ -338,7 +359,7 @@ class Master:
         used = {w.slot for w in self.workers.values()}
         slot = min(set(range(len(self.workers) + 1)) - used)
         worker = Worker(slot, self._worker_age, (self.listener, self.tls_listener), self.options,
-                        self.auth_file, Heartbeat(), self.stats.channels,
+                        self.auth_file, SnapshotChannel(), Heartbeat(), self.stats.channels,
                         self.connection_table, self.rate_table)
         if not self.ready:
             # Devices cut off by a restart reconnect all at once: a slot still
@@ -350,6 +371,7 @@ class Master:
         pid = os.fork()
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            worker.auth_channel.close_worker_end()
             self.workers[pid] = worker
             log.debug("worker started", extra={"worker_pid": pid, "slot": slot})
             return pid
@@ -360,6 +382,9 @@ class Master:
         try:
             for fd in self._signal_pipe + (self._boot_pipe[0],):
                 os.close(fd)
+            for other in self.workers.values():
+                other.auth_channel.close_master_end()
+            worker.auth_channel.close_master_end()
             if self._ready_fd is not None:
                 os.close(self._ready_fd)  # only the master's exit may close it
             self.stats.close_in_worker()
@@ -396,6 +421,7 @@ class Master:
             if worker is None:
                 continue
             worker.heartbeat.close()
+            worker.auth_channel.close_master_end()
             self.connection_table.publish(worker.slot, NOT_ACCEPTING)
             code = os.waitstatus_to_exitcode(status)
             if code == WORKER_BOOT_ERROR:

@@ -178,7 +178,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
                  allow_tags=False, rate_limiter=None, _budgets=None):
     """Check lines (bytes, without line ending); return the Carbon lines of those that pass.
 
-    ``keys`` maps a public key (bytes) to a :class:`Signer` that also has
+    ``keys[public_key]`` (bytes) gives None or a :class:`Signer` that also has
     ``metrics`` (a set of bytes), ``allows_pattern(metric)``, and ``matched``
     and ``remember_match(metric)`` for names a pattern has already allowed.  For each line
     that fails, ``reject(reason, public_key, metric)`` is called; the fields
@@ -222,7 +222,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
         if not timestamp.isdigit():
             reject(MALFORMED, public_key, metric)
             continue
-        key = keys.get(public_key)
+        key = keys[public_key]
         if key is None:
             reject(UNKNOWN_KEY, public_key, metric)
             continue

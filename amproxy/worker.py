@@ -172,8 +172,8 @@ class SourceSlots:
 class Worker:
     """Built by the master before the fork; ``run`` is called in the child."""
 
-    def __init__(self, slot, age, listeners, options, auth_file, heartbeat, stats_channels,
-                 connection_table, rate_table):
+    def __init__(self, slot, age, listeners, options, auth_file, auth_channel, heartbeat,
+                 stats_channels, connection_table, rate_table):
         self.slot = slot
         self.stats_channels = stats_channels
         self.connection_table = connection_table
@@ -184,6 +184,7 @@ class Worker:
         self.tls = None  # TlsConnections, made in the child
         self.options = options
         self.auth_file = auth_file
+        self.auth_channel = auth_channel  # new auth snapshots from the master
         self.heartbeat = heartbeat
         self.ppid = os.getpid()  # built in the master, before the fork
         self.alive = True
@@ -224,7 +225,8 @@ class Worker:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
-        self.auth_file.reload_if_changed()
+        self.selector.register(self.auth_channel.worker_end, selectors.EVENT_READ,
+                               lambda mask: self.auth_file.take_from(self.auth_channel))
         options = self.options
         self.destinations = Destinations(options, self.selector, self.clock, self.slot)
         self.tls = TlsConnections(options, self.clock)
@@ -254,7 +256,6 @@ class Worker:
 
     def run(self):
         next_housekeeping = 0.0
-        next_auth_check = self.clock() + self.options.auth_reload_interval
         while self.alive:
             leaving_to_others = self.accepting and not self.watching_listener
             timeout = REBALANCE_INTERVAL if leaving_to_others else TICK
@@ -276,9 +277,6 @@ class Worker:
             if now >= next_housekeeping:
                 next_housekeeping = now + TICK
                 self._housekeeping(now)
-            if now >= next_auth_check:
-                next_auth_check = now + self.options.auth_reload_interval
-                self.auth_file.reload_in_background_if_changed()
         self._shutdown()
 
     def _take_clients_left_waiting(self, now):
@@ -340,7 +338,7 @@ class Worker:
             elif signum == signal.SIGQUIT:
                 self.begin_stop(graceful=False)
             elif signum == signal.SIGHUP:
-                self.auth_file.reload_in_background("SIGHUP")
+                self.auth_channel.request_update()  # the master compiles it for all
                 self._reload_options()
                 self.tls.reload()
             elif signum == signal.SIGUSR1:

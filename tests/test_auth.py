@@ -1,9 +1,11 @@
+import copy
 import logging
 import os
 
 import pytest
 
-from amproxy.auth import AuthFile, load_auth_file
+from amproxy.auth import load_auth_file
+from amproxy.authsnapshot import AuthFile, SnapshotChannel
 from amproxy.protocol import Signer
 from amproxy.errors import AuthFileError
 
@@ -174,15 +176,30 @@ def test_scalars_are_read_as_written(tmp_path):
     assert key.metrics == {b"yes", b"1.50", b"null"}
 
 
-def test_background_reload_swaps_in_the_new_keys(tmp_path):
+def test_an_update_sent_to_a_worker_swaps_in_the_new_keys(tmp_path, caplog):
     path = tmp_path / "a.yaml"
-    auth = AuthFile(write(path, GOOD))
-    old = auth.load()
+    master = AuthFile(write(path, GOOD))
+    master.load()
+    worker = copy.copy(master)  # as the fork leaves it
+    channel = SnapshotChannel()
     write(path, GOOD.replace("metric2", "metric7"))
-    auth.reload_in_background("test")
-    auth._thread.join(10)
-    assert auth.db is not old
-    assert auth.db.get(b"my_public_key").allows(b"metric7")
+    update = master.compile("test")
+    channel.send(update)
+    master.take(update, quiet=True)
+    old = worker.db
+    with caplog.at_level(logging.INFO):
+        worker.take_from(channel)
+    assert worker.db is not old and master.db is not old
+    assert worker.db.get(b"my_public_key").allows(b"metric7")
+    assert not old.get(b"my_public_key").allows(b"metric7")
+    assert (worker.reloads, master.reloads) == (1, 0)
+    assert "auth file reloaded" in caplog.text and "metric7" not in caplog.text
+    write(path, "apikeys: [")
+    channel.send(master.compile("test"))
+    with caplog.at_level(logging.INFO):
+        worker.take_from(channel)
+    assert worker.reload_errors == 1 and worker.db.get(b"my_public_key") is not None
+    assert "is not valid YAML at line 2; keeping the 2 keys loaded before" in caplog.text
 
 
 def test_a_key_in_rotation_has_its_previous_secret_until_the_time_given(tmp_path):

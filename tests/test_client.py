@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from amproxy.auth import AuthKey
+from amproxy.auth import AuthKey, KeyMap
 from amproxy.client import Client
 from amproxy.protocol import filter_lines
 from conftest import AMPROXY, KEYS, free_port, wait_for, wait_points
@@ -61,7 +61,7 @@ def test_client_batches_over_one_connection_and_signs_correctly():
             assert client.queued == 5  # two batches of 10 went out
         wait_for(lambda: len(server.lines()) == 25, 5, what="25 lines")
         assert len(server.connections) == 1
-        key = {b"alpha": AuthKey("alpha", "alpha-secret", ["e2e.alpha.temp"])}
+        key = KeyMap({b"alpha": AuthKey("alpha", "alpha-secret", ["e2e.alpha.temp"])})
         accepted = filter_lines(server.lines(), key, 1764201600, 3600, None)
         assert len(accepted) == 25
     finally:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from amproxy.auth import AuthKey
+from amproxy.auth import AuthKey, KeyMap
 from amproxy.protocol import (BAD_SIGNATURE, BAD_VALUE, MALFORMED, METRIC_NOT_ALLOWED, SKEW,
                               UNKNOWN_KEY, Signer, carbon_payload, check_line, filter_lines,
                               sign,
@@ -53,7 +53,7 @@ def Key(secret, metrics):
 @pytest.mark.parametrize("vector", VECTORS, ids=[v["note"] for v in VECTORS])
 def test_vector_wire_lines_are_accepted(vector):
     metric, value, timestamp, public_key = vector["signed_text"].split(" ")
-    keys = {public_key.encode(): Key(vector["secret_key"], [metric])}
+    keys = KeyMap({public_key.encode(): Key(vector["secret_key"], [metric])})
     line = vector["wire_line"].encode()
     assert check_line(line, keys, int(timestamp), 300) is None
     assert carbon_payload(filter_lines([line], keys, int(timestamp), 300, None)) == (
@@ -61,7 +61,7 @@ def test_vector_wire_lines_are_accepted(vector):
 
 
 NOW = 1764201600
-KEYS = {b"pub": Key("sekrit", ["a.b", "c"]), b"other": Key("x", ["a.b"])}
+KEYS = KeyMap({b"pub": Key("sekrit", ["a.b", "c"]), b"other": Key("x", ["a.b"])})
 
 
 def line(metric="a.b", value="1", timestamp=NOW, key="pub", secret="sekrit"):
@@ -180,8 +180,8 @@ def test_skew_with_leading_zeros_and_other_lengths():
 
 def _pattern_keys(*patterns, exact=()):
     from amproxy.patterns import compile_patterns
-    return {b"pk": AuthKey("pk", "s3cret", list(exact), tuple(patterns),
-                           compile_patterns(patterns) if patterns else None)}
+    return KeyMap({b"pk": AuthKey("pk", "s3cret", list(exact), tuple(patterns),
+                                  compile_patterns(patterns) if patterns else None)})
 
 
 @pytest.mark.parametrize("metric, allow_tags, reason", [
@@ -234,16 +234,16 @@ def test_vector_wire_lines_pass_under_the_current_and_the_previous_secret(vector
     as_previous = AuthKey("k", "the-new-secret", [metric],
                           previous_secret=vector["secret_key"], previous_until=now + 60)
     for key in (as_current, as_previous):
-        assert check_line(line, {public_key.encode(): key}, now, 300) is None
+        assert check_line(line, KeyMap({public_key.encode(): key}), now, 300) is None
     # Once the previous secret has expired, its lines are refused without a reload.
     expired = AuthKey("k", "the-new-secret", [metric], previous_secret=vector["secret_key"],
                       previous_until=now)
-    assert check_line(line, {public_key.encode(): expired}, now, 300) == "badSignature"
+    assert check_line(line, KeyMap({public_key.encode(): expired}), now, 300) == "badSignature"
 
 
 def test_a_third_secret_never_passes_during_rotation():
     key = AuthKey("k", "new", ["a.b"], previous_secret="old", previous_until=NOW + 60)
-    keys = {b"pub": key}
+    keys = KeyMap({b"pub": key})
     assert check_line(line(secret="new"), keys, NOW, 300) is None
     assert check_line(line(secret="old"), keys, NOW, 300) is None
     assert check_line(line(secret="older"), keys, NOW, 300) == "badSignature"

@@ -8,7 +8,7 @@ import unicodedata
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amproxy.auth import AuthKey
+from amproxy.auth import AuthKey, KeyMap
 from amproxy.patterns import compile_patterns
 from amproxy.protocol import filter_lines
 
@@ -18,8 +18,8 @@ SECRETS = {b"k1": b"secret-one", b"k2": b"\xc3\xbcnic\xc3\xb8de-" * 9}
 ALLOWED = {b"k1": {b"a.b", b"c"}, b"k2": {b"a.b"}}
 
 
-KEYS = {name: AuthKey(name.decode(), SECRETS[name], [m.decode() for m in ALLOWED[name]])
-        for name in SECRETS}
+KEYS = KeyMap((name, AuthKey(name.decode(), SECRETS[name], [m.decode() for m in ALLOWED[name]]))
+              for name in SECRETS)
 
 
 def oracle(line):
@@ -145,6 +145,6 @@ def test_a_pattern_key_forwards_only_names_carbon_stores_as_named(parts):
     if b"\n" in line or b"\r" in line:
         return
     rejected = []
-    accepted = filter_lines([line], {b"pk": PATTERN_KEY}, NOW, SKEW,
+    accepted = filter_lines([line], KeyMap({b"pk": PATTERN_KEY}), NOW, SKEW,
                             lambda *r: rejected.append(r))
     assert bool(accepted) == carbon_stores_as_named(metric), (metric, rejected)

@@ -1,0 +1,413 @@
+"""The auth file as a read-only snapshot that the master and every worker map.
+
+A fleet's auth file holds 100,000 keys.  Parsed into Python objects in every
+worker, it took 300 MB per worker after the first reload, since a reload in
+a forked worker copies everything it builds.  Instead, as Postfix's postmap
+does for its tables, the master compiles the file into one indexed snapshot
+(a sealed memfd: the file's text in the usual layout, see
+:mod:`amproxy.authscan`, and a hash table of the keys' offsets), and hands
+it to the workers over a socket.  Each process maps the same pages, so the
+snapshot is in memory once however many workers there are, and a reload is
+a swap of one reference.  A worker builds a key's :class:`AuthKey` the first
+time a line names it (:class:`KeyCache`).
+
+The master compiles in a child process: a file in another layout goes
+through the YAML parser there, whose hundreds of MB go when the child exits.
+A snapshot is built and checked completely before anyone uses it, so a
+broken file never takes keys away from running devices.
+"""
+
+import fcntl
+import json
+import logging
+import mmap
+import os
+import re
+import select
+import signal
+import socket
+import time
+from array import array
+from zlib import crc32
+
+from .auth import AuthKey, KeyMap, _split_patterns, parse_auth_file, parse_rfc3339, \
+    read_auth_file
+from .authscan import GLOB_BYTES, Layout, block_regex, scan
+from .errors import AuthFileError
+
+log = logging.getLogger(__name__)
+
+HEADER_SIZE = 4096
+FORMAT = 1
+# Keys a worker keeps built (secret's HMAC states, metric set: about 2 KB each);
+# past this, it starts over, so a worker that has seen every key stays bounded.
+MAX_CACHED_KEYS = 50000
+# How long the master waits for the child compiling a snapshot.
+COMPILE_TIMEOUT = 300.0
+
+_SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+# In a snapshot written from YAML, a byte a value cannot hold is written \xx.
+_NEEDS_ESCAPE = re.compile(rb"[\s\\:]")
+_ESCAPED = re.compile(rb"\\([0-9a-f]{2})")
+
+
+def _escape(value):
+    if not _NEEDS_ESCAPE.search(value):
+        return value
+    return _NEEDS_ESCAPE.sub(lambda m: b"\\%02x" % m.group()[0], value)
+
+
+def _unescape(value):
+    return _ESCAPED.sub(lambda m: bytes([int(m.group(1), 16)]), value)
+
+
+# -- compiling (in a child of the master) -------------------------------------------
+
+
+def write_snapshot(path, fd):
+    """Read and check the auth file at ``path``; write its snapshot to ``fd``."""
+    raw = read_auth_file(path)
+    found = scan(raw, path)
+    if found is not None:
+        text, layout, offsets, hashes = raw, found.layout, found.offsets, found.hashes
+        counts = len(found), found.metric_count, found.pattern_count, found.rate_limited
+    else:
+        db = parse_auth_file(raw, path)
+        del raw
+        counts = len(db), db.metric_count, db.pattern_count, db.rate_limited
+        text, layout, offsets, hashes = _usual_layout_of(db)
+    size = 1
+    while size < 2 * len(offsets):
+        size *= 2
+    slots = array("Q", bytes(8 * size))
+    mask = size - 1
+    for offset, name_hash in zip(offsets, hashes):
+        i = name_hash & mask
+        while slots[i]:
+            i = (i + 1) & mask
+        slots[i] = HEADER_SIZE + offset
+    slots_at = HEADER_SIZE + len(text) + (-len(text) % 8)
+    header = json.dumps({
+        "format": FORMAT, "keys": counts[0], "metrics": counts[1], "patterns": counts[2],
+        "rate_limited": counts[3], "key_indent": layout.key_indent.decode(),
+        "field_indent": layout.field_indent.decode(),
+        "item_prefix": layout.item_prefix.decode(), "slots_at": slots_at, "slots": size,
+    }).encode()
+    with open(fd, "wb", closefd=False) as out:
+        out.write(header.ljust(HEADER_SIZE))
+        out.write(text)
+        out.write(bytes(slots_at - HEADER_SIZE - len(text)))
+        out.write(slots)
+
+
+def _usual_layout_of(db):
+    """A file in another layout, written out in the usual one (values escaped)."""
+    layout = Layout(b"  ", b"    ", b"    - ")
+    chunks, offsets, hashes = [], array("Q"), array("L")
+    position = 0
+    for public_key, key in db.keys.items():
+        name = _escape(public_key)
+        block = [b"  %s:\n    secret_key: %s\n" % (name, _escape(key._secret.encode()))]
+        if key._previous_secret:
+            block.append(b"    previous_secret_key: %s\n    previous_secret_expires: %r\n" % (
+                _escape(key._previous_secret.encode()), key.previous_until))
+        if key.max_rate:
+            block.append(b"    max_rate: %r\n" % key.max_rate)
+        metrics = list(key._metric_names) + list(key.patterns)
+        block.append(b"    metrics:\n" if metrics else b"    metrics: []\n")
+        block += [b"    - %s\n" % _escape(m.encode()) for m in metrics]
+        block = b"".join(block)
+        offsets.append(position)
+        hashes.append(crc32(name))
+        chunks.append(block)
+        position += len(block)
+    return b"".join(chunks), layout, offsets, hashes
+
+
+def compile_snapshot(path):
+    """The auth file's snapshot, built in a child process: a sealed memfd (caller closes).
+
+    Raises AuthFileError with the reason the file was refused.
+    """
+    fd = os.memfd_create("amproxy-auth", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        message, status = _in_child(lambda: write_snapshot(path, fd))
+        if status:
+            raise AuthFileError(message or "auth file %s: the process reading it failed "
+                                "(status %d)" % (path, status))
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _in_child(work):
+    """Run ``work`` in a forked child; (its AuthFileError's message, exit status)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # never returns into the caller's code
+        status = 1
+        try:
+            os.close(read_end)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+                signal.signal(sig, signal.SIG_DFL)
+            work()
+            status = 0
+        except AuthFileError as e:
+            os.write(write_end, str(e).encode("utf-8", "replace"))
+        except BaseException as e:
+            os.write(write_end, ("could not compile the auth file: %r" % e).encode())
+        os._exit(status)
+    os.close(write_end)
+    chunks, deadline = [], time.monotonic() + COMPILE_TIMEOUT
+    try:
+        while select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            chunks = [b"compiling the auth file took over %d s" % COMPILE_TIMEOUT]
+    finally:
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+    return b"".join(chunks).decode("utf-8", "replace"), os.waitstatus_to_exitcode(status)
+
+
+# -- reading (in every process) ------------------------------------------------------
+
+
+class KeyCache(KeyMap):
+    """Public key -> AuthKey, built from the snapshot the first time a line names it."""
+
+    __slots__ = ("_find",)
+
+    def __init__(self, find):
+        super().__init__()
+        self._find = find
+
+    def __missing__(self, public_key):
+        key = self._find(public_key)
+        if key is not None:
+            if len(self) >= MAX_CACHED_KEYS:
+                self.clear()
+            self[public_key] = key
+        return key
+
+    def __contains__(self, public_key):
+        return self[public_key] is not None
+
+
+class AuthSnapshot:
+    """One version of the auth file, mapped read-only: the lookup the hot path uses."""
+
+    def __init__(self, fd):
+        self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        header = json.loads(self._map[:HEADER_SIZE])
+        if header.get("format") != FORMAT:
+            raise ValueError("not an auth snapshot of format %d" % FORMAT)
+        self.count = header["keys"]
+        self.metric_count = header["metrics"]
+        self.pattern_count = header["patterns"]
+        self.rate_limited = header["rate_limited"]
+        layout = [header[k].encode() for k in ("key_indent", "field_indent", "item_prefix")]
+        self._layout = Layout(*layout)
+        self._block = block_regex(*layout, rb"[^\s:]+", rb"\S+", rb"\S+").match
+        start = header["slots_at"]
+        self._slots = memoryview(self._map)[start:start + 8 * header["slots"]].cast("Q")
+        self._mask = header["slots"] - 1
+        self._patterns = {}  # compiled matchers, shared by keys with the same patterns
+        self.keys = KeyCache(self._find)
+
+    def __len__(self):
+        return self.count
+
+    def get(self, public_key, default=None):
+        key = self.keys[public_key]
+        return default if key is None else key
+
+    def _find(self, public_key):
+        name = _escape(public_key)
+        line = name + b":\n"
+        skip = len(self._layout.key_indent)
+        i = crc32(name) & self._mask
+        while True:
+            offset = self._slots[i]
+            if not offset:
+                return None
+            if self._map[offset + skip:offset + skip + len(line)] == line:
+                return self._key_at(offset)
+            i = (i + 1) & self._mask
+
+    def _key_at(self, offset):
+        m = self._block(self._map, offset)
+        name, secret, previous, expires, rate, items = m.group(2, 3, 4, 5, 6, 7)
+        metrics = self._layout.metric_names(items)
+        if b"\\" in m.group(1):  # written from YAML, with escapes
+            name, secret = _unescape(name), _unescape(secret)
+            previous = previous and _unescape(previous)
+            metrics = [_unescape(metric) for metric in metrics]
+        name = name.decode()
+        metrics = [metric.decode() for metric in metrics]
+        if len(self._patterns) > MAX_CACHED_KEYS:
+            self._patterns.clear()
+        exact, patterns, matcher = (
+            _split_patterns(metrics, name, "", self._patterns) if items and GLOB_BYTES.search(items)
+            else (metrics, (), None))
+        until = 0
+        if previous:
+            previous = previous.decode()
+            try:
+                until = float(expires)
+            except ValueError:  # as written in the file
+                until = parse_rfc3339(expires.decode())
+        return AuthKey(name, secret.decode(), exact, patterns, matcher, previous or None,
+                       until, float(rate) if rate else 0.0)
+
+
+# -- from the master to the workers ---------------------------------------------------
+
+
+class Update:
+    """A new snapshot (``fd``) or the reason the file was refused (``error``)."""
+
+    def __init__(self, reason, fd=None, error=None):
+        self.reason = reason
+        self.fd = fd
+        self.error = error
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class SnapshotChannel:
+    """Carries updates from the master to one worker, and the worker's requests for
+    one (a SIGHUP sent to the worker itself): a datagram socket pair."""
+
+    def __init__(self):
+        self.master_end, self.worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.master_end.setblocking(False)
+        self.worker_end.setblocking(False)
+
+    def send(self, update):
+        message = json.dumps({"reason": update.reason, "error": update.error}).encode()
+        try:
+            socket.send_fds(self.master_end, [message], [] if update.fd is None else [update.fd])
+        except OSError as e:  # a hung worker's queue is full; it is replaced soon
+            log.warning("a worker did not take the new auth file: %s", e.strerror or e)
+
+    def request_update(self):
+        try:
+            self.worker_end.send(b"reload")
+        except OSError:
+            pass  # one is already queued
+
+    def update_requested(self):
+        """In the master: whether the worker asked for an update (since the last call)."""
+        asked = False
+        while True:
+            try:
+                asked = self.master_end.recv(64) != b"" or asked
+            except (BlockingIOError, InterruptedError):
+                return asked
+
+    def receive(self):
+        """The updates waiting, oldest first."""
+        updates = []
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self.worker_end, 65536, 1)
+            except (BlockingIOError, InterruptedError):
+                return updates
+            fields = json.loads(message)
+            if not fds and fields["error"] is None:
+                fields["error"] = "the new auth file could not be received"
+            updates.append(Update(fields["reason"], fds[0] if fds else None, fields["error"]))
+
+    def close_worker_end(self):
+        self.worker_end.close()
+
+    def close_master_end(self):
+        self.master_end.close()
+
+
+
+class AuthFile:
+    """The current snapshot (``db``) of one auth file.
+
+    The master compiles it (``load``, ``compile``) and sends each update to
+    the workers, which ``take`` it.  In a single process, ``reload`` does both.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._identity = None
+        self.db = None
+        self.reloads = 0
+        self.reload_errors = 0
+
+    def load(self):
+        """First load: an error here is fatal, so it propagates."""
+        self._identity = self._current_identity()
+        fd = compile_snapshot(self.path)
+        try:
+            self.db = AuthSnapshot(fd)
+        finally:
+            os.close(fd)
+        return self.db
+
+    def _current_identity(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        # What changes when the file is rewritten in place or replaced by a rename.
+        return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
+
+    def changed(self):
+        return self._current_identity() != self._identity
+
+    def compile(self, reason):
+        """An :class:`Update` with the file as it is now, or why it was refused."""
+        self._identity = self._current_identity()
+        try:
+            return Update(reason, fd=compile_snapshot(self.path))
+        except AuthFileError as e:
+            return Update(reason, error=str(e))
+
+    def take(self, update, quiet=False):
+        """Switch to the update's snapshot; else keep the keys in use.  Closes its fd."""
+        try:
+            if update.error is None:
+                db = AuthSnapshot(update.fd)
+        except (OSError, ValueError) as e:
+            update.error = "the new auth file could not be mapped: %s" % e
+        finally:
+            update.close()
+        if update.error is not None:
+            if not quiet:
+                self.reload_errors += 1
+                log.error("%s; keeping the %d keys loaded before", update.error, len(self.db),
+                          extra={"file": self.path})
+            return False
+        self.db = db
+        if not quiet:
+            self.reloads += 1
+            log.info("auth file reloaded", extra={"file": self.path, "keys": len(db),
+                                                  "reason": update.reason})
+        return True
+
+    def take_from(self, channel):
+        for update in channel.receive():
+            self.take(update)
+
+    def reload(self, reason):
+        return self.take(self.compile(reason))
+
+    def reload_if_changed(self):
+        return self.changed() and self.reload("file changed")
