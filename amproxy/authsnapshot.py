@@ -215,7 +215,7 @@ class AuthSnapshot:
         self.rate_limited = header["rate_limited"]
         layout = [header[k].encode() for k in ("key_indent", "field_indent", "item_prefix")]
         self._layout = Layout(*layout)
-        self._block = block_regex(*layout, rb"[^\s:]+", rb"\S+", rb"\S+").match
+        self._block = block_regex(*layout, rb"[^\s:]+", rb"\S+", rb"\S+", rb"\S+").match
         start = header["slots_at"]
         self._slots = memoryview(self._map)[start:start + 8 * header["slots"]].cast("Q")
         self._mask = header["slots"] - 1
@@ -230,6 +230,8 @@ class AuthSnapshot:
         return default if key is None else key
 
     def _find(self, public_key):
+        if not public_key:  # None: a line rejected before it named a key
+            return None
         name = _escape(public_key)
         line = name + b":\n"
         skip = len(self._layout.key_indent)

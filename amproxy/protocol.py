@@ -106,7 +106,8 @@ class Signer:
 # series it names.  The common case, a short ASCII name, is one regex match.
 _NAME_FORBIDDEN = "/;*?[]{}"
 _NODE_CHAR = rb"[^\x00-\x20\x7f-\xff./;*?\[\]{}]"
-_PLAIN_NAME = re.compile(rb"(?!~)%s+(?:\.%s+)*\Z" % (_NODE_CHAR, _NODE_CHAR)).match
+PLAIN_NAME = rb"(?!~)%s+(?:\.%s+)*" % (_NODE_CHAR, _NODE_CHAR)  # and short: see below
+_PLAIN_NAME = re.compile(PLAIN_NAME + rb"\Z").match
 
 
 def _character_problem(text, forbidden):

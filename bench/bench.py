@@ -130,6 +130,14 @@ def make_keys(count, metrics_per_key):
              ["bench.k%d.m%d" % (k, m) for m in range(metrics_per_key)]) for k in range(count)]
 
 
+def make_fleet_keys(count, metrics_per_key):
+    """Keys shaped like issue 13's fleet file (100,000 x 10 is about 45 MB): one per
+    device, a secret as ``amproxy keys new`` makes, and a series per sensor."""
+    return [("device-%06d" % k, "%s-%06d" % ("S" * 36, k),
+             ["fleet.device-%06d.temp-%d" % (k, m) for m in range(metrics_per_key)])
+            for k in range(count)]
+
+
 def write_auth(path, keys):
     with open(path, "w") as f:
         f.write("apikeys:\n")
@@ -364,7 +372,7 @@ def latency(command, sink, auth_file, keys, workers, samples=50):
 
 def big_auth_file(args, sink, directory, workers):
     """Start-up time with a large auth file, and the longest forwarding gap around a HUP."""
-    keys = make_keys(args.big_auth_keys, 10)
+    keys = make_fleet_keys(args.big_auth_keys, 10)
     path = os.path.join(directory, "big-auth.yaml")
     write_auth(path, keys)
     proxy = Proxy(None, sink, path, workers, ["--log-level", "info"])  # to see reloads end
