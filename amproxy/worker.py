@@ -13,6 +13,7 @@ import select
 import selectors
 import signal
 import socket
+import struct
 import tempfile
 import time
 
@@ -39,8 +40,8 @@ STATS_REPORT_INTERVAL = 1.0
 # Exit status of a worker that could not start; the master stops instead of
 # respawning it forever.
 WORKER_BOOT_ERROR = 3
-# Connections a worker that is not the least loaded takes per tick, when no
-# other worker has taken them.
+# Connections a worker that is not the least loaded takes per look at most, when
+# no other worker has taken them.
 FALLBACK_ACCEPTS = 64
 # When the master dies there is no one to wait for: leave quickly.
 ORPHAN_STOP_SECONDS = 1.0
@@ -169,6 +170,16 @@ class SourceSlots:
             del self._counts[source]
 
 
+def accept_queue_length(listener):
+    """Connections waiting to be accepted (Linux reports it as a listening socket's
+    tcpi_unacked); FALLBACK_ACCEPTS where that cannot be read."""
+    try:
+        return struct.unpack_from("I", listener.getsockopt(
+            socket.IPPROTO_TCP, socket.TCP_INFO, 32), 24)[0]
+    except (OSError, AttributeError, struct.error):
+        return FALLBACK_ACCEPTS
+
+
 class Worker:
     """Built by the master before the fork; ``run`` is called in the child."""
 
@@ -226,7 +237,7 @@ class Worker:
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
         self.selector.register(self.auth_channel.worker_end, selectors.EVENT_READ,
-                               lambda mask: self.auth_file.take_from(self.auth_channel))
+                               self._on_reload)
         options = self.options
         self.destinations = Destinations(options, self.selector, self.clock, self.slot)
         self.tls = TlsConnections(options, self.clock)
@@ -298,7 +309,9 @@ class Worker:
         elif now - self._clients_waiting_since >= REBALANCE_INTERVAL:
             self._clients_waiting_since = None
             for listener in waiting:
-                for _ in range(FALLBACK_ACCEPTS):
+                # Its share only: the least loaded worker may just be waking up.
+                share = accept_queue_length(listener) // self.connection_table.workers()
+                for _ in range(min(max(1, share), FALLBACK_ACCEPTS)):
                     if not self._on_accept(listener):
                         break
 
@@ -337,13 +350,21 @@ class Worker:
                 self.begin_stop(graceful=True)
             elif signum == signal.SIGQUIT:
                 self.begin_stop(graceful=False)
-            elif signum == signal.SIGHUP:
-                self.auth_channel.request_update()  # the master compiles it for all
-                self._reload_options()
-                self.tls.reload()
+            elif signum == signal.SIGHUP:  # sent to this worker: handled as the master's
+                self.auth_channel.request_update()
             elif signum == signal.SIGUSR1:
                 reopen_log_files()
             # TTIN and TTOU are for the master; a worker ignores them.
+
+    def _on_reload(self, mask):
+        """The master's word after a SIGHUP or a change of the auth file: a new
+        snapshot of it, or why there is none; and after a SIGHUP, live options and
+        TLS certificate to read again."""
+        for update in self.auth_channel.receive():
+            self.auth_file.take(update)
+            if update.reason == "SIGHUP":
+                self._reload_options()
+                self.tls.reload()
 
     def counters(self):
         rejected = self.rejected

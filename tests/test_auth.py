@@ -188,7 +188,7 @@ def test_an_update_sent_to_a_worker_swaps_in_the_new_keys(tmp_path, caplog):
     master.take(update, quiet=True)
     old = worker.db
     with caplog.at_level(logging.INFO):
-        worker.take_from(channel)
+        [worker.take(update) for update in channel.receive()]
     assert worker.db is not old and master.db is not old
     assert worker.db.get(b"my_public_key").allows(b"metric7")
     assert not old.get(b"my_public_key").allows(b"metric7")
@@ -197,7 +197,7 @@ def test_an_update_sent_to_a_worker_swaps_in_the_new_keys(tmp_path, caplog):
     write(path, "apikeys: [")
     channel.send(master.compile("test"))
     with caplog.at_level(logging.INFO):
-        worker.take_from(channel)
+        [worker.take(update) for update in channel.receive()]
     assert worker.reload_errors == 1 and worker.db.get(b"my_public_key") is not None
     assert "is not valid YAML at line 2; keeping the 2 keys loaded before" in caplog.text
 

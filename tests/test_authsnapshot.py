@@ -1,0 +1,202 @@
+"""The standard-layout scanner and the snapshot the workers map: they must mean what
+YAML means, for every file, and look every key up as the full parse does."""
+import os
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from amproxy import authsnapshot
+from amproxy.auth import load_auth_file, parse_auth_data, parse_auth_file
+from amproxy.authscan import scan
+from amproxy.authsnapshot import AuthSnapshot, compile_snapshot, write_snapshot
+from amproxy.errors import AuthFileError
+
+PATH = "/etc/amproxy/auth.yaml"
+
+
+def summary(key):
+    return (key.name, key._secret, sorted(key._metric_names), sorted(key.patterns),
+            key._previous_secret, key.previous_until, key.max_rate)
+
+
+def yaml_oracle(raw):
+    """What the YAML parser alone makes of the file: its keys' summaries, or the error."""
+    try:
+        data = yaml.load(raw, Loader=yaml.BaseLoader)
+        db = parse_auth_data(data, PATH)
+    except yaml.YAMLError:
+        return "not YAML"
+    except AuthFileError as e:
+        return str(e)
+    return {name: summary(key) for name, key in db.keys.items()}
+
+
+def full_parse(raw):
+    """What the full parse (simple-layout parser, else YAML) made of the file before
+    snapshots: its keys' summaries, or the error."""
+    try:
+        db = parse_auth_file(raw, PATH)
+    except AuthFileError as e:
+        return str(e)
+    return {name: summary(key) for name, key in db.keys.items()}
+
+
+def snapshot_of(raw, tmp_path):
+    path = tmp_path / "auth.yaml"
+    path.write_bytes(raw)
+    fd = os.memfd_create("test")
+    try:
+        write_snapshot(str(path), fd)
+        return AuthSnapshot(fd)
+    finally:
+        os.close(fd)
+
+
+# -- files built from pieces, some of them wrong on purpose -------------------------
+
+# Mostly what the standard layout holds, and now and then what it must not take.
+@st.composite
+def mostly(draw, usual, odd):
+    return draw(usual) if draw(st.integers(0, 11)) else draw(st.sampled_from(odd))
+
+
+NAMES = mostly(st.builds("dev{}".format, st.integers(0, 50)), [
+    "a.b-c_d/e", "0x1F", "yes", "null", "~x", "-x", "a:b", "a#b", "é", "x" * 300, "a b"])
+VALUES = mostly(st.sampled_from(["s3cr3t", "a+b/c=d", "0123", "...", "x%y", "~"]), [
+    "a#b", "'q'", "a: b", "@x", "", "a\tb", "-", "a b"])
+METRICS = mostly(st.builds("home.t{}".format, st.integers(0, 9)) | st.sampled_from(
+    ["home.*", "home.{a,b}", "home.[ab]", "h.**", "a]b", "a,b", "bad..name", "a;b=c",
+     "x" * 300, "a.[b", "home.{a,"]), ["{a,b}", "[x]", "*.x", "~home", "é.x", "a b", "-a",
+                                       "?a", "a#b"])
+EXPIRES = mostly(st.sampled_from(["2026-12-05T10:00:00Z", "2026-12-05T10:00:00.5+01:00"]),
+                 ["2026-13-05T10:00:00Z", "2026-12-05T10:00:00", "soon"])
+RATES = mostly(st.sampled_from(["5", "2.5", ".5", "1e3"]), ["0", "inf", "fast", "-1", "nan"])
+
+
+@st.composite
+def entries(draw, k, f, p):
+    lines = ["%s%s:" % (k, draw(NAMES)), "%ssecret_key: %s" % (f, draw(VALUES))]
+    if draw(st.integers(0, 3)) == 0:
+        lines += ["%sprevious_secret_key: %s" % (f, draw(VALUES)),
+                  "%sprevious_secret_expires: %s" % (f, draw(EXPIRES))]
+    if draw(st.integers(0, 3)) == 0:
+        lines.append("%smax_rate: %s" % (f, draw(RATES)))
+    metrics = draw(st.lists(METRICS, max_size=4))
+    lines.append("%smetrics:%s" % (f, "" if metrics else draw(mostly(st.just(" []"), [""]))))
+    lines += ["%s%s" % (p, m) for m in metrics]
+    if draw(st.integers(0, 9)) == 0:
+        lines.insert(draw(st.integers(0, len(lines))), draw(st.sampled_from(
+            ["", "  # a comment", "# top", "\t# tab", "    other: 1", " - x"])))
+    return "\n".join(lines) + "\n"
+
+
+@st.composite
+def files(draw):
+    key, field = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    item = draw(mostly(st.integers(0, 2), [-1]))
+    k, f, p = " " * key, " " * (key + field), " " * (key + field + item) + "- "
+    head = draw(mostly(st.sampled_from(["apikeys:\n", "---\napikeys:\n", "# keys\napikeys:\n",
+                                        "apikeys:\n\n"]), ["apikeys: {}\n", "apikeys: \n"]))
+    text = head + "".join(draw(st.lists(entries(k, f, p), min_size=1, max_size=5)))
+    if draw(st.integers(0, 9)) == 0 and text:
+        at = draw(st.integers(0, len(text) - 1))
+        text = text[:at] + draw(st.sampled_from(["", " ", "\n", "#", "\x01", ":", "\r"])) + \
+            text[at + 1:]
+    return text.encode("utf-8")
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files())
+def test_the_scanner_means_what_yaml_means(raw):
+    oracle = yaml_oracle(raw)
+    try:
+        scanned = scan(raw, PATH)
+    except AuthFileError as e:
+        assert str(e) == oracle == full_parse(raw)  # the same refusal, word for word
+        return
+    if scanned is None:
+        return  # not the standard layout: the full parse reads it
+    assert isinstance(oracle, dict), oracle
+    assert full_parse(raw) == oracle
+    assert len(scanned) == len(oracle)
+    assert scanned.metric_count == sum(len(s[2]) for s in oracle.values())
+    assert scanned.pattern_count == sum(len(s[3]) for s in oracle.values())
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(raw=files())
+def test_a_snapshot_looks_up_every_key_as_the_full_parse_does(raw, tmp_path):
+    oracle = full_parse(raw)
+    if not isinstance(oracle, dict):
+        with pytest.raises(AuthFileError):
+            snapshot_of(raw, tmp_path)
+        return
+    snapshot = snapshot_of(raw, tmp_path)
+    assert len(snapshot) == len(oracle)
+    for name, expected in oracle.items():
+        assert summary(snapshot.keys[name]) == expected
+    assert snapshot.keys[b"absent"] is None
+
+
+ODD = """\
+apikeys:
+  "site:1":
+    secret_key: "two words"
+    metrics: ["a.b", "é.c"]
+  'back\\3a':
+    secret_key: "line\\nbreak\\\\"
+    previous_secret_key: 'old one'
+    previous_secret_expires: 2030-01-01T00:00:00Z
+    max_rate: 2.5
+    metrics: ['x.{a,b}', y]
+  plain: {secret_key: s, metrics: []}
+"""
+
+
+def test_a_file_only_yaml_reads_is_written_out_with_escapes(tmp_path):
+    raw = ODD.encode()
+    assert scan(raw, PATH) is None
+    snapshot = snapshot_of(raw, tmp_path)
+    (tmp_path / "odd.yaml").write_bytes(raw)
+    full = load_auth_file(str(tmp_path / "odd.yaml"))
+    assert len(snapshot) == len(full) == 3
+    for name, key in full.keys.items():
+        assert summary(snapshot.keys[name]) == summary(key)
+    site = snapshot.keys[b"site:1"]
+    assert site.signature(b"x") == full.keys[b"site:1"].signature(b"x")
+    assert snapshot.keys[b"back\\3a"].allows(b"x.b")
+    # Escapes are the snapshot's business: a device cannot name another key with them.
+    for forged in (b"site\\3a1", b"back:", b"site", b"site:1\\", b"plain:", b"plain\n"):
+        assert snapshot.keys[forged] is None, forged
+
+
+def test_the_cache_of_built_keys_is_bounded_and_knows_no_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(authsnapshot, "MAX_CACHED_KEYS", 3)
+    raw = ("apikeys:\n" + "".join(
+        "  k%d:\n    secret_key: s%d\n    metrics:\n    - m.%d\n" % (i, i, i)
+        for i in range(10))).encode()
+    snapshot = snapshot_of(raw, tmp_path)
+    for round_ in range(2):
+        for i in range(10):
+            assert snapshot.keys[b"k%d" % i].allows(b"m.%d" % i)
+            assert len(snapshot.keys) <= 3
+    assert None not in snapshot.keys and b"" not in snapshot.keys
+    assert b"k1" in snapshot.keys and b"k10" not in snapshot.keys
+
+
+def test_a_snapshot_is_sealed_and_names_the_file_it_refuses(tmp_path):
+    path = tmp_path / "auth.yaml"
+    path.write_text("apikeys:\n  k:\n    secret_key: s\n    max_rate: fast\n    metrics: []\n")
+    with pytest.raises(AuthFileError, match="auth file %s: key 'k': max_rate 'fast'" % path):
+        compile_snapshot(str(path))
+    path.write_text("apikeys:\n  k:\n    secret_key: s\n    metrics: []\n")
+    fd = compile_snapshot(str(path))
+    try:
+        with pytest.raises(PermissionError):
+            os.write(fd, b"x")
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
