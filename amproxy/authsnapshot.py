@@ -45,6 +45,8 @@ MAX_CACHED_KEYS = 50000
 # How long the master waits for the child compiling a snapshot.
 COMPILE_TIMEOUT = 120.0
 
+_MASTER_SIGNALS = [getattr(signal, "SIG" + name) for name in
+                   "HUP QUIT INT TERM TTIN TTOU USR1 CHLD".split()]
 _SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
 # In a snapshot written from YAML, a byte a value cannot hold is written \xx.
 _NEEDS_ESCAPE = re.compile(rb"[\s\\:]")
@@ -85,18 +87,21 @@ def write_snapshot(path, fd):
         i = name_hash & mask
         while slots[i]:
             i = (i + 1) & mask
-        slots[i] = HEADER_SIZE + offset
-    slots_at = HEADER_SIZE + len(text) + (-len(text) % 8)
-    header = json.dumps({
+        slots[i] = offset + 1  # 0: an empty slot
+    fields = {
         "format": FORMAT, "keys": counts[0], "metrics": counts[1], "patterns": counts[2],
         "rate_limited": counts[3], "key_indent": layout.key_indent.decode(),
         "field_indent": layout.field_indent.decode(),
-        "item_prefix": layout.item_prefix.decode(), "slots_at": slots_at, "slots": size,
-    }).encode()
+        "item_prefix": layout.item_prefix.decode(), "slots": size}
+    # The header is one line of JSON, padded to whole pages (room left for two fields).
+    pages = (len(json.dumps(fields)) + 64) // HEADER_SIZE + 1
+    text_at = pages * HEADER_SIZE
+    fields.update(text_at=text_at, slots_at=text_at + len(text) + (-len(text) % 8))
+    header = json.dumps(fields).encode() + b"\n"
     with open(fd, "wb", closefd=False) as out:
-        out.write(header.ljust(HEADER_SIZE))
+        out.write(header.ljust(text_at))
         out.write(text)
-        out.write(bytes(slots_at - HEADER_SIZE - len(text)))
+        out.write(bytes(fields["slots_at"] - text_at - len(text)))
         out.write(slots)
 
 
@@ -129,20 +134,28 @@ def compile_snapshot(path):
 
     Raises AuthFileError with the reason the file was refused.
     """
-    fd = os.memfd_create("amproxy-auth", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        message, status = _in_child(lambda: write_snapshot(path, fd))
+        fd = os.memfd_create("amproxy-auth", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as e:
+        raise AuthFileError("auth file %s: no memory to load it into: %s" % (
+            path, e.strerror or e)) from None
+    try:
+        message, status = _in_child(path, lambda: write_snapshot(path, fd))
         if status:
             raise AuthFileError(message or "auth file %s: the process reading it failed "
                                 "(status %d)" % (path, status))
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except OSError as e:  # no process or pipe to be had
+        os.close(fd)
+        raise AuthFileError("auth file %s could not be read: %s" % (
+            path, e.strerror or e)) from None
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _in_child(work):
+def _in_child(path, work):
     """Run ``work`` in a forked child; (its AuthFileError's message, exit status)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -151,14 +164,15 @@ def _in_child(work):
         try:
             os.close(read_end)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            for sig in _MASTER_SIGNALS:  # the master's handlers are not for this process
                 signal.signal(sig, signal.SIG_DFL)
             work()
             status = 0
         except AuthFileError as e:
             os.write(write_end, str(e).encode("utf-8", "replace"))
-        except BaseException as e:
-            os.write(write_end, ("could not compile the auth file: %r" % e).encode())
+        except BaseException as e:  # its text might quote the file: the type only
+            os.write(write_end, ("auth file %s could not be read (%s)" % (
+                path, type(e).__name__)).encode("utf-8", "replace"))
         os._exit(status)
     os.close(write_end)
     chunks, deadline = [], time.monotonic() + COMPILE_TIMEOUT
@@ -170,7 +184,8 @@ def _in_child(work):
             chunks.append(chunk)
         else:
             os.kill(pid, signal.SIGKILL)
-            chunks = [b"compiling the auth file took over %d s" % COMPILE_TIMEOUT]
+            chunks = [("auth file %s took over %d s to read" % (
+                path, COMPILE_TIMEOUT)).encode("utf-8", "replace")]
     finally:
         os.close(read_end)
         _, status = os.waitpid(pid, 0)
@@ -227,7 +242,7 @@ class SnapshotIndex:
 
     def __init__(self, fd):
         self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-        self.header = header = json.loads(self._map[:HEADER_SIZE])
+        self.header = header = json.loads(self._map[:self._map.find(b"\n")])
         if header.get("format") != FORMAT:
             raise ValueError("not an auth snapshot of format %d" % FORMAT)
         layout = [header[k].encode() for k in ("key_indent", "field_indent", "item_prefix")]
@@ -236,6 +251,7 @@ class SnapshotIndex:
         start = header["slots_at"]
         self._slots = memoryview(self._map)[start:start + 8 * header["slots"]].cast("Q")
         self._mask = header["slots"] - 1
+        self._text_at = header["text_at"] - 1  # slots hold offset + 1
         self._patterns = {}  # compiled matchers, shared by keys with the same patterns
 
     def find(self, public_key):
@@ -250,6 +266,7 @@ class SnapshotIndex:
             offset = self._slots[i]
             if not offset:
                 return None
+            offset += self._text_at
             if self._map[offset + skip:offset + skip + len(line)] == line:
                 return self._key_at(offset)
             i = (i + 1) & self._mask

@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import selectors
 import shlex
 import signal
@@ -413,16 +414,47 @@ def big_auth_file(args, sink, directory, workers):
         proxy.stop()
 
 
+_MAPPING = re.compile(r"[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ (\d+)\s*(.*)")
+
+
 def tree_pss_mb(proxy):
-    """The proportional set size of the master and its workers (shared pages split)."""
-    total_kb = 0
+    """The proportional set size of the master and its workers (shared pages split),
+    with each auth snapshot counted whole: it is shared memory (a memfd) that every
+    process maps but touches only in part, so PSS alone would leave most of it out."""
+    total_kb, snapshots = 0, {}
     for pid in proxy.pids():
         try:
-            with open("/proc/%d/smaps_rollup" % pid) as f:
-                total_kb += sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            with open("/proc/%d/smaps" % pid) as f:
+                snapshot = None
+                for line in f:
+                    mapping = _MAPPING.match(line)
+                    if mapping:
+                        snapshot = mapping.group(1) if "amproxy-auth" in mapping.group(2) \
+                            else None
+                    elif snapshot and line.startswith("Size:"):
+                        snapshots[snapshot] = int(line.split()[1])
+                    elif not snapshot and line.startswith("Pss:"):
+                        total_kb += int(line.split()[1])
         except OSError:
             pass
-    return round(total_kb / 1024, 1)
+    return round((total_kb + sum(snapshots.values())) / 1024, 1)
+
+
+# Runs a command from a small process, so that its peak RSS is its own: a child
+# forked from this large one would report this one's as its peak.
+_MEASURE = ("import resource, subprocess, sys, time; started = time.monotonic(); "
+            "status = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL, "
+            "stderr=subprocess.DEVNULL); print(time.monotonic() - started, "
+            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, status)")
+
+
+def measured(argv, env):
+    """(seconds, peak RSS in MB) of a command that must succeed."""
+    out = subprocess.run([sys.executable, "-c", _MEASURE] + argv, env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    if out[2] != "0":
+        raise RuntimeError("%s failed" % " ".join(argv))
+    return float(out[0]), int(out[1]) / 1024
 
 
 def memory_across_reloads(proxy, path, workers, reloads=10):
@@ -433,23 +465,23 @@ def memory_across_reloads(proxy, path, workers, reloads=10):
     durations, peaks = [], []
     for n in range(reloads):
         done = _reloads_logged(proxy) + workers
-        started = time.monotonic()
-        child = subprocess.Popen([amproxy, "keys", "new", "bench-added-%d" % n, "--metric",
-                                  "added.%d" % n, "--auth-file", path], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        durations.append(time.monotonic() - started)
-        peaks.append(usage.ru_maxrss / 1024)
-        if child.returncode:
-            raise RuntimeError("amproxy keys new failed on %s" % path)
-        # The workers' mtime poll sees the new file within a second.
+        seconds, peak = measured([amproxy, "keys", "new", "bench-added-%d" % n, "--metric",
+                                  "added.%d" % n, "--auth-file", path], env)
+        durations.append(seconds)
+        peaks.append(peak)
+        # The master's mtime poll sees the new file within a second.
         wait_for(lambda: _reloads_logged(proxy) >= done, 120, "every worker to reload",
                  interval=0.1)
     # The HUP of the forwarding-gap measurement was one more reload before these.
-    return {"pss_mb_after_%d_reloads" % reloads: tree_pss_mb(proxy),
-            "keys_new_seconds_median": round(statistics.median(durations), 2),
-            "keys_new_peak_rss_mb": round(max(peaks), 1)}
+    result = {"pss_mb_after_%d_reloads" % reloads: tree_pss_mb(proxy),
+              "keys_new_seconds_median": round(statistics.median(durations), 2),
+              "keys_new_peak_rss_mb": round(max(peaks), 1)}
+    for name, argv in [("keys_rotate", ["keys", "rotate", "bench-added-0", "--grace", "1d"]),
+                       ("keys_revoke", ["keys", "revoke", "bench-added-1"]),
+                       ("auth_file_check", ["auth-file", "check"])]:
+        seconds, peak = measured([amproxy] + argv + ["--auth-file", path], env)
+        result.update({name + "_seconds": round(seconds, 2), name + "_peak_rss_mb": round(peak, 1)})
+    return result
 
 
 def _reloads_logged(proxy):
