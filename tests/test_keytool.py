@@ -230,3 +230,44 @@ def test_a_far_future_expiry_is_listed_not_a_traceback(tmp_path):
     listing = run("keys", "list", "--auth-file", str(path))
     assert listing.returncode == 0, listing.stderr
     assert "passes until 9999-12-31T23:59:59Z" in listing.stdout
+
+
+def test_many_edits_of_a_standard_file_keep_it_standard_and_as_yaml_reads_it(tmp_path):
+    """Each edit changes one key's lines and nothing else: the file stays in the
+    standard layout (read in place), comments stay, and YAML reads what was meant."""
+    import random
+    import yaml
+    from amproxy.auth import parse_auth_data
+    from amproxy.authscan import scan
+    path = tmp_path / "fleet.yaml"
+    path.write_text("# the fleet\napikeys:\n" + "".join(
+        "  # device %d\n  dev%d:\n    secret_key: s-%d\n    metrics:\n      - f.dev%d.t\n"
+        % (i, i, i, i) for i in range(300)))
+    model = {"dev%d" % i: ("s-%d" % i, {"f.dev%d.t" % i}, None) for i in range(300)}
+    rng = random.Random(13)
+    for step in range(60):
+        name = rng.choice(sorted(model))
+        action = rng.choice(["new", "revoke", "rotate"])
+        if action == "new":
+            name = "added%d" % step
+            secret, kept = keytool.add_key(str(path), name, ["a.%d" % step, "b.{x,y}.*"])
+            model[name] = (secret, {"a.%d" % step, "b.{x,y}.*"}, None)
+        elif action == "revoke":
+            assert keytool.revoke_key(str(path), name)
+            del model[name]
+            kept = True
+        else:
+            old = model[name][0]
+            secret, kept = keytool.rotate_key(str(path), name, 3600, 1796461200)
+            model[name] = (secret, model[name][1], old)
+        assert kept
+        raw = path.read_bytes()
+        assert scan(raw, str(path)) is not None, "no longer the standard layout"
+        db = parse_auth_data(yaml.load(raw, Loader=yaml.BaseLoader), str(path))
+        got = {n.decode(): (k._secret, set(k._metric_names) | set(k.patterns),
+                            k._previous_secret) for n, k in db.keys.items()}
+        assert got == model
+    text = path.read_text()
+    assert text.startswith("# the fleet\napikeys:\n")
+    assert all("# device %d\n" % i in text for i in range(300))
+    assert not [f for f in os.listdir(tmp_path) if f != "fleet.yaml"]  # no temp file left
