@@ -34,8 +34,14 @@ from .protocol import MAX_LAST_NODE_BYTES, PLAIN_NAME
 
 _PLAIN = PLAIN_TEXT.encode()
 # A metric item may also hold the flow indicators ,[]{} (Graphite patterns): in
-# block context YAML reads them as part of a plain scalar, except first.
-_ITEM = rb"[A-Za-z0-9_./][A-Za-z0-9_./+=@~^%*?,\[\]{}-]*"
+# block context YAML reads them as part of a plain scalar, except first.  One
+# that starts with a character YAML reserves ('*.temp') is single-quoted, as
+# `keys new` writes it: printable ASCII, no space, no quote inside.
+_PLAIN_ITEM = rb"[A-Za-z0-9_./][A-Za-z0-9_./+=@~^%*?,\[\]{}-]*"
+_QUOTED_ITEM = rb"'[\x21-\x26\x28-\x7e]+'"
+_ITEM = rb"(?:%s|%s)" % (_PLAIN_ITEM, _QUOTED_ITEM)
+_WRITTEN_AS_IS = re.compile(_PLAIN_ITEM).fullmatch
+_QUOTE = ord("'")
 # Blank lines and comments of printable ASCII (YAML refuses control characters).
 _SKIP = rb"(?:[ ]*(?:#[\t\x20-\x7e]*)?\n)*"
 _START = re.compile(_SKIP + rb"(?:---\n" + _SKIP + rb")?apikeys:\n")
@@ -81,7 +87,10 @@ class Layout:
         """The metric names (bytes) of an entry's items (group 7)."""
         if not items:
             return []
-        return items[len(self.item_prefix):-1].split(b"\n" + self.item_prefix)
+        names = items[len(self.item_prefix):-1].split(b"\n" + self.item_prefix)
+        if b"'" in items:  # a plain item holds none
+            names = [n[1:-1] if n[0] == _QUOTE else n for n in names]
+        return names
 
 
 class Scan:
@@ -225,7 +234,8 @@ def standard_block(layout, name, secret, metrics, previous=None, max_rate=None):
     if max_rate is not None:
         lines.append(field + b"max_rate: " + max_rate + b"\n")
     lines.append(field + (b"metrics:\n" if metrics else b"metrics: []\n"))
-    lines += [layout.item_prefix + metric + b"\n" for metric in metrics]
+    lines += [layout.item_prefix + (metric if _WRITTEN_AS_IS(metric) else b"'%s'" % metric)
+              + b"\n" for metric in metrics]
     block = b"".join(lines)
     return block if layout.block.fullmatch(block) else None
 

@@ -49,8 +49,9 @@ COMPILE_TIMEOUT = 120.0
 _MASTER_SIGNALS = [getattr(signal, "SIG" + name) for name in
                    "HUP QUIT INT TERM TTIN TTOU USR1 CHLD".split()]
 _SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
-# In a snapshot written from YAML, a byte a value cannot hold is written \xx.
-_NEEDS_ESCAPE = re.compile(rb"[\s\\:]")
+# In a snapshot written from YAML, a byte a value cannot hold is written \xx
+# (a quote, too: a quoted item is unquoted when read).
+_NEEDS_ESCAPE = re.compile(rb"[\s\\:']")
 _ESCAPED = re.compile(rb"\\([0-9a-f]{2})")
 
 

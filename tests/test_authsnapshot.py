@@ -67,8 +67,9 @@ VALUES = mostly(st.sampled_from(["s3cr3t", "a+b/c=d", "0123", "...", "x%y", "~"]
     "a#b", "'q'", "a: b", "@x", "", "a\tb", "-", "a b"])
 METRICS = mostly(st.builds("home.t{}".format, st.integers(0, 9)) | st.sampled_from(
     ["home.*", "home.{a,b}", "home.[ab]", "h.**", "a]b", "a,b", "bad..name", "a;b=c",
-     "x" * 300, "a.[b", "home.{a,"]), ["{a,b}", "[x]", "*.x", "~home", "é.x", "a b", "-a",
-                                       "?a", "a#b"])
+     "x" * 300, "a.[b", "home.{a,", "'*.x'", "'{a,b}.y'", "'#'", "'a:b'"]),
+    ["{a,b}", "[x]", "*.x", "~home", "é.x", "a b", "-a", "?a", "a#b", "'a b'", "''",
+     "'it''s'", "'é'", "'a", "\"*.x\"", "'x' #c"])
 EXPIRES = mostly(st.sampled_from(["2026-12-05T10:00:00Z", "2026-12-05T10:00:00.5+01:00"]),
                  ["2026-13-05T10:00:00Z", "2026-12-05T10:00:00", "soon"])
 RATES = mostly(st.sampled_from(["5", "2.5", ".5", "1e3"]), ["0", "inf", "fast", "-1", "nan"])

@@ -250,8 +250,9 @@ def test_many_edits_of_a_standard_file_keep_it_standard_and_as_yaml_reads_it(tmp
         action = rng.choice(["new", "revoke", "rotate"])
         if action == "new":
             name = "added%d" % step
-            secret, kept = keytool.add_key(str(path), name, ["a.%d" % step, "b.{x,y}.*"])
-            model[name] = (secret, {"a.%d" % step, "b.{x,y}.*"}, None)
+            metrics = ["a.%d" % step, "b.{x,y}.*", "*.q%d" % step]  # the last one quoted
+            secret, kept = keytool.add_key(str(path), name, metrics)
+            model[name] = (secret, set(metrics), None)
         elif action == "revoke":
             assert keytool.revoke_key(str(path), name)
             del model[name]
