@@ -33,6 +33,8 @@ from .errors import AuthFileError
 from .protocol import MAX_LAST_NODE_BYTES, PLAIN_NAME
 
 _PLAIN = PLAIN_TEXT.encode()
+# YAML takes a key of at most 1024 characters without the "? " form.
+_NAME = rb"(?=[^:\n]{1,1024}:)" + _PLAIN
 # A metric item may also hold the flow indicators ,[]{} (Graphite patterns): in
 # block context YAML reads them as part of a plain scalar, except first.  One
 # that starts with a character YAML reserves ('*.temp') is single-quoted, as
@@ -71,7 +73,7 @@ class Layout:
         self.key_indent = key_indent
         self.field_indent = field_indent
         self.item_prefix = item_prefix
-        self.block = block_regex(key_indent, field_indent, item_prefix, _PLAIN, _PLAIN,
+        self.block = block_regex(key_indent, field_indent, item_prefix, _NAME, _PLAIN,
                                  RFC3339_TEXT.encode(), _ITEM)
         self._names_pass = None
 

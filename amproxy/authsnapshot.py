@@ -131,67 +131,124 @@ def _usual_layout_of(db):
     return b"".join(chunks), layout, offsets, hashes
 
 
-def compile_snapshot(path):
-    """The auth file's snapshot, built in a child process: a sealed memfd (caller closes).
+class Compilation:
+    """A snapshot being built by a child process.
 
-    Raises AuthFileError with the reason the file was refused.
+    The master's loop watches it (``fileno``) and calls ``read`` when it is
+    readable, so supervision and signals go on while a large file is read.
     """
-    try:
-        fd = os.memfd_create("amproxy-auth", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except OSError as e:
-        raise AuthFileError("auth file %s: no memory to load it into: %s" % (
-            path, e.strerror or e)) from None
-    try:
-        message, status = _in_child(path, lambda: write_snapshot(path, fd))
-        if status:
-            raise AuthFileError(message or "auth file %s: the process reading it failed "
-                                "(status %d)" % (path, status))
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-    except OSError as e:  # no process or pipe to be had
-        os.close(fd)
-        raise AuthFileError("auth file %s could not be read: %s" % (
-            path, e.strerror or e)) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
-
-def _in_child(path, work):
-    """Run ``work`` in a forked child; (its AuthFileError's message, exit status)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # never returns into the caller's code
-        status = 1
+    def __init__(self, path, reason):
+        self.path = path
+        self.reason = reason
+        self.deadline = time.monotonic() + COMPILE_TIMEOUT
+        self.status = None  # the child's wait status, once reaped
+        self._chunks = []
+        self._read_end = None
         try:
-            os.close(read_end)
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            for sig in _MASTER_SIGNALS:  # the master's handlers are not for this process
-                signal.signal(sig, signal.SIG_DFL)
-            work()
-            status = 0
-        except AuthFileError as e:
-            os.write(write_end, str(e).encode("utf-8", "replace"))
-        except BaseException as e:  # its text might quote the file: the type only
-            os.write(write_end, ("auth file %s could not be read (%s)" % (
-                path, type(e).__name__)).encode("utf-8", "replace"))
-        os._exit(status)
-    os.close(write_end)
-    chunks, deadline = [], time.monotonic() + COMPILE_TIMEOUT
+            self.fd = os.memfd_create("amproxy-auth", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as e:
+            raise AuthFileError("auth file %s: no memory to load it into: %s" % (
+                path, e.strerror or e)) from None
+        try:
+            read_end, write_end = os.pipe()
+            self.pid = os.fork()
+        except OSError as e:
+            os.close(self.fd)
+            raise AuthFileError("auth file %s could not be read: no process for it: %s" % (
+                path, e.strerror or e)) from None
+        if self.pid == 0:
+            _compile_in_child(path, self.fd, read_end, write_end)  # never returns
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        self._read_end = read_end
+
+    def fileno(self):
+        return self._read_end
+
+    def read(self):
+        """Take what the child wrote; True once it is done (it closed the pipe)."""
+        try:
+            chunk = os.read(self._read_end, 65536)
+        except (BlockingIOError, InterruptedError):
+            return False
+        self._chunks.append(chunk)
+        return not chunk
+
+    def overdue(self, now):
+        return now >= self.deadline
+
+    def reaped(self, pid, status):
+        """The master reaped a child: whether it was this one (its status is kept)."""
+        if pid != self.pid:
+            return False
+        self.status = status
+        return True
+
+    def kill(self):
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._chunks = [("auth file %s took over %d s to read" % (
+            self.path, COMPILE_TIMEOUT)).encode("utf-8", "replace")]
+
+    def result(self):
+        """The :class:`Update`: the sealed snapshot, or why there is none."""
+        os.close(self._read_end)
+        if self.status is None:
+            try:
+                _, self.status = os.waitpid(self.pid, 0)  # it is exiting: it closed the pipe
+            except ChildProcessError:
+                self.status = 0x100  # reaped elsewhere: not known to have succeeded
+        message = b"".join(self._chunks).decode("utf-8", "replace")
+        code = os.waitstatus_to_exitcode(self.status)
+        if code == 0 and not message:
+            try:
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+                return Update(self.reason, fd=self.fd)
+            except OSError as e:
+                message = "auth file %s: its snapshot could not be sealed: %s" % (
+                    self.path, e.strerror or e)
+        os.close(self.fd)
+        if message:
+            return Update(self.reason, error=message)
+        # Killed (out of memory, say) before it could judge the file: try it again.
+        return Update(self.reason, error="auth file %s: the process reading it failed "
+                      "(status %d)" % (self.path, code), retry=True)
+
+
+def _compile_in_child(path, fd, read_end, write_end):
+    """In the child: write the snapshot, or the reason the file is refused; exit."""
+    status = 1
     try:
-        while select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            chunk = os.read(read_end, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            chunks = [("auth file %s took over %d s to read" % (
-                path, COMPILE_TIMEOUT)).encode("utf-8", "replace")]
-    finally:
         os.close(read_end)
-        _, status = os.waitpid(pid, 0)
-    return b"".join(chunks).decode("utf-8", "replace"), os.waitstatus_to_exitcode(status)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        for sig in _MASTER_SIGNALS:  # the master's handlers are not for this process
+            signal.signal(sig, signal.SIG_DFL)
+        write_snapshot(path, fd)
+        status = 0
+    except AuthFileError as e:
+        os.write(write_end, str(e).encode("utf-8", "replace"))
+    except BaseException as e:  # its text might quote the file: the type only
+        os.write(write_end, ("auth file %s could not be read (%s)" % (
+            path, type(e).__name__)).encode("utf-8", "replace"))
+    os._exit(status)
+
+
+def compile_snapshot(path, reason="start"):
+    """Compile and wait: the :class:`Update` (for the start, and tests)."""
+    try:
+        compilation = Compilation(path, reason)
+    except AuthFileError as e:
+        return Update(reason, error=str(e), retry=True)
+    while not compilation.read():
+        now = time.monotonic()
+        if compilation.overdue(now):
+            compilation.kill()
+            break
+        select.select([compilation], [], [], compilation.deadline - now)
+    return compilation.result()
 
 
 # -- reading (in every process) ------------------------------------------------------
@@ -303,12 +360,14 @@ class SnapshotIndex:
 
 
 class Update:
-    """A new snapshot (``fd``) or the reason the file was refused (``error``)."""
+    """A new snapshot (``fd``) or the reason the file was refused (``error``);
+    ``retry``: the file itself was not judged (the compiling process failed)."""
 
-    def __init__(self, reason, fd=None, error=None):
+    def __init__(self, reason, fd=None, error=None, retry=False):
         self.reason = reason
         self.fd = fd
         self.error = error
+        self.retry = retry
 
     def close(self):
         if self.fd is not None:
@@ -371,8 +430,9 @@ class SnapshotChannel:
 class AuthFile:
     """The current snapshot (``db``) of one auth file.
 
-    The master compiles it (``load``, ``compile``) and sends each update to
-    the workers, which ``take`` it.  In a single process, ``reload`` does both.
+    The master compiles it (``load``; ``start_compile`` and ``finish``, or
+    ``compile``) and sends each update to the workers, which ``take`` it.  In
+    a single process, ``reload`` does both.
     """
 
     def __init__(self, path):
@@ -384,12 +444,10 @@ class AuthFile:
 
     def load(self):
         """First load: an error here is fatal, so it propagates."""
-        self._identity = self._current_identity()
-        fd = compile_snapshot(self.path)
-        try:
-            self.db = AuthSnapshot(fd)
-        finally:
-            os.close(fd)
+        update = self.compile("start")
+        if update.error is not None:
+            raise AuthFileError(update.error)
+        self.take(update, quiet=True)
         return self.db
 
     def _current_identity(self):
@@ -403,13 +461,27 @@ class AuthFile:
     def changed(self):
         return self._current_identity() != self._identity
 
-    def compile(self, reason):
-        """An :class:`Update` with the file as it is now, or why it was refused."""
+    def start_compile(self, reason):
+        """A :class:`Compilation` of the file as it is now; AuthFileError if none starts."""
         self._identity = self._current_identity()
         try:
-            return Update(reason, fd=compile_snapshot(self.path))
-        except AuthFileError as e:
-            return Update(reason, error=str(e))
+            return Compilation(self.path, reason)
+        except AuthFileError:
+            self._identity = None  # look again at the next check
+            raise
+
+    def finish(self, compilation):
+        return self._judged(compilation.result())
+
+    def compile(self, reason):
+        """An :class:`Update` with the file as it is now, or why it was refused (waits)."""
+        self._identity = self._current_identity()
+        return self._judged(compile_snapshot(self.path, reason))
+
+    def _judged(self, update):
+        if update.retry:
+            self._identity = None  # the file was not judged: look again at the next check
+        return update
 
     def take(self, update, quiet=False):
         """Switch to the update's snapshot; else keep the keys in use.  Closes its fd."""
@@ -438,3 +510,66 @@ class AuthFile:
 
     def reload_if_changed(self):
         return self.changed() and self.reload("file changed")
+
+
+class AuthReloads:
+    """The master's side: one compile at a time, in a child, while its loop goes on.
+
+    A request made during a compile runs once after it.  Each result goes to
+    every worker (``channels()``: their :class:`SnapshotChannel`), and the
+    master keeps it for the workers it starts later.
+    """
+
+    def __init__(self, auth_file, channels):
+        self.auth_file = auth_file
+        self._channels = channels
+        self._compiling = None
+        self._queued = None
+
+    def request(self, reason):
+        if self._compiling is not None:
+            self._queued = reason
+            return
+        try:
+            self._compiling = self.auth_file.start_compile(reason)
+        except AuthFileError as e:
+            self._publish(Update(reason, error=str(e)))
+
+    def readable(self):
+        return [] if self._compiling is None else [self._compiling]
+
+    def timeout(self, timeout):
+        if self._compiling is None:
+            return timeout
+        return max(0.0, min(timeout, self._compiling.deadline - time.monotonic()))
+
+    def on_ready(self, ready):
+        compiling = self._compiling
+        if compiling is None:
+            return
+        if compiling in ready:
+            if not compiling.read():
+                return
+        elif compiling.overdue(time.monotonic()):
+            compiling.kill()
+        else:
+            return
+        self._compiling = None
+        self._publish(self.auth_file.finish(compiling))
+        if self._queued is not None:
+            reason, self._queued = self._queued, None
+            self.request(reason)
+
+    def reaped(self, pid, status):
+        return self._compiling is not None and self._compiling.reaped(pid, status)
+
+    def stop(self):
+        if self._compiling is not None:
+            self._compiling.kill()
+            self._compiling.result().close()
+            self._compiling = None
+
+    def _publish(self, update):
+        for channel in self._channels():
+            channel.send(update)
+        self.auth_file.take(update, quiet=True)

@@ -16,7 +16,7 @@ import time
 
 from . import daemon
 from .auth import warn_if_world_readable
-from .authsnapshot import AuthFile, SnapshotChannel
+from .authsnapshot import AuthFile, AuthReloads, SnapshotChannel
 from .balance import NOT_ACCEPTING, ConnectionTable
 from .config import (LIVE_OPTIONS, LiveOptions, config_file_path, reread_server_args,
                      stats_socket_path)
@@ -92,6 +92,7 @@ class Master:
         self.listener = None
         self.tls_listener = None
         self.auth_file = None
+        self.auth_reloads = None  # AuthReloads
         self._next_auth_check = 0.0
         self.pidfile = None
         self.ready = False
@@ -114,6 +115,8 @@ class Master:
         options = self.options
         self.auth_file = AuthFile(options.auth_file)
         db = self.auth_file.load()
+        self.auth_reloads = AuthReloads(
+            self.auth_file, lambda: [w.auth_channel for w in self.workers.values()])
         warn_if_world_readable(options.auth_file)
         self.listener = daemon.inherited_listener() or bind_listener(options.addr)
         if options.tls_addr:
@@ -224,8 +227,10 @@ class Master:
         """Wait for a signal, a booted worker, stats, the auth file's next check, or
         ``timeout`` seconds."""
         timeout = max(0.0, min(timeout, self._next_auth_check - time.monotonic()))
+        timeout = self.auth_reloads.timeout(timeout)
         channels = {w.auth_channel.master_end: w.auth_channel for w in self.workers.values()}
-        watched = [self._signal_pipe[0], self._boot_pipe[0], *channels] + self.stats.readable()
+        watched = [self._signal_pipe[0], self._boot_pipe[0], *channels,
+                   *self.auth_reloads.readable()] + self.stats.readable()
         try:
             ready, writable, _ = select.select(watched, self.stats.writable(), [],
                                                self.stats.timeout(timeout))
@@ -234,9 +239,10 @@ class Master:
         self.stats.on_ready(ready, writable, list(self.workers))
         if self._signal_pipe[0] in ready:
             self._drain(self._signal_pipe[0])
+        self.auth_reloads.on_ready(ready)
         # A SIGHUP sent to a worker: every worker gets the file as it is now.
         if any([channels[r].update_requested() for r in ready if r in channels]):
-            self.reload_auth_file("SIGHUP")
+            self.auth_reloads.request("SIGHUP")
         if self._boot_pipe[0] in ready:
             data = self._drain(self._boot_pipe[0])
             for (pid,) in _PID.iter_unpack(data[:len(data) - len(data) % _PID.size]):
@@ -278,7 +284,8 @@ class Master:
         daemon.systemd_notify("RELOADING=1\nMONOTONIC_USEC=%d"
                               % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         self.reload_options()
-        self.reload_auth_file("SIGHUP")  # and the workers read the live options again
+        # Compiled in a child; with it the workers read the live options again.
+        self.auth_reloads.request("SIGHUP")
         self.manage_workers()
         daemon.systemd_notify("READY=1")
 
@@ -287,15 +294,7 @@ class Master:
         if now >= self._next_auth_check:
             self._next_auth_check = now + max(self.options.auth_reload_interval, 0.1)
             if self.auth_file.changed():
-                self.reload_auth_file("file changed")
-
-    def reload_auth_file(self, reason):
-        """Compile the auth file once, here, and send the new snapshot (or why there
-        is none) to every worker, which switches to it and logs it."""
-        update = self.auth_file.compile(reason)
-        for worker in self.workers.values():
-            worker.auth_channel.send(update)
-        self.auth_file.take(update, quiet=True)  # for the workers started from now on
+                self.auth_reloads.request("file changed")
 
     def reload_options(self):
         """Parse the config once, here; the workers take the live options from ``live_options``."""
@@ -414,6 +413,8 @@ class Master:
                 return
             if not pid:
                 return
+            if self.auth_reloads.reaped(pid, status):
+                continue
             worker = self.workers.pop(pid, None)
             self._booted.discard(pid)
             self.stats.forget_worker(pid)
@@ -466,6 +467,8 @@ class Master:
             if listener is not None:
                 listener.close()
         self.listener = self.tls_listener = None
+        if self.auth_reloads is not None:
+            self.auth_reloads.stop()
         self.kill_workers(signal.SIGTERM if graceful else signal.SIGQUIT)
         limit = (self.options.graceful_timeout if graceful else 0) + KILL_GRACE
         deadline = time.monotonic() + limit

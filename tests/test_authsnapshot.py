@@ -62,7 +62,8 @@ def mostly(draw, usual, odd):
 
 
 NAMES = mostly(st.builds("dev{}".format, st.integers(0, 50)), [
-    "a.b-c_d/e", "0x1F", "yes", "null", "~x", "-x", "a:b", "a#b", "é", "x" * 300, "a b"])
+    "a.b-c_d/e", "0x1F", "yes", "null", "~x", "-x", "a:b", "a#b", "é", "x" * 300, "a b",
+    "k" * 1024, "k" * 1025])
 VALUES = mostly(st.sampled_from(["s3cr3t", "a+b/c=d", "0123", "...", "x%y", "~"]), [
     "a#b", "'q'", "a: b", "@x", "", "a\tb", "-", "a b"])
 METRICS = mostly(st.builds("home.t{}".format, st.integers(0, 9)) | st.sampled_from(
@@ -190,10 +191,12 @@ def test_the_cache_of_built_keys_is_bounded_and_knows_no_none(tmp_path, monkeypa
 def test_a_snapshot_is_sealed_and_names_the_file_it_refuses(tmp_path):
     path = tmp_path / "auth.yaml"
     path.write_text("apikeys:\n  k:\n    secret_key: s\n    max_rate: fast\n    metrics: []\n")
-    with pytest.raises(AuthFileError, match="auth file %s: key 'k': max_rate 'fast'" % path):
-        compile_snapshot(str(path))
+    refused = compile_snapshot(str(path))
+    assert refused.fd is None and not refused.retry
+    assert refused.error == "auth file %s: key 'k': max_rate 'fast' is not a number of " \
+        "lines per second above 0" % path
     path.write_text("apikeys:\n  k:\n    secret_key: s\n    metrics: []\n")
-    fd = compile_snapshot(str(path))
+    fd = compile_snapshot(str(path)).fd
     try:
         with pytest.raises(PermissionError):
             os.write(fd, b"x")

@@ -96,3 +96,41 @@ def test_an_auth_file_that_is_not_a_regular_file_is_refused_and_keys_stay(carbon
     proxy.send(line_for(KEYS, "beta", "e2e.beta.temp", 5, now - 70))
     wait_points(carbon, "e2e.beta.temp", {now - 70: 5.0}, now - 80)
     wait_for(lambda: proxy.process.poll() is None, 1, "the master to be alive")
+
+
+def slow_to_read(path, keys=60000):
+    """A valid auth file only the YAML parser reads (flow style): seconds to compile."""
+    path.write_text("apikeys:\n" + "".join(
+        '  "dev%d": {secret_key: "slow secret %d", metrics: [a.b%d]}\n' % (i, i, i)
+        for i in range(keys)))
+
+
+def test_the_master_stops_and_respawns_while_a_large_file_compiles(carbon, auth_file,
+                                                                  make_proxy):
+    proxy = make_proxy(carbon.address, auth_file)
+    workers = proxy.workers()
+    slow_to_read(auth_file)
+    for _ in range(6):  # more than the master queues: none may crowd out what follows
+        proxy.signal(signal.SIGHUP)
+        time.sleep(0.05)
+    os.kill(workers[0], signal.SIGKILL)
+    proxy.wait_log(r'msg="worker started"', count=3, timeout=3)  # replaced meanwhile
+    assert "auth file reloaded" not in proxy.log()  # still compiling
+    started = time.monotonic()
+    proxy.signal(signal.SIGTERM)
+    wait_for(lambda: proxy.process.poll() is not None, 4, what="the master to stop")
+    assert time.monotonic() - started < 4
+    assert "received SIGTERM" in proxy.log()
+
+
+def test_a_compile_that_dies_is_tried_again(carbon, auth_file, make_proxy):
+    proxy = make_proxy(carbon.address, auth_file)
+    workers = set(proxy.workers())
+    slow_to_read(auth_file)
+    compiler = wait_for(lambda: [pid for pid in proxy.workers() if pid not in workers], 5,
+                        what="the process compiling the new file")[0]
+    os.kill(compiler, signal.SIGKILL)
+    proxy.wait_log(r"the process reading it failed \(status -9\); keeping the 2 keys",
+                   count=2)
+    # The file was not judged: the next check compiles it again, and it loads.
+    proxy.wait_log(r"auth file reloaded.*keys=60000", count=2, timeout=30)
