@@ -27,19 +27,24 @@ import re
 from array import array
 from zlib import crc32
 
-from .auth import (PLAIN_TEXT, RFC3339_TEXT, _max_rate, _previous_secret,
+from .auth import (RFC3339_TEXT, _max_rate, _previous_secret,
                    _split_patterns)
 from .errors import AuthFileError
 from .protocol import MAX_LAST_NODE_BYTES, PLAIN_NAME
 
-_PLAIN = PLAIN_TEXT.encode()
+# A plain scalar that YAML's base schema reads as the same string: it may not
+# start with an indicator, except "-" or "?" right before another character
+# (secrets in URL-safe base64 start with "-" now and then).
+_SAFE = rb"A-Za-z0-9_./+=@~^%*?"  # and "-", put last in each class
+_START_CHAR = rb"(?:[A-Za-z0-9_./+=~^]|[-?](?=[" + _SAFE + rb"-]))"
+_PLAIN = _START_CHAR + rb"[" + _SAFE + rb"-]*"
 # YAML takes a key of at most 1024 characters without the "? " form.
 _NAME = rb"(?=[^:\n]{1,1024}:)" + _PLAIN
 # A metric item may also hold the flow indicators ,[]{} (Graphite patterns): in
 # block context YAML reads them as part of a plain scalar, except first.  One
 # that starts with a character YAML reserves ('*.temp') is single-quoted, as
 # `keys new` writes it: printable ASCII, no space, no quote inside.
-_PLAIN_ITEM = rb"[A-Za-z0-9_./][A-Za-z0-9_./+=@~^%*?,\[\]{}-]*"
+_PLAIN_ITEM = _START_CHAR + rb"[" + _SAFE + rb",\[\]{}-]*"
 _QUOTED_ITEM = rb"'[\x21-\x26\x28-\x7e]+'"
 _ITEM = rb"(?:%s|%s)" % (_PLAIN_ITEM, _QUOTED_ITEM)
 _WRITTEN_AS_IS = re.compile(_PLAIN_ITEM).fullmatch

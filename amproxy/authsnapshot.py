@@ -43,6 +43,11 @@ FORMAT = 1
 # metrics); past this it starts over, so a worker that has seen every key of a
 # fleet holds at most about 70 MB of them.  Building one again costs ~20 us.
 MAX_CACHED_KEYS = 20000
+# A file of more keys than this outside the standard layout is worth a warning:
+# YAML reads it slowly (about 20 s and 900 MB for 100,000 keys).
+SLOW_LAYOUT_WARNING_KEYS = 1000
+SLOW_LAYOUT = ("auth file %s is not in the standard layout (see the README), so each "
+               "reload of its %d keys goes through the slow YAML parser")
 # How long the master waits for the child compiling a snapshot.
 COMPILE_TIMEOUT = 120.0
 
@@ -91,7 +96,7 @@ def write_snapshot(path, fd):
             i = (i + 1) & mask
         slots[i] = offset + 1  # 0: an empty slot
     fields = {
-        "format": FORMAT, "keys": counts[0], "metrics": counts[1], "patterns": counts[2],
+        "format": FORMAT, "standard": found is not None, "keys": counts[0], "metrics": counts[1], "patterns": counts[2],
         "rate_limited": counts[3], "key_indent": layout.key_indent.decode(),
         "field_indent": layout.field_indent.decode(),
         "item_prefix": layout.item_prefix.decode(), "slots": size}
@@ -284,6 +289,7 @@ class AuthSnapshot:
         self.metric_count = index.header["metrics"]
         self.pattern_count = index.header["patterns"]
         self.rate_limited = index.header["rate_limited"]
+        self.standard = index.header["standard"]  # read in place, not by YAML
         # The cache refers to the index and not to this object: dropping the
         # snapshot unmaps it at once, with no cycle left for the GC to find.
         self.keys = KeyCache(index.find)

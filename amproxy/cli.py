@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -288,6 +289,9 @@ def main(argv=None):
                 return 1
             except KeyboardInterrupt:
                 return 130
+            except BrokenPipeError:  # `amproxy keys list | head`: the reader had enough
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 141
     return _usage(argv)
 
 

@@ -13,6 +13,8 @@ compared with what was intended.  Every file is replaced atomically (temp
 file, fsync, rename), with the old file's mode and owner.
 """
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -25,6 +27,7 @@ import yaml
 from .auth import (_split_patterns, format_rfc3339, load_auth_file, parse_auth_data,
                    parse_auth_file, parse_auth_text, parse_rfc3339, read_auth_file)
 from .authscan import count_entries, entries, scan, standard_block
+from .authsnapshot import SLOW_LAYOUT, SLOW_LAYOUT_WARNING_KEYS
 from .errors import AuthFileError
 from .protocol import metric_problem
 
@@ -166,11 +169,51 @@ def _replace_file(path, text, expected, fallback_data):
     raise AuthFileError("could not write a valid auth file %s; it was not changed" % path)
 
 
+@contextlib.contextmanager
+def _edit(path):
+    """One edit of the auth file at a time: a second ``amproxy keys`` waits for the first,
+    else both read the same file and the last rename loses the other's key.  The lock
+    is on the file's directory, which a rename of the file does not replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise AuthFileError("cannot open %s, the directory of auth file %s: %s" % (
+            directory, path, e.strerror or e)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
 def add_key(path, public_key, patterns):
     """Add a key with a new secret; return it, and whether the file's layout was kept.
 
     Refuses a duplicate.
     """
+    with _edit(path):
+        return _add_key(path, public_key, patterns)
+
+
+def revoke_key(path, public_key):
+    """Remove a key; return whether the file's layout was kept.  Raise if it is absent."""
+    with _edit(path):
+        return _revoke_key(path, public_key)
+
+
+def rotate_key(path, public_key, grace_seconds, now):
+    """Give a key a new secret, keeping the current one as previous for ``grace_seconds``.
+
+    Returns the new secret and whether the file's layout was kept.  A secret
+    that was already previous is dropped: its devices had the whole grace
+    period to take the one that replaced it.
+    """
+    with _edit(path):
+        return _rotate_key(path, public_key, grace_seconds, now)
+
+
+def _add_key(path, public_key, patterns):
     if not public_key or re.search(r"\s", public_key):
         raise AuthFileError("public key %r must be a non-empty string without spaces"
                             % public_key)
@@ -255,8 +298,7 @@ def _key_block(lines, public_key):
     return first, len(lines)
 
 
-def revoke_key(path, public_key):
-    """Remove a key; return whether the file's layout was kept.  Raise if it is absent."""
+def _revoke_key(path, public_key):
     raw, scanned = _scanned(path, public_key)
     if scanned is not None:
         if scanned.found is None:
@@ -280,13 +322,7 @@ MAX_GRACE_SECONDS = 3650 * 86400
 _PREVIOUS_LINE = re.compile(r" +previous_secret_(key|expires):")
 
 
-def rotate_key(path, public_key, grace_seconds, now):
-    """Give a key a new secret, keeping the current one as previous for ``grace_seconds``.
-
-    Returns the new secret and whether the file's layout was kept.  A secret
-    that was already previous is dropped: its devices had the whole grace
-    period to take the one that replaced it.
-    """
+def _rotate_key(path, public_key, grace_seconds, now):
     if not 0 <= grace_seconds <= MAX_GRACE_SECONDS:
         raise AuthFileError("--grace must be between 0 and %d days" % (MAX_GRACE_SECONDS // 86400))
     raw, scanned = _scanned(path, public_key)
@@ -393,6 +429,8 @@ def check(path):
     if scanned is None:
         db = parse_auth_file(raw, path)
         totals = len(db), db.metric_count, db.pattern_count
+        if len(db) >= SLOW_LAYOUT_WARNING_KEYS:
+            log.warning(SLOW_LAYOUT, path, len(db))
         keys = ((name.decode(), key._metric_names, key.previous_until)
                 for name, key in db.keys.items())
     else:

@@ -16,7 +16,8 @@ import time
 
 from . import daemon
 from .auth import warn_if_world_readable
-from .authsnapshot import AuthFile, AuthReloads, SnapshotChannel
+from .authsnapshot import (SLOW_LAYOUT, SLOW_LAYOUT_WARNING_KEYS, AuthFile, AuthReloads,
+                           SnapshotChannel)
 from .balance import NOT_ACCEPTING, ConnectionTable
 from .config import (LIVE_OPTIONS, LiveOptions, config_file_path, reread_server_args,
                      stats_socket_path)
@@ -118,6 +119,8 @@ class Master:
         self.auth_reloads = AuthReloads(
             self.auth_file, lambda: [w.auth_channel for w in self.workers.values()])
         warn_if_world_readable(options.auth_file)
+        if not db.standard and len(db) >= SLOW_LAYOUT_WARNING_KEYS:
+            log.warning(SLOW_LAYOUT, options.auth_file, len(db))
         self.listener = daemon.inherited_listener() or bind_listener(options.addr)
         if options.tls_addr:
             if not (options.tls_cert and options.tls_key):

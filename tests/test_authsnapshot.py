@@ -64,7 +64,8 @@ def mostly(draw, usual, odd):
 NAMES = mostly(st.builds("dev{}".format, st.integers(0, 50)), [
     "a.b-c_d/e", "0x1F", "yes", "null", "~x", "-x", "a:b", "a#b", "é", "x" * 300, "a b",
     "k" * 1024, "k" * 1025])
-VALUES = mostly(st.sampled_from(["s3cr3t", "a+b/c=d", "0123", "...", "x%y", "~"]), [
+VALUES = mostly(st.sampled_from(["s3cr3t", "a+b/c=d", "0123", "...", "x%y", "~", "-abc",
+                                 "+x=", "?q", "=="]), [
     "a#b", "'q'", "a: b", "@x", "", "a\tb", "-", "a b"])
 METRICS = mostly(st.builds("home.t{}".format, st.integers(0, 9)) | st.sampled_from(
     ["home.*", "home.{a,b}", "home.[ab]", "h.**", "a]b", "a,b", "bad..name", "a;b=c",
@@ -204,3 +205,19 @@ def test_a_snapshot_is_sealed_and_names_the_file_it_refuses(tmp_path):
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)
+
+
+def test_a_large_file_outside_the_standard_layout_is_pointed_out(tmp_path, caplog):
+    from amproxy import keytool
+    path = tmp_path / "auth.yaml"
+    path.write_text("apikeys:\n" + "".join(
+        '  "k%d": {secret_key: s%d, metrics: [m.%d]}\n' % (i, i, i) for i in range(1000)))
+    with caplog.at_level("WARNING"):
+        keytool.check(str(path))
+    assert "is not in the standard layout" in caplog.text
+    assert not snapshot_of(path.read_bytes(), tmp_path).standard
+    caplog.clear()
+    keytool.add_key(str(tmp_path / "std.yaml"), "k", ["m"])
+    with caplog.at_level("WARNING"):
+        keytool.check(str(tmp_path / "std.yaml"))
+    assert "standard layout" not in caplog.text

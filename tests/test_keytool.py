@@ -272,3 +272,30 @@ def test_many_edits_of_a_standard_file_keep_it_standard_and_as_yaml_reads_it(tmp
     assert text.startswith("# the fleet\napikeys:\n")
     assert all("# device %d\n" % i in text for i in range(300))
     assert not [f for f in os.listdir(tmp_path) if f != "fleet.yaml"]  # no temp file left
+
+
+def test_keys_edits_at_the_same_time_all_land(auth):
+    """Without a lock, both read the same file and the last rename drops the other's key."""
+    children = [subprocess.Popen([AMPROXY, "keys", "new", "racer%d" % i, "--metric", "r.%d" % i,
+                                  "--auth-file", auth], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE) for i in range(6)]
+    for child in children:
+        child.communicate(timeout=60)
+        assert child.returncode == 0
+    children = [subprocess.Popen([AMPROXY, "keys", cmd, name, "--auth-file", auth],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for cmd, name in [("revoke", "racer0"), ("rotate", "racer1"),
+                                  ("revoke", "racer2"), ("rotate", "racer3")]]
+    for child in children:
+        child.communicate(timeout=60)
+        assert child.returncode == 0
+    assert sorted(load_auth_file(auth).keys) == [b"alice", b"bob", b"racer1", b"racer3",
+                                                 b"racer4", b"racer5"]
+
+
+def test_keys_list_into_a_closed_pipe_is_quiet(auth):
+    for i in range(3):
+        keytool.add_key(auth, "many%d" % i, ["m.%d" % i])
+    result = subprocess.run("%s keys list --auth-file %s | head -1" % (AMPROXY, auth),
+                            shell=True, capture_output=True, text=True, timeout=30)
+    assert result.stdout.count("\n") == 1 and "Traceback" not in result.stderr
