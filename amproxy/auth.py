@@ -1,8 +1,9 @@
 """The auth file: read and validate it into a lookup of keys.
 
-The running server holds it as a snapshot (:mod:`amproxy.authsnapshot`);
-the full parse here serves the files in a layout other than the usual one,
-and the tools.
+The running server holds it as a snapshot (:mod:`amproxy.authsnapshot`),
+built from the standard layout in place (:mod:`amproxy.authscan`); the full
+parse here reads the files in any other layout: a simple layout without the
+YAML library (:func:`parse_simple_layout`), anything else with it.
 
 Every scalar is read as the string written in the file (YAML's "base"
 schema): ``secret_key: 0123`` is the secret "0123", ``yes`` is "yes".

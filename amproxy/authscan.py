@@ -1,4 +1,4 @@
-"""The auth file's usual layout, read in place: one regex match per key.
+"""The auth file's standard layout, read in place: one regex match per key.
 
 This is the layout ``amproxy keys`` writes, and the one of the large files
 that fleets generate::
@@ -15,12 +15,13 @@ that fleets generate::
 with blank and comment lines between keys, any indentation used alike
 throughout, and ``metrics: []``.  Scanning it makes no object per metric:
 100,000 keys of 10 metrics take about a third of a second and a few MB,
-where the YAML parser takes 14 s and hundreds of MB.  Any other layout
+where the YAML parser takes about 20 s and 900 MB.  Any other layout
 (another order of the fields, a comment inside a key, quotes, flow style,
-tabs...) is "not the usual layout", and the caller reads that file with
+tabs...) is not the standard layout, and the caller reads that file with
 :func:`amproxy.auth.parse_auth_file` instead.  Every value here is a plain
 scalar that YAML's base schema reads as the same string, so what is
-accepted means exactly what YAML would read.
+accepted means exactly what YAML would read.  (A metric that YAML needs
+quoted, such as ``'*.temp'``, is single-quoted.)
 """
 
 import re
@@ -121,13 +122,13 @@ class Scan:
 
 
 def scan(data, path, want=None, mark=None):
-    """Scan ``data`` (the file's bytes); a :class:`Scan`, or None if not the usual layout.
+    """Scan ``data`` (the file's bytes); a :class:`Scan`, or None if not the standard layout.
 
     ``mark(layout, match)``, if given, is asked about every entry; the offsets
     of those it is true for are in ``marked``.
 
     Raises AuthFileError, with the message the YAML path gives, for a file in
-    the usual layout whose values are invalid.
+    the standard layout whose values are invalid.
     """
     start = _START.match(data)
     if start is None or not data.endswith(b"\n"):
@@ -177,7 +178,7 @@ def scan(data, path, want=None, mark=None):
             try:
                 result.pattern_count += _check_entry(result.layout, m, path, compiled)
             except AuthFileError as e:
-                error = error or e  # raised if the rest of the file is the usual layout
+                error = error or e  # raised if the rest of the file is the standard layout
             result.rate_limited = result.rate_limited or rate is not None
     if not names or not _END.match(data, pos):
         return None

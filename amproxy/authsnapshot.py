@@ -4,7 +4,7 @@ A fleet's auth file holds 100,000 keys.  Parsed into Python objects in every
 worker, it took 300 MB per worker after the first reload, since a reload in
 a forked worker copies everything it builds.  Instead, as Postfix's postmap
 does for its tables, the master compiles the file into one indexed snapshot
-(a sealed memfd: the file's text in the usual layout, see
+(a sealed memfd: the file's text in the standard layout, see
 :mod:`amproxy.authscan`, and a hash table of the keys' offsets), and hands
 it to the workers over a socket.  Each process maps the same pages, so the
 snapshot is in memory once however many workers there are, and a reload is
@@ -84,7 +84,7 @@ def write_snapshot(path, fd):
         db = parse_auth_file(raw, path)
         del raw
         counts = len(db), db.metric_count, db.pattern_count, db.rate_limited
-        text, layout, offsets, hashes = _usual_layout_of(db)
+        text, layout, offsets, hashes = _standard_layout_of(db)
     size = 1
     while size < 2 * len(offsets):
         size *= 2
@@ -112,8 +112,8 @@ def write_snapshot(path, fd):
         out.write(slots)
 
 
-def _usual_layout_of(db):
-    """A file in another layout, written out in the usual one (values escaped)."""
+def _standard_layout_of(db):
+    """A file in another layout, written out in the standard one (values escaped)."""
     layout = Layout(b"  ", b"    ", b"    - ")
     chunks, offsets, hashes = [], array("Q"), array("L")
     position = 0
