@@ -28,7 +28,7 @@ import re
 from array import array
 from zlib import crc32
 
-from .auth import (RFC3339_TEXT, _max_rate, _previous_secret,
+from .auth import (RFC3339_TEXT, _max_rate, _previous_secret, parse_rfc3339,
                    _split_patterns)
 from .errors import AuthFileError
 from .protocol import MAX_LAST_NODE_BYTES, PLAIN_NAME
@@ -220,6 +220,16 @@ def _check_entry(layout, m, path, compiled):
     _previous_secret(entry, name, path)
     _max_rate(entry, name, path)
     return len(patterns)
+
+
+def entry_values(layout, m):
+    """A matched entry's values: (name, secret, metric names, previous secret or
+    None, its expiry as Unix time or 0, max_rate or 0.0)."""
+    previous = m.group(4).decode() if m.group(4) else None
+    return (m.group(2).decode(), m.group(3).decode(),
+            [name.decode() for name in layout.metric_names(m.group(7))], previous,
+            parse_rfc3339(m.group(5).decode()) if previous else 0,
+            float(m.group(6)) if m.group(6) else 0.0)
 
 
 def entries(data, scanned, offsets=None):

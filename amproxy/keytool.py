@@ -25,8 +25,8 @@ import time
 import yaml
 
 from .auth import (_split_patterns, format_rfc3339, load_auth_file, parse_auth_data,
-                   parse_auth_file, parse_auth_text, parse_rfc3339, read_auth_file)
-from .authscan import count_entries, entries, scan, standard_block
+                   parse_auth_file, parse_auth_text, read_auth_file)
+from .authscan import count_entries, entries, entry_values, scan, standard_block
 from .authsnapshot import SLOW_LAYOUT, SLOW_LAYOUT_WARNING_KEYS
 from .errors import AuthFileError
 from .protocol import metric_problem
@@ -110,10 +110,8 @@ def _scanned(path, public_key=None):
 
 def _summary_of_entry(layout, m):
     """What a scanned key is, as :func:`_summary_of` tells it."""
-    previous = m.group(4).decode() if m.group(4) else None
-    return (m.group(3).decode(), frozenset(n.decode() for n in layout.metric_names(m.group(7))),
-            previous, parse_rfc3339(m.group(5).decode()) if previous else 0,
-            float(m.group(6)) if m.group(6) else 0.0)
+    _, secret, metrics, previous, until, max_rate = entry_values(layout, m)
+    return secret, frozenset(metrics), previous, until, max_rate
 
 
 def _replace_entry(path, raw, scanned, public_key, block, expected):
@@ -381,24 +379,26 @@ def _rotate_key(path, public_key, grace_seconds, now):
                                  data)
 
 
-def _each_key(path):
+def _each_key(path, mark=None):
     """(key count, exact metric names, patterns) and an iterator over the keys, in file
-    order, as (name, exact names, patterns, max_rate, previous_until)."""
+    order, as (name, exact names, patterns, max_rate, previous_until).  With ``mark``
+    (see :func:`amproxy.authscan.scan`), a standard-layout file gives only the keys it
+    marks."""
     raw = read_auth_file(path)
-    scanned = scan(raw, path)
+    scanned = scan(raw, path, mark=mark)
     if scanned is None:
         db = parse_auth_file(raw, path)
+        if len(db) >= SLOW_LAYOUT_WARNING_KEYS:
+            log.warning(SLOW_LAYOUT, path, len(db))
         return (len(db), db.metric_count, db.pattern_count), (
             (name.decode(), key._metric_names, key.patterns, key.max_rate, key.previous_until)
             for name, key in db.keys.items())
 
     def keys():
-        layout = scanned.layout
-        for m in entries(raw, scanned):
-            metrics = [n.decode() for n in layout.metric_names(m.group(7))]
-            exact, patterns, _ = _split_patterns(metrics, "", path, {})
-            until = parse_rfc3339(m.group(5).decode()) if m.group(4) else 0
-            yield m.group(2).decode(), exact, patterns, float(m.group(6) or 0), until
+        for m in entries(raw, scanned, None if mark is None else scanned.marked):
+            name, _, metrics, _, until, max_rate = entry_values(scanned.layout, m)
+            exact, patterns, _ = _split_patterns(metrics, name, path, {})
+            yield name, exact, patterns, max_rate, until
     return (len(scanned), scanned.metric_count, scanned.pattern_count), keys()
 
 
@@ -424,20 +424,9 @@ def check(path):
     An exact metric name that every line would be refused for (see
     protocol.metric_problem) is logged as a warning: the file still loads.
     """
-    raw = read_auth_file(path)
-    scanned = scan(raw, path, mark=_may_have_warnings)
-    if scanned is None:
-        db = parse_auth_file(raw, path)
-        totals = len(db), db.metric_count, db.pattern_count
-        if len(db) >= SLOW_LAYOUT_WARNING_KEYS:
-            log.warning(SLOW_LAYOUT, path, len(db))
-        keys = ((name.decode(), key._metric_names, key.previous_until)
-                for name, key in db.keys.items())
-    else:
-        totals = len(scanned), scanned.metric_count, scanned.pattern_count
-        keys = _keys_to_look_at(raw, scanned, path)
+    totals, keys = _each_key(path, mark=_may_have_warnings)
     warnings = []
-    for name, exact, previous_until in keys:
+    for name, exact, _, _, previous_until in keys:
         for metric in exact:
             problem = metric_problem(metric.encode("utf-8"))
             if problem is not None:
@@ -457,14 +446,3 @@ def check(path):
 def _may_have_warnings(layout, m):
     """A key with a previous secret, or a metric name that the quick test does not pass."""
     return m.group(4) or not layout.names_pass(m.group(7))
-
-
-def _keys_to_look_at(raw, scanned, path):
-    """The keys of a standard-layout file that :func:`_may_have_warnings` marked, as
-    (name, exact metric names, previous_until)."""
-    layout = scanned.layout
-    for m in entries(raw, scanned, scanned.marked):
-        metrics = [n.decode() for n in layout.metric_names(m.group(7))]
-        exact, _, _ = _split_patterns(metrics, "", path, {})
-        until = parse_rfc3339(m.group(5).decode()) if m.group(4) else 0
-        yield m.group(2).decode(), exact, until
