@@ -521,7 +521,8 @@ class AuthFile:
 class AuthReloads:
     """The master's side: one compile at a time, in a child, while its loop goes on.
 
-    A request made during a compile runs once after it.  Each result goes to
+    A compile is asked for on SIGHUP (``request``) or when the file changed
+    (``check_file``).  A request made during a compile runs once after it.  Each result goes to
     every worker (``channels()``: their :class:`SnapshotChannel`), and the
     master keeps it for the workers it starts later.
     """
@@ -531,6 +532,15 @@ class AuthReloads:
         self._channels = channels
         self._compiling = None
         self._queued = None
+        self._next_check = 0.0
+
+    def check_file(self, interval):
+        """The mtime poll, every ``interval`` seconds (--auth-reload-interval)."""
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + max(interval, 0.1)
+            if self.auth_file.changed():
+                self.request("file changed")
 
     def request(self, reason):
         if self._compiling is not None:
@@ -545,9 +555,11 @@ class AuthReloads:
         return [] if self._compiling is None else [self._compiling]
 
     def timeout(self, timeout):
-        if self._compiling is None:
-            return timeout
-        return max(0.0, min(timeout, self._compiling.deadline - time.monotonic()))
+        """``timeout``, or less to be back in time for the next check or a late compile."""
+        wake = self._next_check
+        if self._compiling is not None:
+            wake = min(wake, self._compiling.deadline)
+        return max(0.0, min(timeout, wake - time.monotonic()))
 
     def on_ready(self, ready):
         compiling = self._compiling
@@ -570,6 +582,7 @@ class AuthReloads:
         return self._compiling is not None and self._compiling.reaped(pid, status)
 
     def stop(self):
+        self._next_check = float("inf")  # stopping: no more checks to wake up for
         if self._compiling is not None:
             self._compiling.kill()
             self._compiling.result().close()

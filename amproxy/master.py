@@ -94,7 +94,6 @@ class Master:
         self.tls_listener = None
         self.auth_file = None
         self.auth_reloads = None  # AuthReloads
-        self._next_auth_check = 0.0
         self.pidfile = None
         self.ready = False
         self._signal_queue = []
@@ -209,7 +208,7 @@ class Master:
                     self.murder_workers()
                     self.manage_workers()
                     self.stats.tick(list(self.workers))
-                    self.reload_auth_file_if_changed()
+                    self.auth_reloads.check_file(self.options.auth_reload_interval)
                     continue
                 if sig != signal.SIGCHLD:
                     log.info("received SIG%s", SIGNAL_NAMES[sig].upper())
@@ -229,7 +228,6 @@ class Master:
     def sleep(self, timeout=1.0):
         """Wait for a signal, a booted worker, stats, the auth file's next check, or
         ``timeout`` seconds."""
-        timeout = max(0.0, min(timeout, self._next_auth_check - time.monotonic()))
         timeout = self.auth_reloads.timeout(timeout)
         channels = {w.auth_channel.master_end: w.auth_channel for w in self.workers.values()}
         watched = [self._signal_pipe[0], self._boot_pipe[0], *channels,
@@ -291,13 +289,6 @@ class Master:
         self.auth_reloads.request("SIGHUP")
         self.manage_workers()
         daemon.systemd_notify("READY=1")
-
-    def reload_auth_file_if_changed(self):
-        now = time.monotonic()
-        if now >= self._next_auth_check:
-            self._next_auth_check = now + max(self.options.auth_reload_interval, 0.1)
-            if self.auth_file.changed():
-                self.auth_reloads.request("file changed")
 
     def reload_options(self):
         """Parse the config once, here; the workers take the live options from ``live_options``."""

@@ -4,7 +4,7 @@ import os
 import signal
 import time
 
-from conftest import KEYS, SECRETS_USED, line_for, wait_for, wait_points, write_auth
+from conftest import KEYS, SECRETS_USED, free_port, line_for, wait_for, wait_points, write_auth
 
 
 def snapshot_mappings(pid):
@@ -134,3 +134,22 @@ def test_a_compile_that_dies_is_tried_again(carbon, auth_file, make_proxy):
                    count=2)
     # The file was not judged: the next check compiles it again, and it loads.
     proxy.wait_log(r"auth file reloaded.*keys=60000", count=2, timeout=30)
+
+
+def cpu_seconds(pid):
+    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_master_sleeps_through_a_long_graceful_stop(auth_file, make_proxy):
+    """Its next auth-file check is not a deadline to wake for while stopping (it once
+    spun at 100% CPU until the workers were done)."""
+    proxy = make_proxy("127.0.0.1:%d" % free_port(), auth_file, workers=1,
+                       args=["--graceful-timeout", "5s"])
+    proxy.send(line_for(KEYS, "alpha", "e2e.alpha.temp", 1))  # held: no Carbon to take it
+    proxy.wait_log(r"keeping lines until it is back", timeout=10)
+    before = cpu_seconds(proxy.pid)
+    proxy.signal(signal.SIGTERM)
+    time.sleep(3)  # the worker waits for Carbon until its graceful timeout
+    assert proxy.process.poll() is None, "the stop should still be going on"
+    assert cpu_seconds(proxy.pid) - before < 0.5
