@@ -295,8 +295,8 @@ class Worker:
 
         The other may be hung, or busy, or asleep for a moment (it looks at the
         table every REBALANCE_INTERVAL): clients still waiting after that long
-        are taken here, a batch at a time, so a burst of connections is never
-        served at the pace of one accept per look.
+        are taken here, this worker's share of the accept queue at a time, so a
+        burst of connections is never served at the pace of one accept per look.
         """
         if not self.accepting or self.watching_listener:
             self._clients_waiting_since = None
