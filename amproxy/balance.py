@@ -5,8 +5,8 @@ so four busy connections can land three on one worker and one on the other:
 the first worker is then the bottleneck while the second idles.  Each worker
 publishes how many clients it holds in a table that the master shares with
 all of them (one integer per worker slot, in anonymous shared memory, so
-reading it costs no system call), and only the workers that hold the fewest
-watch the listening socket, as nginx's least-connections balancing does.
+reading it costs no system call), and only the workers that hold no more than
+the fewest, plus a slack, watch the listening socket (see listeners.Acceptor).
 """
 
 import mmap
@@ -39,9 +39,13 @@ class ConnectionTable:
         """How many workers are accepting (at least 1)."""
         return max(1, sum(1 for c in self._table[1:self._table[0] + 1] if c >= 0))
 
-    def is_least_loaded(self, slot, connections):
-        """Whether a worker holding ``connections`` clients should take the next one."""
+    def allowance(self, slot, connections):
+        """How many more clients a worker holding ``connections`` may take now: up to the
+        least loaded worker's count plus a slack of 1 + 1/8 of it.  At small counts
+        that is strict least-connections (four busy clients split two and two); at a
+        storm's counts every worker takes batches instead of one client in turn."""
         if slot >= self.capacity:
-            return True
+            return 1 << 30
         counts = [c for c in self._table[1:self._table[0] + 1] if c >= 0]
-        return not counts or connections <= min(counts)
+        least = min(counts) if counts else connections
+        return least + 1 + least // 8 - connections

@@ -74,6 +74,7 @@ class CarbonSender:
         # Sent on this connection before it proved healthy: never taken as
         # delivered, however old (a front that accepts and drops everything).
         self._unconfirmed = []
+        self._unconfirmed_lines = 0  # their lines: checked at every write, so kept, not summed
         self._resend = collections.deque()  # (sent_at, data, line_count), goes first
         self._search = None  # a PoisonSearch while one runs
         self._replaying = False  # sending a backlog: the replay rate applies
@@ -152,6 +153,7 @@ class CarbonSender:
             self._healthy = True
             self._backoff = INITIAL_BACKOFF
             unconfirmed, self._unconfirmed = self._unconfirmed, []
+            self._unconfirmed_lines = 0
             self._recent_add(unconfirmed)
         search = self._search
         if search is not None and search.written_at is not None and \
@@ -193,7 +195,7 @@ class CarbonSender:
             self._current = (data, line_count)
             self._offset = 0
             return True
-        if not self._healthy and self._unconfirmed_lines() >= self.buffer.max_lines:
+        if not self._healthy and self._unconfirmed_lines >= self.buffer.max_lines:
             # The rest waits until this connection has stayed up: a front that
             # accepts and drops would otherwise pull the whole spool into memory.
             return False
@@ -217,9 +219,6 @@ class CarbonSender:
         if self._replaying and self.replay_rate:
             self._tokens -= self._current[1]
         return True
-
-    def _unconfirmed_lines(self):
-        return sum(count for _, _, count in self._unconfirmed)
 
     def _read_spool(self):
         """The spool's next chunk; None (logged once) while it cannot be read."""
@@ -270,6 +269,7 @@ class CarbonSender:
             return
         if not self._healthy:
             self._unconfirmed.extend(chunks)
+            self._unconfirmed_lines += sum(chunk[2] for chunk in chunks)
             return
         now = self.clock()
         for chunk in chunks:
@@ -301,6 +301,7 @@ class CarbonSender:
         self._resend.extendleft(reversed(recent))
         self._recent.clear()
         self._unconfirmed = []
+        self._unconfirmed_lines = 0
         self._recent_lines = 0
         return sum(count for _, _, count in recent)
 
@@ -353,6 +354,7 @@ class CarbonSender:
         self._search = None
         self._resend.clear()
         self._unconfirmed = []
+        self._unconfirmed_lines = 0
         for _, chunk, line_count in reversed(held):
             self.buffer.appendleft(chunk, line_count)
         data, lines = self.buffer.pop_all()

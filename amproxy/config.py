@@ -212,9 +212,11 @@ SERVER_OPTIONS = [
     Option("--idle-timeout", "120s",
            "close a client connection that has sent no accepted line this long",
            env="AMPROXY_IDLE_TIMEOUT", type=duration, live=True),
-    Option("--max-connections", 1024,
-           "client connections per worker; beyond that new connections are closed at once",
-           env="AMPROXY_MAX_CONNECTIONS", type=positive_int, live=True),
+    Option("--max-connections", 0,
+           "client connections per worker; a worker that holds this many takes no more "
+           "until one leaves, and new ones wait in the listen queue; 0: as many as the "
+           "open-file limit (LimitNOFILE, ulimit -n) allows, less 128",
+           env="AMPROXY_MAX_CONNECTIONS", type=non_negative_int, live=True),
     Option("--max-connections-per-source", 0,
            "client connections per worker from one source address; 0: 90%% of "
            "--max-connections, so that one address cannot take every slot while a "

@@ -22,6 +22,7 @@ from .balance import NOT_ACCEPTING, ConnectionTable
 from .config import (LIVE_OPTIONS, LiveOptions, config_file_path, reread_server_args,
                      stats_socket_path)
 from .errors import AmproxyError
+from .listeners import FILE_LIMIT_IF_UNLIMITED, Listener, bind, connection_limit
 from .logs import reopen_log_files, set_level
 from .placement import Placement
 from .ratelimit import RateTable
@@ -31,7 +32,6 @@ from .worker import WORKER_BOOT_ERROR, Heartbeat, Worker
 
 log = logging.getLogger(__name__)
 
-LISTEN_BACKLOG = 1024
 SIGNALS = [getattr(signal, "SIG%s" % name) for name in
            "HUP QUIT INT TERM TTIN TTOU USR1 CHLD".split()]
 SIGNAL_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
@@ -45,22 +45,6 @@ class HaltServer(AmproxyError):
         super().__init__(reason)
         self.reason = reason
         self.exit_status = exit_status
-
-
-def bind_listener(address):
-    host, port = address
-    try:
-        family, _, _, _, sockaddr = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as e:
-        raise AmproxyError("cannot listen on %s:%d: %s" % (host, port, e.strerror or e)) from None
-    # Workers share this socket; whoever loses the race to accept must not block.
-    sock.setblocking(False)
-    return sock
 
 
 def check_access(options):
@@ -90,8 +74,7 @@ class Master:
         self.argv = list(argv)  # to read the options again on SIGHUP
         self.num_workers = options.workers
         self.workers = {}  # pid -> Worker
-        self.listener = None
-        self.tls_listener = None
+        self.listeners = []  # listeners.Listener: the plain one first
         self.auth_file = None
         self.auth_reloads = None  # AuthReloads
         self.pidfile = None
@@ -120,11 +103,12 @@ class Master:
         warn_if_world_readable(options.auth_file)
         if not db.standard and len(db) >= SLOW_LAYOUT_WARNING_KEYS:
             log.warning(SLOW_LAYOUT, options.auth_file, len(db))
-        self.listener = daemon.inherited_listener() or bind_listener(options.addr)
+        inherited = daemon.inherited_listener()
+        self.listeners = [Listener(inherited) if inherited else bind(options.addr)]
         if options.tls_addr:
             if not (options.tls_cert and options.tls_key):
                 raise AmproxyError("--tls-addr needs --tls-cert and --tls-key")
-            self.tls_listener = bind_listener(options.tls_addr)
+            self.listeners.append(bind(options.tls_addr, "tls"))
         self._raise_file_limit()
         if options.pidfile:
             self.pidfile = daemon.Pidfile(options.pidfile)
@@ -138,7 +122,7 @@ class Master:
             self.pidfile.create(self.pid)
         daemon.drop_privileges(options.user, options.group)
         check_access(options)
-        if self.tls_listener is not None:  # as the workers will read them
+        if options.tls_addr:  # as the workers will read them
             server_context(options.tls_cert, options.tls_key, options.tls_client_ca)
         self.live_options = LiveOptions()
         self.connection_table = ConnectionTable()
@@ -148,10 +132,10 @@ class Master:
         self._boot_pipe = self._nonblocking_pipe()
         for sig in SIGNALS:
             signal.signal(sig, self._record_signal)
+        addresses = {listener.kind: listener.address() for listener in self.listeners}
         log.info("amproxy started", extra={
-            "addr": "%s:%d" % self.listener.getsockname()[:2],
-            "tls_addr": "%s:%d" % self.tls_listener.getsockname()[:2]
-                        if self.tls_listener is not None else "none",
+            "addr": addresses["plain"], "tls_addr": addresses.get("tls", "none"),
+            "max_connections": connection_limit(options.max_connections),
             "carbon": ",".join(map(str, options.carbon_addr)), "workers": self.num_workers,
             "keys": len(db), "auth_file": options.auth_file,
             "spool_dir": options.spool_dir or "none",
@@ -170,18 +154,21 @@ class Master:
         return pipe
 
     def _raise_file_limit(self):
-        """Each worker needs a descriptor per client; 1024 is a common soft limit."""
+        """Each worker needs a descriptor per client: take the hard limit, as a Go program
+        does (1024 is a common soft limit; the systemd unit sets 65536)."""
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = self.options.max_connections + 64
-        if soft != resource.RLIM_INFINITY and soft < wanted:
-            new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        new = FILE_LIMIT_IF_UNLIMITED if hard == resource.RLIM_INFINITY else hard
+        if soft != resource.RLIM_INFINITY and soft < new:
             try:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
             except (OSError, ValueError):  # a system call filter, say
                 new = soft
-            if new < wanted:
-                log.warning("the open-file limit (%d) is below --max-connections; raise "
-                            "LimitNOFILE or ulimit -n", new)
+        else:
+            new = soft
+        wanted = self.options.max_connections
+        if wanted and new != resource.RLIM_INFINITY and new < wanted + 128:
+            log.warning("the open-file limit (%d) is below --max-connections (%d) plus 128; "
+                        "raise LimitNOFILE or ulimit -n", new, wanted)
 
     def _record_signal(self, signum, frame):
         if len(self._signal_queue) < 5:
@@ -350,7 +337,7 @@ class Master:
         self._worker_age += 1
         used = {w.slot for w in self.workers.values()}
         slot = min(set(range(len(self.workers) + 1)) - used)
-        worker = Worker(slot, self._worker_age, (self.listener, self.tls_listener), self.options,
+        worker = Worker(slot, self._worker_age, self.listeners, self.options,
                         self.auth_file, SnapshotChannel(), Heartbeat(), self.stats.channels,
                         self.connection_table, self.rate_table)
         if not self.ready:
@@ -457,10 +444,9 @@ class Master:
     def stop(self, graceful=True):
         """Stop accepting, ask every worker to stop, wait, then kill stragglers."""
         daemon.systemd_notify("STOPPING=1")
-        for listener in (self.listener, self.tls_listener):
-            if listener is not None:
-                listener.close()
-        self.listener = self.tls_listener = None
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []
         if self.auth_reloads is not None:
             self.auth_reloads.stop()
         self.kill_workers(signal.SIGTERM if graceful else signal.SIGQUIT)

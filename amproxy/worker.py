@@ -5,22 +5,19 @@ connections, the Carbon connection and a wakeup pipe for signals.
 """
 
 import collections
-import errno
 import ipaddress
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
-import struct
 import tempfile
 import time
 
-from .balance import NOT_ACCEPTING
 from .config import LIVE_OPTIONS
 from .destinations import Destinations
 from .errors import CloseConnection
+from .listeners import Acceptor, connection_limit
 from .logs import ClosedConnectionLog, RejectionLog, reopen_log_files, set_level
 from .proxyprotocol import ProxyHeaderError, client_address
 from .ratelimit import RateLimiter
@@ -33,24 +30,16 @@ log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
 TICK = 0.5  # the longest the loop sleeps, so it notices a dead master quickly
-# A worker that leaves new connections to less loaded ones looks again this
-# often, since nothing tells it when they have caught up.
-REBALANCE_INTERVAL = 0.05
 STATS_REPORT_INTERVAL = 1.0
 # Exit status of a worker that could not start; the master stops instead of
 # respawning it forever.
 WORKER_BOOT_ERROR = 3
-# Connections a worker that is not the least loaded takes per look at most, when
-# no other worker has taken them.
-FALLBACK_ACCEPTS = 64
 # When the master dies there is no one to wait for: leave quickly.
 ORPHAN_STOP_SECONDS = 1.0
 # On a graceful stop, how long a client may take to finish a half-sent line.
 PARTIAL_LINE_GRACE = 1.0
 # On a graceful stop, the longest wait between attempts to reach Carbon.
 STOPPING_MAX_BACKOFF = 1.0
-# Out of file descriptors: stop accepting this long instead of spinning.
-ACCEPT_BACKOFF = 0.5
 # --proxy-protocol: a connection must send its PROXY header within this long.
 PROXY_HEADER_TIMEOUT = 5.0
 
@@ -80,12 +69,13 @@ class Connection:
     that sends nothing valid is idle, however much it sends.
     """
 
-    __slots__ = ("sock", "remote", "source", "partial", "last_active", "awaiting_header_since",
-                 "handshake_since", "tls", "fresh")
+    __slots__ = ("sock", "address", "source", "partial", "last_active", "awaiting_header_since",
+                 "handshake_since", "tls", "fresh", "watched")
 
     def __init__(self, sock, address, now):
         self.sock = sock
         self.set_address(address)
+        self.watched = False  # registered with the worker's selector
         self.partial = b""
         self.last_active = now
         self.awaiting_header_since = None  # --proxy-protocol: accepted when, until the header
@@ -94,12 +84,16 @@ class Connection:
         self.fresh = True  # nothing read yet
 
     def set_address(self, address):
-        if isinstance(address, tuple):
-            self.source = address[0]
-            host = "[%s]" % address[0] if ":" in address[0] else address[0]
-            self.remote = "%s:%d" % (host, address[1])
-        else:
-            self.source = self.remote = str(address) or "unix"
+        self.address = address
+        self.source = address[0] if isinstance(address, tuple) else str(address) or "unix"
+
+    @property
+    def remote(self):
+        """host:port, for logs (made only when one is written)."""
+        address = self.address
+        if not isinstance(address, tuple):
+            return self.source
+        return ("[%s]:%d" if ":" in address[0] else "%s:%d") % address[:2]
 
 
 class ProxyHeaders(ClosedConnectionLog):
@@ -154,12 +148,9 @@ class SourceSlots:
     def __init__(self):
         self._counts = collections.Counter()
 
-    def admits(self, source, connections, options):
-        """Room for one more from ``source`` (None: not known yet), with ``connections`` open?"""
-        per_source = options.max_connections_per_source or max(
-            1, options.max_connections * 9 // 10)
-        return connections < options.max_connections and (
-            source is None or self._counts[source] < per_source)
+    def admits(self, source, per_source):
+        """Room for one more from ``source``, with at most ``per_source`` from one address?"""
+        return self._counts[source] < per_source
 
     def add(self, source):
         self._counts[source] += 1
@@ -168,16 +159,6 @@ class SourceSlots:
         self._counts[source] -= 1
         if not self._counts[source]:
             del self._counts[source]
-
-
-def accept_queue_length(listener):
-    """Connections waiting to be accepted (Linux reports it as a listening socket's
-    tcpi_unacked); FALLBACK_ACCEPTS where that cannot be read."""
-    try:
-        return struct.unpack_from("I", listener.getsockopt(
-            socket.IPPROTO_TCP, socket.TCP_INFO, 32), 24)[0]
-    except (OSError, AttributeError, struct.error):
-        return FALLBACK_ACCEPTS
 
 
 class Worker:
@@ -189,9 +170,9 @@ class Worker:
         self.stats_channels = stats_channels
         self.connection_table = connection_table
         self.rate_limiter = RateLimiter(rate_table)
-        self.watching_listener = False
         self.age = age
-        self.listener, self.tls_listener = listeners  # the TLS one may be None
+        self.listeners = listeners  # listeners.Listener, shared with every worker
+        self.acceptor = None  # listeners.Acceptor, made in the child
         self.tls = None  # TlsConnections, made in the child
         self.options = options
         self.auth_file = auth_file
@@ -205,14 +186,14 @@ class Worker:
         self._next_stats_report = 0.0
         self.connections = {}
         self.source_slots = SourceSlots()
-        self.accept_paused_until = 0.0
-        self._clients_waiting_since = None  # seen waiting by a worker leaving them to others
         self.forwarded = 0
         self.internal_errors = 0
         self._internal_error_logged_at = None
         self.connections_opened = 0
-        self.connections_refused = 0
         self.proxy_headers = ProxyHeaders(time.monotonic)
+        # Closed at once by --max-connections-per-source (an abuse limit).
+        self.refusals = ClosedConnectionLog(log, time.monotonic,
+                                            " (--max-connections-per-source)")
         self.rejected = dict.fromkeys(REJECTION_REASONS, 0)
         self._signals = []
 
@@ -241,8 +222,10 @@ class Worker:
         options = self.options
         self.destinations = Destinations(options, self.selector, self.clock, self.slot)
         self.tls = TlsConnections(options, self.clock)
+        self.acceptor = Acceptor(self.listeners, self.selector, self.connection_table,
+                                 self.slot, self.clock, self._admit, self.connections.__len__)
         if self.tls.context is None:
-            self.tls_listener = None  # no TLS clients for this worker (logged)
+            self.acceptor.drop("tls")  # no TLS clients for this worker (logged)
         if options.spool_dir:
             self.destinations.replay_stranded(options.spool_dir, options.spool_max_bytes)
         self.reject_log = RejectionLog(log, self.options.log_rejections, self.rejected)
@@ -251,7 +234,8 @@ class Worker:
                                self._on_stats_lines)
         self.destinations.flush()
         self.heartbeat.notify()
-        self._balance_accepting()
+        self._apply_connection_limits()
+        self.acceptor.update(self.accepting, self.max_connections)
 
     def _record_signal(self, signum, frame):
         self._signals.append(signum)
@@ -267,9 +251,8 @@ class Worker:
 
     def run(self):
         next_housekeeping = 0.0
+        timeout = TICK
         while self.alive:
-            leaving_to_others = self.accepting and not self.watching_listener
-            timeout = REBALANCE_INTERVAL if leaving_to_others else TICK
             retry = self.destinations.seconds_to_next_write(self.clock())
             if retry is not None:
                 timeout = min(timeout, retry)
@@ -280,40 +263,15 @@ class Worker:
             pause = self.destinations.full and self.stopping_since is None
             if self.paused != pause:
                 self._set_paused(pause)
-            self._balance_accepting()
-            now = self.clock()
-            self._take_clients_left_waiting(now)
+            look_again = self.acceptor.update(self.accepting, self.max_connections)
+            timeout = TICK if look_again is None else min(TICK, look_again)
             if self._signals:
                 self._handle_signals()
+            now = self.clock()
             if now >= next_housekeeping:
                 next_housekeeping = now + TICK
                 self._housekeeping(now)
         self._shutdown()
-
-    def _take_clients_left_waiting(self, now):
-        """A worker leaving new clients to a less loaded one takes those that waited anyway.
-
-        The other may be hung, or busy, or asleep for a moment (it looks at the
-        table every REBALANCE_INTERVAL): clients still waiting after that long
-        are taken here, this worker's share of the accept queue at a time, so a
-        burst of connections is never served at the pace of one accept per look.
-        """
-        if not self.accepting or self.watching_listener:
-            self._clients_waiting_since = None
-            return
-        waiting = select.select(self._listeners(), [], [], 0)[0]
-        if not waiting:
-            self._clients_waiting_since = None
-        elif self._clients_waiting_since is None:
-            self._clients_waiting_since = now
-        elif now - self._clients_waiting_since >= REBALANCE_INTERVAL:
-            self._clients_waiting_since = None
-            for listener in waiting:
-                # Its share only: the least loaded worker may just be waking up.
-                share = accept_queue_length(listener) // self.connection_table.workers()
-                for _ in range(min(max(1, share), FALLBACK_ACCEPTS)):
-                    if not self._on_accept(listener):
-                        break
 
     def _housekeeping(self, now):
         self.heartbeat.notify()
@@ -373,7 +331,8 @@ class Worker:
             "linesReceived": self.forwarded + sum(rejected.values()) + self.internal_errors,
             "linesForwarded": self.forwarded,
             "connectionsOpened": self.connections_opened,
-            "connectionsRefused": self.connections_refused,
+            "connectionsRefused": self.refusals.count,
+            "maxConnectionsReached": self.acceptor.cap_reached,
             "proxyHeaderErrors": self.proxy_headers.count,
             "tlsHandshakeErrors": self.tls.count,
             "internalErrors": self.internal_errors,
@@ -403,89 +362,65 @@ class Worker:
             if name in LIVE_OPTIONS:
                 setattr(self.options, name, value)
         set_level(self.options.log_level)
+        self._apply_connection_limits()
         self.reject_log.per_second = self.options.log_rejections  # from the next second
         self.destinations.set_live_options(self.options)
         log.debug("options re-read", extra={"skew": self.options.skew,
                                             "log_level": self.options.log_level})
 
+    def _apply_connection_limits(self):
+        self.max_connections = connection_limit(self.options.max_connections)
+        self.max_per_source = self.options.max_connections_per_source or max(
+            1, self.max_connections * 9 // 10)
+
     # -- clients -------------------------------------------------------------
 
-    def _listeners(self):
-        return [self.listener] + ([self.tls_listener] if self.tls_listener else [])
-
-    def _on_accept(self, listener):
-        """Take one waiting connection; False if there was none to take."""
-        try:
-            sock, address = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return False  # another worker took it
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                # The connection stays queued; retrying at once would only spin.
-                log.error("cannot accept a connection: %s; not accepting for %.1f s",
-                          e.strerror, ACCEPT_BACKOFF)
-                self.accept_paused_until = self.clock() + ACCEPT_BACKOFF
-                self._stop_accepting()
-                return False
-            raise
+    def _admit(self, listener, sock, address):
+        """A client the acceptor took: refuse it, or read what it sent and watch it."""
         conn = Connection(sock, address, self.clock())
-        if listener is not self.listener:
+        if listener.tls:
             conn.tls = True
             conn.handshake_since = conn.last_active
         elif self.options.proxy_protocol:
             if not self.proxy_headers.trusts(conn.source, self.options.proxy_protocol_from):
                 self.proxy_headers.error(conn, "not from a --proxy-protocol-from address")
                 sock.close()
-                return True
+                return
             # The address is the balancer's; the client's comes with the header.
             conn.awaiting_header_since = conn.last_active
-        source = conn.source if conn.awaiting_header_since is None else None
-        if not self.source_slots.admits(source, len(self.connections), self.options):
-            self.connections_refused += 1
+        if conn.awaiting_header_since is None and not self.source_slots.admits(
+                conn.source, self.max_per_source):
+            self.refusals.error(conn, "too many connections from its address")
             sock.close()
-            return True
+            return
         sock.setblocking(False)
         if conn.tls:
             try:
                 sock = conn.sock = self.tls.wrap(sock)
             except OSError:  # reset before it could be wrapped: a health check, say
                 sock.close()
-                return True
-        self.connections[sock.fileno()] = conn
+                return
+        fd = sock.fileno()
+        self.connections[fd] = conn
         if conn.awaiting_header_since is None:
             self.source_slots.add(conn.source)
         self.connections_opened += 1
-        self.selector.register(sock, selectors.EVENT_READ,
-                               lambda mask, conn=conn: self._on_readable(conn))
-        return True
+        # A device sends as soon as it is connected: its line (and, from a client that
+        # sends one line and closes, the end of the stream) is often here already, and
+        # reading it now saves watching the connection at all.
+        if self._on_readable(conn) and self.connections.get(fd) is conn:
+            self._on_readable(conn)
+        if self.connections.get(fd) is conn and not conn.watched and not self.paused:
+            self._watch(conn)
+
+    def _watch(self, conn, events=selectors.EVENT_READ):
+        self.selector.register(conn.sock, events, lambda mask, conn=conn: self._on_readable(conn))
+        conn.watched = True
 
     @property
     def accepting(self):
-        """Taking new clients: not paused by back-pressure or by a lack of descriptors, not stopping."""
-        return (not self.paused and self.stopping_since is None
-                and self.clock() >= self.accept_paused_until)
-
-    def _balance_accepting(self):
-        """Watch the listening socket only while no running worker holds fewer clients."""
-        if not self.accepting:
-            return
-        count = len(self.connections)
-        self.connection_table.publish(self.slot, count)
-        self._watch_listener(self.connection_table.is_least_loaded(self.slot, count))
-
-    def _watch_listener(self, watch):
-        if watch == self.watching_listener:
-            return
-        if watch:
-            # Level-triggered and shared: every watching worker sees a waiting
-            # connection, so none is left behind when one of them stops watching.
-            for listener in self._listeners():
-                self.selector.register(listener, selectors.EVENT_READ,
-                                       lambda mask, listener=listener: self._on_accept(listener))
-        else:
-            for listener in self._listeners():
-                self.selector.unregister(listener)
-        self.watching_listener = watch
+        """Taking new clients: not paused by back-pressure, not stopping."""
+        return not self.paused and self.stopping_since is None
 
     def _handshake(self, conn):
         """Go on with a TLS handshake; once done, read what came with it."""
@@ -506,7 +441,11 @@ class Worker:
             self._close(conn)
             return
         events = selectors.EVENT_WRITE if wait == "write" else selectors.EVENT_READ
-        self.selector.modify(conn.sock, events, lambda mask, conn=conn: self._on_readable(conn))
+        if conn.watched:
+            self.selector.modify(conn.sock, events,
+                                 lambda mask, conn=conn: self._on_readable(conn))
+        elif wait == "write" and not self.paused:
+            self._watch(conn, events)  # while it is admitted: it waits to write
         if wait is None:
             conn.handshake_since = None
             self._on_readable(conn)  # lines may have come with the last handshake record
@@ -521,8 +460,8 @@ class Worker:
         if rest is None:
             return None
         # The per-source limit, now that the source is known (until now it was not counted).
-        if not self.source_slots.admits(conn.source, len(self.connections) - 1, self.options):
-            self.connections_refused += 1
+        if not self.source_slots.admits(conn.source, self.max_per_source):
+            self.refusals.error(conn, "too many connections from its address")
             self._close(conn)
             return None
         conn.awaiting_header_since = None
@@ -530,7 +469,7 @@ class Worker:
         return rest
 
     def _close(self, conn):
-        if not self.paused:
+        if conn.watched:
             self.selector.unregister(conn.sock)
         del self.connections[conn.sock.fileno()]
         if conn.awaiting_header_since is None:
@@ -541,10 +480,12 @@ class Worker:
         """Stop or resume reading clients: back-pressure while Carbon cannot keep up."""
         self.paused = paused
         if paused:
-            self._stop_accepting()
+            self.acceptor.stop()
         for conn in self.connections.values():
             if paused:
-                self.selector.unregister(conn.sock)
+                if conn.watched:
+                    self.selector.unregister(conn.sock)
+                    conn.watched = False
             else:
                 conn.last_active = self.clock()
                 if conn.awaiting_header_since is not None:
@@ -553,8 +494,7 @@ class Worker:
                 if conn.handshake_since is not None:
                     conn.handshake_since = conn.last_active
                     events |= selectors.EVENT_WRITE  # it may have been waiting to write
-                self.selector.register(conn.sock, events,
-                                       lambda mask, conn=conn: self._on_readable(conn))
+                self._watch(conn, events)
         if paused:
             log.warning("Carbon backlog is full (memory and spool); pausing reads from "
                         "clients", extra=self.destinations.backlog())
@@ -562,7 +502,8 @@ class Worker:
             log.warning("Carbon backlog has room again; reading clients")
 
     def _on_readable(self, conn):
-        """The hot path: read a chunk, split it into lines, verify, queue for Carbon."""
+        """The hot path: read a chunk, split it into lines, verify, queue for Carbon.
+        True if it read something and did not see the end of the stream."""
         if conn.handshake_since is not None:
             self._handshake(conn)
             return
@@ -606,7 +547,7 @@ class Worker:
         keys = db.keys
         try:
             accepted = filter_lines(lines, keys, int(time.time()), self.options.skew,
-                                    self._rejecter(conn.remote, keys),
+                                    self._rejecter(conn, keys),
                                     self.stats.forwarded_per_key, self.options.allow_tags,
                                     self.rate_limiter.for_batch(db, self.options.key_max_rate))
         except Exception:  # a bug must cost this read's lines, not the worker
@@ -619,8 +560,9 @@ class Worker:
         if (self.stopping_since is not None and data and len(data) < RECV_SIZE
                 and not conn.partial):
             self._close(conn)  # stopping, and everything the client sent is read
+        return bool(data)
 
-    def _rejecter(self, remote, keys):
+    def _rejecter(self, conn, keys):
         """The callback that counts (and within the log budget, logs) a rejected line."""
         rejected = self.rejected
         budget = self.reject_log.budget
@@ -631,7 +573,7 @@ class Worker:
             rejected[reason] += 1
             if budget[reason]:
                 budget[reason] -= 1
-                log_rejection(reason, remote, public_key, metric)
+                log_rejection(reason, conn.remote, public_key, metric)
             if rejected_per_key is not None and public_key in keys:
                 rejected_per_key[public_key] = rejected_per_key.get(public_key, 0) + 1
         return reject
@@ -645,7 +587,7 @@ class Worker:
                           "dropped", extra={"remote": conn.remote, "lines": lines})
 
     def _line_too_long(self, conn):
-        self._rejecter(conn.remote, {})(LINE_TOO_LONG, None, None)
+        self._rejecter(conn, {})(LINE_TOO_LONG, None, None)
         log.warning("closing client connection: line longer than --max-line-length",
                     extra={"remote": conn.remote,
                            "max_line_length": self.options.max_line_length})
@@ -653,18 +595,11 @@ class Worker:
 
     # -- stopping --------------------------------------------------------------
 
-    def _stop_accepting(self):
-        """Paused or stopping: other workers must not wait for this one to accept."""
-        self._watch_listener(False)
-        self.connection_table.publish(self.slot, NOT_ACCEPTING)
-
     def begin_stop(self, graceful, seconds=None):
         """Stop accepting; a graceful stop also drains clients and Carbon first."""
         if self.stopping_since is None:
             self.stopping_since = self.clock()
-            self._stop_accepting()
-            for listener in self._listeners():
-                listener.close()
+            self.acceptor.close()
         if not graceful:
             self.alive = False
             return
@@ -687,7 +622,7 @@ class Worker:
                     self.proxy_headers.error(conn, "stopping, and its PROXY header is "
                                              "not complete")
                 else:
-                    self._rejecter(conn.remote, {})(MALFORMED, None, None)
+                    self._rejecter(conn, {})(MALFORMED, None, None)
                     log.warning("closing client connection at stop: it did not finish its "
                                 "line", extra={"remote": conn.remote})
                 self._close(conn)

@@ -34,6 +34,8 @@ import tempfile
 import threading
 import time
 
+import fleet
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -206,6 +208,13 @@ def proc_children(pid):
 
 
 def cpu_seconds(pid):
+    """A process's CPU time: its CPU-time clock (to the nanosecond), else /proc's
+    ticks, which charge whole ticks to whoever runs at each and so misread a
+    process that runs in short bursts."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)  # CPUCLOCK_SCHED of the process
+    except OSError:
+        pass
     try:
         with open("/proc/%d/stat" % pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -234,7 +243,7 @@ def carbon_addr(sinks):
 
 
 class Proxy:
-    def __init__(self, command, sink, auth_file, workers, extra=(), sinks=None):
+    def __init__(self, command, sink, auth_file, workers, extra=(), sinks=None, env=None):
         self.port = free_port()
         self.tls_port = free_port()
         fields = {"addr": "127.0.0.1:%d" % self.port, "port": self.port,
@@ -252,7 +261,7 @@ class Proxy:
             self.argv = shlex.split(command.format(**fields))
         self.workers = workers if command is None else None
         self.log = tempfile.TemporaryFile()
-        env = dict(os.environ, AMPROXY_CONFIG="/dev/null")
+        env = dict(os.environ, AMPROXY_CONFIG="/dev/null", **(env or {}))
         notify = None
         if self.workers:
             # amproxy says READY=1 (systemd's notify protocol) once every worker
@@ -347,6 +356,143 @@ def run_once(name, command, args, sinks, auth_file, keys, workers, extra=(), cop
     finally:
         if proxy:
             proxy.stop()
+
+
+# -- a fleet's connection shapes (issue 17) ------------------------------------------
+
+def fleet_contenders(args):
+    """(name, command, workers, env) of each row of the fleet shapes."""
+    rows = [] if args.no_baseline else [("plain-verifier", "%s %s {port} {carbon_port} "
+                                         "{auth_file}" % (shlex.quote(sys.executable),
+                                                          shlex.quote(os.path.join(
+                                                              HERE, "plain_verifier.py"))),
+                                         None, None)]
+    rows += [("amproxy", None, w, None) for w in args.workers]
+    if args.before:
+        # The same shapes against another tree of amproxy (say, main before a change).
+        rows.append(("amproxy-before", None, args.workers[-1], {"PYTHONPATH": args.before}))
+    return rows
+
+
+def fleet_run(shape, row, args, sink, auth_file, keys, count):
+    """One run of ``shape`` (storm or churn) against one row; a result dict."""
+    name, command, workers, env = row
+    lines = fleet.signed_lines(keys, count)
+    storm = fleet.Storm(lines) if shape == "storm" else None
+    proxy = Proxy(command, sink, auth_file, workers, args.fleet_args, env=env)
+    try:
+        sink.reset()
+        overflows, cpu_before = fleet.listen_overflows(), proxy.cpu()
+        started = time.monotonic()
+        if storm:
+            storm.fire(proxy.port)
+            failed = storm.failed
+        else:
+            failed = fleet.churn(proxy.port, lines, args.churn_threads)
+        end, counted = settle([sink], count, args.timeout)
+        elapsed = max(end - started, 1e-9)
+        result = {"shape": shape, "proxy": name, "workers": workers, "connections": count,
+                  "seconds": round(elapsed, 3), "connections_per_s": round(count / elapsed),
+                  "cpu_us_per_connection": round((proxy.cpu() - cpu_before) / count * 1e6, 1),
+                  "listen_overflows": fleet.listen_overflows() - overflows,
+                  "client_errors": failed, "lost": max(0, count - counted)}
+        return result
+    finally:
+        if storm:
+            storm.close()
+        proxy.stop()
+
+
+def tls_churn_run(args, sink, auth_file, keys, count, cert, key, context):
+    """CPU per TLS connection (connect, handshake, one line, close) on the server, with
+    full handshakes and with each client resuming its last session."""
+    proxy = Proxy(None, sink, auth_file, args.workers[-1], tls_args(cert, key))
+    result = {"shape": "tls-churn", "workers": args.workers[-1], "connections": count}
+    try:
+        wait_for(lambda: port_open(proxy.tls_port), 30, "the TLS port")
+        for resume in (False, True):
+            lines = fleet.signed_lines(keys, count)
+            wrap = fleet.tls_wrapper(context, resume)
+            sink.reset()
+            cpu_before, started = proxy.cpu(), time.monotonic()
+            failed = fleet.churn(proxy.tls_port, lines, args.churn_threads, wrap)
+            end, counted = settle([sink], count, args.timeout)
+            label = "resumed" if resume else "full"
+            result.update({
+                label + "_cpu_us_per_connection": round(
+                    (proxy.cpu() - cpu_before) / count * 1e6, 1),
+                label + "_connections_per_s": round(count / max(end - started, 1e-9)),
+                label + "_resumed": wrap.resumed,
+                label + "_lost": max(0, count - counted) + failed})
+        result["resumed_vs_full_cpu"] = round(result["resumed_cpu_us_per_connection"]
+                                              / result["full_cpu_us_per_connection"], 3)
+        return result
+    finally:
+        proxy.stop()
+
+
+def fleet_shapes(args, sink, directory):
+    """The rows of --storm, --churn and --tls-churn, run in turn in each repeat."""
+    keys = make_keys(args.keys, args.metrics_per_key)
+    auth_file = os.path.join(directory, "fleet-auth.yaml")
+    write_auth(auth_file, keys)
+    shapes = [(s, n) for s, n in (("storm", args.storm), ("churn", args.churn)) if n]
+    runs = {}
+    tls = make_certificate(directory) if args.tls_churn else None
+    for repeat in range(args.repeats):
+        for shape, count in shapes:
+            for row in fleet_contenders(args):
+                result = fleet_run(shape, row, args, sink, auth_file, keys, count)
+                result["repeat"] = repeat + 1
+                print(json.dumps(result), flush=True)
+                runs.setdefault((shape, row[0], row[2]), []).append(result)
+        if tls:
+            result = tls_churn_run(args, sink, auth_file, keys, args.tls_churn, *tls)
+            print(json.dumps(result), flush=True)
+            runs.setdefault(("tls-churn", "amproxy", args.workers[-1]), []).append(result)
+    return summarize_fleet(runs, args)
+
+
+def summarize_fleet(runs, args):
+    """Medians per row; for amproxy rows, the median within-repeat ratio to 1 worker."""
+    summaries = []
+    for (shape, name, workers), results in runs.items():
+        summary = {"shape": shape, "proxy": name, "workers": workers, "repeats": len(results)}
+        for field in results[0]:
+            values = [r[field] for r in results]
+            if field in ("lost", "client_errors", "listen_overflows") or field.endswith("_lost"):
+                summary[field] = max(values)  # any run's loss counts
+            elif isinstance(values[0], (int, float)) and field not in ("repeat", "workers"):
+                summary[field] = statistics.median(values)
+        one = runs.get((shape, "amproxy", 1))
+        if one and name.startswith("amproxy") and (name, workers) != ("amproxy", 1):
+            summary["seconds_vs_1_worker"] = round(statistics.median(
+                r["seconds"] / b["seconds"] for r, b in zip(results, one)), 3)
+        summaries.append(summary)
+    return summaries
+
+
+def print_fleet_table(summaries):
+    print("\n| shape | proxy | workers | connections | seconds (median) | vs 1 worker | "
+          "connections/s | CPU us/connection | listen overflows | lost |", file=sys.stderr)
+    print("|---|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
+    for s in summaries:
+        if s["shape"] == "tls-churn":
+            continue
+        print("| %s | %s | %s | {:,} | %s | %s | {:,} | %s | %s | %s |".format(
+            int(s["connections"]), int(s["connections_per_s"])) % (
+            s["shape"], s["proxy"], s["workers"] or "-", s["seconds"],
+            s.get("seconds_vs_1_worker", "-"), s["cpu_us_per_connection"],
+            s["listen_overflows"], s["lost"] + s["client_errors"]), file=sys.stderr)
+    for s in summaries:
+        if s["shape"] == "tls-churn":
+            print("\nTLS churn, %d workers, %d connections: full handshake %s us CPU "
+                  "(%s/s), resumed %s us CPU (%s/s, %d of %d resumed): %s of a full one; "
+                  "lost %d" % (s["workers"], s["connections"], s["full_cpu_us_per_connection"],
+                               s["full_connections_per_s"], s["resumed_cpu_us_per_connection"],
+                               s["resumed_connections_per_s"], s["resumed_resumed"],
+                               s["connections"], s["resumed_vs_full_cpu"],
+                               s["full_lost"] + s["resumed_lost"]), file=sys.stderr)
 
 
 def latency(command, sink, auth_file, keys, workers, samples=50):
@@ -620,8 +766,36 @@ def main():
                         "completes per second (needs the openssl command)")
     parser.add_argument("--big-auth-workers", type=int, default=None,
                         help="workers for --big-auth-keys (default: the first --workers)")
+    parser.add_argument("--storm", type=int, default=0, metavar="N",
+                        help="a fleet's storm: N devices connect at once from 250 loopback "
+                        "addresses, one line each, and stay connected")
+    parser.add_argument("--churn", type=int, default=0, metavar="N",
+                        help="N connections, each one line then closed, from "
+                        "--churn-threads threads")
+    parser.add_argument("--tls-churn", type=int, default=0, metavar="N",
+                        help="N TLS connections as --churn, with full and with resumed "
+                        "handshakes (needs the openssl command)")
+    parser.add_argument("--churn-threads", type=int, default=8)
+    parser.add_argument("--fleet-args", nargs="*", default=[],
+                        help="extra amproxy flags for the fleet shapes")
+    parser.add_argument("--fleet-only", action="store_true",
+                        help="run only --storm, --churn and --tls-churn")
+    parser.add_argument("--before", metavar="PATH",
+                        help="also run the fleet shapes against the amproxy package in PATH "
+                        "(a checkout of another commit), as amproxy-before")
     parser.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args()
+    if args.fleet_only:
+        directory = tempfile.mkdtemp(prefix="amproxy-bench-")
+        sink = Sink()
+        try:
+            summaries = fleet_shapes(args, sink, directory)
+            print(json.dumps({"fleet": summaries}), flush=True)
+            print_fleet_table(summaries)
+            return 1 if any(s.get("lost") or s.get("full_lost") or s.get("resumed_lost")
+                            for s in summaries) else 0
+        finally:
+            sink.stop()
 
     directory = tempfile.mkdtemp(prefix="amproxy-bench-")
     keys = make_keys(args.keys, args.metrics_per_key)

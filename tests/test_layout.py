@@ -5,7 +5,7 @@ import os
 import amproxy
 
 LAYERS = ["errors", "protocol", "patterns", "placement", "proxyprotocol", "buffer",
-          "deadletter", "logs", "tls", "auth", "authscan", "authsnapshot", "config", "daemon", "balance", "ratelimit", "stats", "carbon",
+          "deadletter", "logs", "tls", "auth", "authscan", "authsnapshot", "config", "daemon", "balance", "listeners", "ratelimit", "stats", "carbon",
           "destinations",
           "worker", "master", "client", "keytool", "cli", "__main__"]
 PACKAGE_DIR = os.path.dirname(amproxy.__file__)

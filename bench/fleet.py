@@ -1,0 +1,140 @@
+"""The connection shapes of a fleet, as load generators for bench.py.
+
+- storm: N devices from many loopback addresses connect at once (non-blocking
+  connects fired together), each sends one signed line as soon as it is
+  connected and stays connected;
+- churn: T client threads, each connects, sends one line and closes, N in all
+  (as the original's test-client does);
+- TLS churn: the same over TLS, each new connection resuming the session of
+  the one before it (or not).
+
+Each returns when its clients are done; bench.py times delivery at the sink.
+"""
+
+import base64
+import hashlib
+import hmac
+import os
+import resource
+import selectors
+import socket
+import threading
+import time
+
+# Loopback source addresses of a storm: 127.0.X.Y, away from 127.0.0.1.
+SOURCE_NETWORK_START = 2 << 8
+
+
+def signed_lines(keys, count):
+    """``count`` signed lines, each a single line of one key, with a timestamp of now."""
+    now = int(time.time())
+    lines = []
+    for i in range(count):
+        name, secret, metrics = keys[i % len(keys)]
+        text = b"%s %d %d %s" % (metrics[(i // len(keys)) % len(metrics)].encode(), i % 1000,
+                                 now, name.encode())
+        sig = base64.b64encode(hmac.new(secret.encode(), text, hashlib.sha256).digest())
+        lines.append(text + b" " + sig + b"\n")
+    return lines
+
+
+def listen_overflows():
+    """The kernel's count of connections dropped because an accept queue was full."""
+    with open("/proc/net/netstat") as f:
+        rows = [line.split() for line in f if line.startswith("TcpExt:")]
+    names, values = rows[0], rows[1]
+    return int(values[names.index("ListenOverflows")])
+
+
+def raise_open_files(wanted):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Storm:
+    """``len(lines)`` devices, ``per_source`` from each loopback address: each connects,
+    sends its line once connected, and stays connected until ``close``."""
+
+    def __init__(self, lines, per_source=40):
+        raise_open_files(len(lines) + 256)
+        self.lines = lines
+        self.socks = []
+        for i in range(len(lines)):
+            source = SOURCE_NETWORK_START + i // per_source
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.bind(("127.0.%d.%d" % (source >> 8, source & 255), 0))
+            self.socks.append(sock)
+        self.failed = 0
+
+    def fire(self, port, timeout=60):
+        """Connect every socket at once; send each line once connected.  Returns when all
+        are sent (or failed, or ``timeout``)."""
+        selector = selectors.DefaultSelector()
+        for sock, line in zip(self.socks, self.lines):
+            sock.connect_ex(("127.0.0.1", port))
+            selector.register(sock, selectors.EVENT_WRITE, line)
+        waiting = len(self.socks)
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            for key, _ in selector.select(0.5):
+                selector.unregister(key.fileobj)
+                waiting -= 1
+                try:
+                    key.fileobj.send(key.data)
+                except OSError:
+                    self.failed += 1
+        self.failed += waiting
+        selector.close()
+
+    def close(self):
+        for sock in self.socks:
+            sock.close()
+
+
+def churn(port, lines, threads=8, wrap=None):
+    """Each of ``threads`` threads connects, sends one line and closes, for its share of
+    ``lines``.  ``wrap(sock, state)`` makes a TLS connection of a plain one (``state``
+    is the thread's own dict, to keep a session in).  Returns how many failed."""
+    failed = []
+
+    def run(share):
+        state = {}
+        for line in share:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port))
+                if wrap is not None:
+                    sock = wrap(sock, state)
+                with sock:
+                    sock.sendall(line)
+            except OSError:
+                failed.append(1)
+    workers = [threading.Thread(target=run, args=(lines[t::threads],)) for t in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return len(failed)
+
+
+def tls_wrapper(context, resume):
+    """A ``wrap`` for churn: a TLS client that resumes the thread's last session if
+    ``resume``; it counts the resumed handshakes in ``wrapper.resumed``."""
+    def wrap(sock, state):
+        tls = context.wrap_socket(sock, server_hostname="127.0.0.1",
+                                  session=state.get("session") if resume else None)
+        if tls.session_reused:
+            wrap.resumed += 1
+        # A TLS 1.3 server sends its tickets after the handshake: a read takes them.
+        tls.setblocking(False)
+        try:
+            tls.recv(1)
+        except (OSError, ValueError):
+            pass
+        tls.setblocking(True)
+        state["session"] = tls.session
+        return tls
+    wrap.resumed = 0
+    return wrap
