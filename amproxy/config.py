@@ -215,7 +215,7 @@ SERVER_OPTIONS = [
     Option("--max-connections", 0,
            "client connections per worker; a worker that holds this many takes no more "
            "until one leaves, and new ones wait in the listen queue; 0: as many as the "
-           "open-file limit (LimitNOFILE, ulimit -n) allows, less 128",
+           "open-file limit (LimitNOFILE, ulimit -n) leaves after 128 for the worker's own use",
            env="AMPROXY_MAX_CONNECTIONS", type=non_negative_int, live=True),
     Option("--max-connections-per-source", 0,
            "client connections per worker from one source address; 0: 90%% of "

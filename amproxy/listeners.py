@@ -45,8 +45,8 @@ TAKEOVER_AFTER = 0.05
 ACCEPT_BACKOFF = 0.5
 # At most one log line per this many seconds about a worker at its cap.
 CAP_LOG_INTERVAL = 1.0
-# Descriptors a worker needs besides its clients: listeners, Carbon connections,
-# spool files, pipes, the selector, the auth snapshot.
+# Descriptors a worker needs besides its clients (listeners, Carbon connections,
+# spool files, pipes, the selector, the auth snapshot); a quarter of a small limit.
 RESERVED_DESCRIPTORS = 128
 
 
@@ -57,7 +57,7 @@ def connection_limit(max_connections):
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         soft = FILE_LIMIT_IF_UNLIMITED
-    return max(1, soft - RESERVED_DESCRIPTORS)
+    return max(1, soft - min(RESERVED_DESCRIPTORS, soft // 4))
 
 
 def listen_backlog():

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 COUNTERS = (("linesReceived", "linesForwarded")
             + tuple("rejected." + reason for reason in REJECTION_REASONS)
-            + ("connectionsOpened", "connectionsRefused", "proxyHeaderErrors", "tlsHandshakeErrors",
+            + ("connectionsOpened", "connectionsRefused", "maxConnectionsReached",
+               "proxyHeaderErrors", "tlsHandshakeErrors",
                "carbonReconnects",
                "droppedLines", "deadLetters", "internalErrors", "authReloads",
                "authReloadErrors"))

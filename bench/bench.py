@@ -34,9 +34,11 @@ import tempfile
 import threading
 import time
 
-import fleet
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tools"))
+
+import fleet  # noqa: E402  (tools/fleet.py: the load of a fleet's connection shapes)
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 

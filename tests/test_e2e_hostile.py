@@ -93,23 +93,54 @@ def test_idle_connections_are_closed(carbon, hostile_proxy):
     assert_workers_healthy(proxy)
 
 
-def test_connection_cap_refuses_new_but_serves_existing(carbon, hostile_proxy):
-    # Every test client has the same source address: let it take every slot.
-    proxy = hostile_proxy("--max-connections", "5", "--max-connections-per-source", "5",
-                          workers=1)
-    held = [proxy.connect() for _ in range(5)]
-    # Each held connection is known to the worker once it has been served.
-    now = int(time.time())
+def fill_slots(carbon, proxy, count, now):
+    """``count`` connections, each known to the worker once its point is at Carbon."""
+    held = [proxy.connect() for _ in range(count)]
     for i, sock in enumerate(held):
         sock.sendall(line_for(KEYS, "beta", "e2e.beta.temp", 500 + i, now - 280 + i))
-    wait_points(carbon, "e2e.beta.temp", {now - 280 + i: 500.0 + i for i in range(5)},
+    wait_points(carbon, "e2e.beta.temp", {now - 280 + i: 500.0 + i for i in range(count)},
                 now - 280)
+    return held
+
+
+def test_a_worker_at_its_cap_leaves_new_clients_waiting_and_serves_them_when_one_leaves(
+        carbon, hostile_proxy):
+    proxy = hostile_proxy("--max-connections", "5", "--max-connections-per-source", "50",
+                          workers=1)
+    now = int(time.time())
+    held = fill_slots(carbon, proxy, 5, now)
+    waiting = proxy.connect()  # the kernel completes it; the worker does not take it
+    waiting.sendall(line_for(KEYS, "alpha", "e2e.alpha.temp", 77, now - 100))
+    waiting.settimeout(1.5)
+    with pytest.raises(socket.timeout):
+        waiting.recv(1)  # neither closed nor read: it waits in the listen queue
+    wait_for(lambda: counters(proxy)["maxConnectionsReached"] == 1, 5,
+             what="the maxConnectionsReached counter")
+    totals = counters(proxy)  # reported each second: the waiting line is not read
+    assert (totals["linesReceived"], totals["connectionsRefused"]) == (5, 0), totals
+    proxy.wait_log(r"worker at --max-connections; new clients wait")
+    held[0].close()  # a slot frees: the waiting client is taken and its line forwarded
+    wait_points(carbon, "e2e.alpha.temp", {now - 100: 77.0}, now - 110)
+    held[1].sendall(line_for(KEYS, "beta", "e2e.beta.temp", 999, now - 200))
+    wait_points(carbon, "e2e.beta.temp", {now - 200: 999.0}, now - 200)
+    for sock in held[1:] + [waiting]:
+        sock.close()
+    assert_workers_healthy(proxy)
+
+
+def test_the_per_source_cap_closes_at_once_and_serves_existing(carbon, hostile_proxy):
+    # Every test client has the same source address.
+    proxy = hostile_proxy("--max-connections", "50", "--max-connections-per-source", "5",
+                          workers=1)
+    now = int(time.time())
+    held = fill_slots(carbon, proxy, 5, now)
     extra = proxy.connect()
     extra.settimeout(5)
-    assert extra.recv(1) == b""  # closed at once
+    assert extra.recv(1) == b""  # closed at once: an abuse limit
     extra.close()
     wait_for(lambda: counters(proxy)["connectionsRefused"] == 1, 5,
              what="the connectionsRefused counter")
+    proxy.wait_log(r"too many connections from its address \(--max-connections-per-source\)")
     held[0].sendall(line_for(KEYS, "beta", "e2e.beta.temp", 999, now - 200))
     wait_points(carbon, "e2e.beta.temp", {now - 200: 999.0}, now - 200)
     for sock in held:
@@ -233,8 +264,10 @@ def test_out_of_descriptors_backs_off_and_survives_a_carbon_restart(own_carbon, 
                                                                      make_proxy, tmp_path):
     own_carbon.start()
     stats_socket = str(tmp_path / "stats.sock")
+    # The default --max-connections stays within the open-file limit; one set above it
+    # runs the worker out of descriptors.
     proxy = make_proxy(own_carbon.address, auth_file, workers=1, start=False,
-                       args=["--stats-socket", stats_socket])
+                       args=["--stats-socket", stats_socket, "--max-connections", "1000"])
     proxy.stats_socket = stats_socket
     proxy.args = ["prlimit", "--nofile=48:48", "--"] + proxy.args
     proxy.start()

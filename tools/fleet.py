@@ -25,16 +25,21 @@ import time
 SOURCE_NETWORK_START = 2 << 8
 
 
+def signed_line(secret, public_key, metric, value, timestamp):
+    text = b"%s %d %d %s" % (metric.encode(), value, timestamp, public_key.encode())
+    return text + b" " + base64.b64encode(
+        hmac.new(secret.encode(), text, hashlib.sha256).digest()) + b"\n"
+
+
 def signed_lines(keys, count):
-    """``count`` signed lines, each a single line of one key, with a timestamp of now."""
+    """``count`` signed lines, each of one of ``keys`` (name, secret, metrics) in turn,
+    with a timestamp of now."""
     now = int(time.time())
     lines = []
     for i in range(count):
         name, secret, metrics = keys[i % len(keys)]
-        text = b"%s %d %d %s" % (metrics[(i // len(keys)) % len(metrics)].encode(), i % 1000,
-                                 now, name.encode())
-        sig = base64.b64encode(hmac.new(secret.encode(), text, hashlib.sha256).digest())
-        lines.append(text + b" " + sig + b"\n")
+        metric = metrics[(i // len(keys)) % len(metrics)]
+        lines.append(signed_line(secret, name, metric, i % 1000, now))
     return lines
 
 
