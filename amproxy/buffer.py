@@ -14,12 +14,15 @@ import os
 
 log = logging.getLogger(__name__)
 
+# Chunks appended while the last one is smaller than this are merged into it.
+MERGE_BYTES = 16 << 10
+
 
 class LineBuffer:
     """A FIFO of byte chunks of whole lines, bounded in lines.
 
     Chunks are kept as they were batched (one per read cycle), so buffering
-    costs no per-line work.
+    costs no per-line work; small ones are merged up to MERGE_BYTES.
     """
 
     def __init__(self, max_lines):
@@ -38,7 +41,15 @@ class LineBuffer:
         return self.lines + line_count <= self.max_lines
 
     def append(self, data, line_count):
-        self._chunks.append((data, line_count))
+        chunks = self._chunks
+        if chunks and len(chunks[-1][0]) + len(data) <= MERGE_BYTES:
+            # Small chunks (a fleet's one line per connection) go out together: one
+            # write to Carbon for many of them, not one each.
+            last, last_count = chunks.pop()
+            data, line_count = last + data, last_count + line_count
+            self.lines -= last_count
+            self.bytes -= len(last)
+        chunks.append((data, line_count))
         self.lines += line_count
         self.bytes += len(data)
 

@@ -203,7 +203,12 @@ class Acceptor:
         count = self.count()
         room = min(most, self.max_connections - count)
         if not anyway:
-            room = min(room, self.table.allowance(self.slot, count))
+            allowed = self.table.allowance(self.slot, count)
+            if allowed < room:
+                # A long queue is shared whatever the counts: while connections come
+                # and go quickly (one line each), the counts say little about load.
+                allowed = max(allowed, listener.waiting() // self.table.workers())
+            room = min(room, allowed)
         taken = 0
         while taken < room:
             try:
@@ -225,15 +230,21 @@ class Acceptor:
         return taken
 
     def _take_if_left_waiting(self, now):
-        """Clients left to a less loaded worker are taken here once they waited too long:
-        that worker may be hung or busy.  Only this worker's share of them."""
+        """Clients left to a less loaded worker are taken here, this worker's share of
+        them, when that one is not keeping up: at once if the queue is long (a storm
+        while it is busy reading), else once they have waited TAKEOVER_AFTER (it may
+        be hung)."""
         waiting = select.select(self.listeners, [], [], 0)[0]
         if not waiting:
             self._left_waiting_since = None
-        elif self._left_waiting_since is None:
+            return
+        if self._left_waiting_since is None:
             self._left_waiting_since = now
-        elif now - self._left_waiting_since >= TAKEOVER_AFTER:
-            self._left_waiting_since = None
-            for listener in waiting:
-                share = max(1, listener.waiting() // self.table.workers())
+        overdue = now - self._left_waiting_since >= TAKEOVER_AFTER
+        for listener in waiting:
+            queued = listener.waiting()
+            if overdue or queued >= ACCEPT_BATCH:
+                share = max(1, queued // self.table.workers())
                 self.take(listener, min(share, ACCEPT_BATCH), anyway=True)
+        if overdue:
+            self._left_waiting_since = None

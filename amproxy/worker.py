@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 RECV_SIZE = 256 * 1024
 TICK = 0.5  # the longest the loop sleeps, so it notices a dead master quickly
 STATS_REPORT_INTERVAL = 1.0
+# The longest lines accepted wait before they are written to Carbon while the loop
+# is busy; an idle loop writes at once.
+FLUSH_INTERVAL = 0.001
 # Exit status of a worker that could not start; the master stops instead of
 # respawning it forever.
 WORKER_BOOT_ERROR = 3
@@ -250,21 +253,30 @@ class Worker:
     # -- the loop ------------------------------------------------------------
 
     def run(self):
-        next_housekeeping = 0.0
+        next_housekeeping = flushed_at = 0.0
         timeout = TICK
         while self.alive:
             retry = self.destinations.seconds_to_next_write(self.clock())
             if retry is not None:
                 timeout = min(timeout, retry)
-            for key, mask in self.selector.select(timeout):
+            events = self.selector.select(timeout)
+            for key, mask in events:
                 key.data(mask)
-            self.destinations.flush()
+            # While clients keep the loop busy, Carbon gets one write per FLUSH_INTERVAL
+            # (a fleet that sends a line per connection would cost a write each).
+            now = self.clock()
+            flush_now = not events or now - flushed_at >= FLUSH_INTERVAL
+            if flush_now:
+                self.destinations.flush()
+                flushed_at = now
             # Back-pressure, except when stopping: then clients are read to the end.
             pause = self.destinations.full and self.stopping_since is None
             if self.paused != pause:
                 self._set_paused(pause)
             look_again = self.acceptor.update(self.accepting, self.max_connections)
             timeout = TICK if look_again is None else min(TICK, look_again)
+            if not flush_now:
+                timeout = min(timeout, FLUSH_INTERVAL)
             if self._signals:
                 self._handle_signals()
             now = self.clock()

@@ -326,11 +326,11 @@ RATE_LIMITED = ("amproxy-rate-limited", 1, ["--key-max-rate", "1000000000"], 1)
 
 
 def run_once(name, command, args, sinks, auth_file, keys, workers, extra=(), copies=1,
-             tls=None):
+             tls=None, env=None):
     blobs, good = generate(keys, args.lines, args.connections, args.bad_fraction)
     proxy = None
     if name != "no-proxy":
-        proxy = Proxy(command, sinks[0], auth_file, workers, extra, sinks)
+        proxy = Proxy(command, sinks[0], auth_file, workers, extra, sinks, env)
     port = proxy.port if proxy else sinks[0].port
     if tls is not None:
         port = proxy.tls_port
@@ -783,8 +783,8 @@ def main():
     parser.add_argument("--fleet-only", action="store_true",
                         help="run only --storm, --churn and --tls-churn")
     parser.add_argument("--before", metavar="PATH",
-                        help="also run the fleet shapes against the amproxy package in PATH "
-                        "(a checkout of another commit), as amproxy-before")
+                        help="also run against the amproxy package in PATH (a checkout of "
+                        "another commit), as amproxy-before, with the last --workers")
     parser.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args()
     if args.fleet_only:
@@ -811,6 +811,8 @@ def main():
             shlex.quote(sys.executable), shlex.quote(os.path.join(HERE, "plain_verifier.py"))),
          None)]
     contenders += [("amproxy", None, w) for w in args.workers]
+    if args.before:
+        contenders.append(("amproxy-before", None, args.workers[-1]))
     variants = (SCALE_OUT if args.scale_out else []) + ([RATE_LIMITED] if args.rate_limit else [])
     tls = None
     if args.tls:
@@ -827,7 +829,9 @@ def main():
             for name, command, workers in contenders:
                 run_sinks, extra, copies = scale_out.get(name, ([sink], (), 1))
                 result = run_once(name, command, args, run_sinks, auth_file, keys, workers,
-                                  extra, copies, tls if name == "amproxy-tls" else None)
+                                  extra, copies, tls if name == "amproxy-tls" else None,
+                                  {"PYTHONPATH": args.before} if name == "amproxy-before"
+                                  else None)
                 result["repeat"] = repeat + 1
                 print(json.dumps(result), flush=True)
                 results.setdefault((name, workers), []).append(result)

@@ -1,7 +1,7 @@
 import fcntl
 import os
 
-from amproxy.buffer import LineBuffer, Spool
+from amproxy.buffer import MERGE_BYTES, LineBuffer, Spool
 
 
 def test_line_buffer_fifo_bounded_in_lines():
@@ -10,10 +10,24 @@ def test_line_buffer_fifo_bounded_in_lines():
     buf.append(b"a 1 1\nb 2 2\n", 2)
     buf.append(b"c 3 3\n", 1)
     assert len(buf) == 3 and not buf.has_room()
-    assert buf.popleft() == (b"a 1 1\nb 2 2\n", 2)
+    # Small chunks are merged: one write to Carbon for both.
+    assert buf.popleft() == (b"a 1 1\nb 2 2\nc 3 3\n", 3)
+    buf.append(b"c 3 3\n", 1)
     buf.appendleft(b"z 0 0\n", 1)
     assert buf.pop_all() == (b"z 0 0\nc 3 3\n", 2)
     assert not buf and len(buf) == 0 and buf.pop_all() == (b"", 0)
+
+
+def test_line_buffer_merges_small_chunks_only_up_to_a_bound():
+    buf = LineBuffer(10 ** 6)
+    big = b"m 1 1\n" * (MERGE_BYTES // 6)
+    buf.append(big, MERGE_BYTES // 6)
+    buf.append(b"n 2 2\n", 1)  # would make the last chunk too large: a chunk of its own
+    buf.append(b"o 3 3\n", 1)
+    assert (len(buf), buf.bytes) == (MERGE_BYTES // 6 + 2, len(big) + 12)
+    assert buf.popleft() == (big, MERGE_BYTES // 6)
+    assert buf.popleft() == (b"n 2 2\no 3 3\n", 2)
+    assert not buf
 
 
 def lines(start, count):

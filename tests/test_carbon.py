@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from amproxy.buffer import MERGE_BYTES
 from amproxy.carbon import CarbonSender
 
 
@@ -47,8 +48,8 @@ def read_exactly(conn, size):
     return data
 
 
-def chunk_of(start, count):
-    return b"".join(b"m.%d %d 1700000000\n" % (i, i) for i in range(start, start + count))
+def chunk_of(start, count, name=b"m"):
+    return b"".join(b"%s.%d %d 1700000000\n" % (name, i, i) for i in range(start, start + count))
 
 
 def connected_sender(listener, **options):
@@ -81,7 +82,9 @@ def test_rate_limited_backlog_is_declared_delivered_when_the_last_chunk_goes(
                                                       replay_rate=100)
     drop(selector, sender, first)
 
-    chunks = [chunk_of(n * 100, 100) for n in range(3)]
+    # Each chunk is over half of MERGE_BYTES: the buffer keeps them apart.
+    chunks = [chunk_of(n * 100, 100, b"m" * 100) for n in range(3)]
+    assert min(map(len, chunks)) > MERGE_BYTES // 2
     for data in chunks:
         sender.enqueue(data, 100)
     clock.now += 60
@@ -182,8 +185,8 @@ def test_resent_lines_keep_their_first_send_time(carbon_listener):
 def test_reading_resumes_only_below_the_low_watermark(carbon_listener):
     sender, selector, clock, conn = connected_sender(carbon_listener, buffer_lines=100)
     drop(selector, sender, conn)
-    for n in range(11):
-        sender.enqueue(chunk_of(n * 10, 10), 10)
+    for n in range(11):  # chunks of 10 long lines, each over half of MERGE_BYTES: not merged
+        sender.enqueue(chunk_of(n * 10, 10, b"m" * 1000), 10)
     assert sender.full
     for _ in range(2):
         sender.buffer.popleft()  # delivered: 90% full

@@ -23,6 +23,8 @@ import time
 
 # Loopback source addresses of a storm: 127.0.X.Y, away from 127.0.0.1.
 SOURCE_NETWORK_START = 2 << 8
+# Churn's connections come from this many addresses, 127.1.X.Y.
+CHURN_SOURCES = 250 * 256
 
 
 def signed_line(secret, public_key, metric, value, timestamp):
@@ -105,18 +107,23 @@ def churn(port, lines, threads=8, wrap=None):
     is the thread's own dict, to keep a session in).  Returns how many failed."""
     failed = []
 
-    def run(share):
+    def run(thread, share):
         state = {}
-        for line in share:
+        for i, line in enumerate(share):
+            # Each connection from its own source address (127.1.X.Y), as a fleet's
+            # are: one address would soon reuse a port still in TIME_WAIT from the
+            # run before, and stall on SYN retransmissions that are no one's fault.
+            source = (thread * len(share) + i) % CHURN_SOURCES
             try:
-                sock = socket.create_connection(("127.0.0.1", port))
+                sock = socket.create_connection(("127.0.0.1", port), source_address=(
+                    "127.1.%d.%d" % (source // 250, 1 + source % 250), 0))
                 if wrap is not None:
                     sock = wrap(sock, state)
                 with sock:
                     sock.sendall(line)
             except OSError:
                 failed.append(1)
-    workers = [threading.Thread(target=run, args=(lines[t::threads],)) for t in range(threads)]
+    workers = [threading.Thread(target=run, args=(t, lines[t::threads])) for t in range(threads)]
     for t in workers:
         t.start()
     for t in workers:
