@@ -53,6 +53,7 @@ class Client:
         # With TLS the server's certificate is verified (against ca_file, else the
         # system's CAs) for the host name or address given.
         self._tls = client_context(ca_file, cert_file, key_file) if tls else None
+        self._tls_session = None  # the last one, resumed at the next connection
         self.public_key = public_key
         self._signer = Signer(secret_key)
         self.batch_size = batch_size
@@ -112,8 +113,10 @@ class Client:
             return sock
         try:
             started = time.monotonic()
-            sock = self._tls.wrap_socket(sock, server_hostname=self.address[0])
+            sock = self._tls.wrap_socket(sock, server_hostname=self.address[0],
+                                         session=self._tls_session)
             self._check_accepted(sock, time.monotonic() - started)
+            self._tls_session = sock.session  # with its ticket, read by the check
             return sock
         except OSError:
             sock.close()
@@ -150,13 +153,14 @@ class Client:
 def run_test_client(address, public_key, secret_key, metric, interval, count=None, **tls):
     """Send one random value from 30 to 100 every ``interval`` s, each over a new connection."""
     sent = 0
+    client = Client(address, public_key, secret_key, **tls)  # its TLS session lives on
     while count is None or sent < count:
         if sent:
             time.sleep(interval)
         value = random.randint(30, 100)
-        with Client(address, public_key, secret_key, **tls) as client:
-            client.send(metric, value)
-            ok = client.flush()
+        client.send(metric, value)
+        ok = client.flush()
+        client.close()
         sent += 1
         log.info("sent a data point" if ok else "could not send a data point",
                  extra={"metric": metric, "value": value,

@@ -230,6 +230,13 @@ SERVER_OPTIONS = [
            "SIGHUP", env="AMPROXY_TLS_CERT"),
     Option("--tls-key", "", "the private key of --tls-cert (PEM), readable by --user; "
            "read again on SIGHUP", env="AMPROXY_TLS_KEY"),
+    Option("--tls-session-tickets", False,
+           "also give TLS 1.3 devices session tickets, so that a reconnect on any worker "
+           "skips the certificate's signature (TLS 1.2 devices always get theirs, inside "
+           "the handshake); a TLS 1.3 ticket arrives after the handshake, and a client that "
+           "closes without reading it has its connection reset and loses what it had not "
+           "yet sent: turn on only for devices that read, as amproxy client does",
+           env="AMPROXY_TLS_SESSION_TICKETS", type=bool, live=True),
     Option("--tls-client-ca", "",
            "require client certificates signed by this CA (PEM) on the TLS listener",
            env="AMPROXY_TLS_CLIENT_CA"),

@@ -27,6 +27,7 @@ import struct
 
 from .balance import NOT_ACCEPTING
 from .errors import AmproxyError
+from .tls import session_ticket_keys
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class Listener:
         self.sock = sock
         self.kind = kind
         self.tls = kind == "tls"
+        # Drawn before the workers are forked, so all of them share them.
+        self.ticket_keys = session_ticket_keys() if self.tls else None
 
     def address(self):
         host, port = self.sock.getsockname()[:2]

@@ -224,7 +224,8 @@ class Worker:
                                self._on_reload)
         options = self.options
         self.destinations = Destinations(options, self.selector, self.clock, self.slot)
-        self.tls = TlsConnections(options, self.clock)
+        self.tls = TlsConnections(options, self.clock, next(
+            (listener.ticket_keys for listener in self.listeners if listener.tls), None))
         self.acceptor = Acceptor(self.listeners, self.selector, self.connection_table,
                                  self.slot, self.clock, self._admit, self.connections.__len__)
         if self.tls.context is None:

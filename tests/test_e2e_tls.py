@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conftest import AMPROXY, KEYS, free_port, line_for, wait_for, wait_points
+from conftest import (AMPROXY, KEYS, client_connections, free_port, line_for, wait_for,
+                      wait_points)
 from test_e2e_hostile import counters
 
 OPENSSL = shutil.which("openssl")
@@ -273,3 +274,54 @@ def test_a_stop_reads_everything_a_tls_client_sent(carbon, tls_proxy, certs):
     assert proxy.wait_exit(30) == 0
     sock.close()
     wait_points(carbon, "e2e.alpha.temp", points, now - 3010)
+
+
+def ticketed_connection(port, context, session=None):
+    """A TLS connection (resuming ``session`` if given) whose ticket has arrived: a
+    TLS 1.3 server sends it after the handshake, and only a read takes it in."""
+    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
+                               server_hostname="127.0.0.1", session=session)
+    sock.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        sock.recv(1)  # amproxy writes nothing: a timeout, with the ticket read
+    return sock
+
+
+def worker_holding(proxy, port):
+    """The worker that holds the one open client connection to ``port``."""
+    holders = [pid for pid in proxy.workers() if client_connections(pid, port) == 1]
+    assert len(holders) == 1, holders
+    return holders[0]
+
+
+@pytest.mark.parametrize("version", [None, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
+def test_a_device_resumes_its_session_on_the_other_worker_and_after_a_reload(
+        carbon, tls_proxy, certs, version):
+    # TLS 1.3 tickets come after the handshake: only for devices that read them.
+    proxy = tls_proxy(*([] if version else ["--tls-session-tickets"]), workers=2)
+    now = int(time.time())
+    context = ssl.create_default_context(cafile=certs("ca.pem"))
+    if version:
+        context.maximum_version = version
+    first = ticketed_connection(proxy.tls_port, context)
+    assert not first.session_reused
+    first_worker = worker_holding(proxy, proxy.tls_port)
+    # While the first holds a connection, the other worker takes the next one
+    # (fewest connections), and accepts the ticket the first issued.
+    second = ticketed_connection(proxy.tls_port, context, first.session)
+    assert second.session_reused
+    assert {pid for pid in proxy.workers() if client_connections(pid, proxy.tls_port)} == \
+        set(proxy.workers()) and first_worker in proxy.workers()
+    session = second.session  # a closed socket has none to give
+    for i, sock in enumerate((first, second)):
+        sock.sendall(line_for(KEYS, "alpha", "e2e.alpha.temp", 700 + i, now - 150 + i))
+        sock.close()
+    wait_points(carbon, "e2e.alpha.temp", {now - 150: 700.0, now - 149: 701.0}, now - 160)
+    # A reload renews each worker's context (the certificate may have changed):
+    # tickets issued before it still resume.
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_log("TLS certificate reloaded", count=2)
+    third = ticketed_connection(proxy.tls_port, context, session)
+    assert third.session_reused
+    third.close()
+    assert counters(proxy)["tlsHandshakeErrors"] == 0
