@@ -405,29 +405,37 @@ def fleet_run(shape, row, args, sink, auth_file, keys, count):
         proxy.stop()
 
 
+TLS_CHURN_ROWS = [("tls13_full", None, False), ("tls13_resumed", None, True),
+                  ("tls12_full", "TLSv1_2", False), ("tls12_resumed", "TLSv1_2", True)]
+
+
 def tls_churn_run(args, sink, auth_file, keys, count, cert, key, context):
     """CPU per TLS connection (connect, handshake, one line, close) on the server, with
-    full handshakes and with each client resuming its last session."""
-    proxy = Proxy(None, sink, auth_file, args.workers[-1], tls_args(cert, key))
+    full handshakes and with each client resuming its last session, TLS 1.3 and 1.2."""
+    import ssl
+    proxy = Proxy(None, sink, auth_file, args.workers[-1],
+                  tls_args(cert, key) + ["--tls-session-tickets"])
     result = {"shape": "tls-churn", "workers": args.workers[-1], "connections": count}
     try:
         wait_for(lambda: port_open(proxy.tls_port), 30, "the TLS port")
-        for resume in (False, True):
+        for label, version, resume in TLS_CHURN_ROWS:
+            client = ssl.create_default_context(cafile=cert)
+            if version:
+                client.maximum_version = getattr(ssl.TLSVersion, version)
             lines = fleet.signed_lines(keys, count)
-            wrap = fleet.tls_wrapper(context, resume)
+            wrap = fleet.tls_wrapper(client, resume)
             sink.reset()
             cpu_before, started = proxy.cpu(), time.monotonic()
             failed = fleet.churn(proxy.tls_port, lines, args.churn_threads, wrap)
             end, counted = settle([sink], count, args.timeout)
-            label = "resumed" if resume else "full"
             result.update({
-                label + "_cpu_us_per_connection": round(
-                    (proxy.cpu() - cpu_before) / count * 1e6, 1),
-                label + "_connections_per_s": round(count / max(end - started, 1e-9)),
+                label + "_cpu_us": round((proxy.cpu() - cpu_before) / count * 1e6, 1),
+                label + "_per_s": round(count / max(end - started, 1e-9)),
                 label + "_resumed": wrap.resumed,
                 label + "_lost": max(0, count - counted) + failed})
-        result["resumed_vs_full_cpu"] = round(result["resumed_cpu_us_per_connection"]
-                                              / result["full_cpu_us_per_connection"], 3)
+        for version in ("tls13", "tls12"):
+            result[version + "_resumed_vs_full_cpu"] = round(
+                result[version + "_resumed_cpu_us"] / result[version + "_full_cpu_us"], 3)
         return result
     finally:
         proxy.stop()
@@ -487,14 +495,18 @@ def print_fleet_table(summaries):
             s.get("seconds_vs_1_worker", "-"), s["cpu_us_per_connection"],
             s["listen_overflows"], s["lost"] + s["client_errors"]), file=sys.stderr)
     for s in summaries:
-        if s["shape"] == "tls-churn":
-            print("\nTLS churn, %d workers, %d connections: full handshake %s us CPU "
-                  "(%s/s), resumed %s us CPU (%s/s, %d of %d resumed): %s of a full one; "
-                  "lost %d" % (s["workers"], s["connections"], s["full_cpu_us_per_connection"],
-                               s["full_connections_per_s"], s["resumed_cpu_us_per_connection"],
-                               s["resumed_connections_per_s"], s["resumed_resumed"],
-                               s["connections"], s["resumed_vs_full_cpu"],
-                               s["full_lost"] + s["resumed_lost"]), file=sys.stderr)
+        if s["shape"] != "tls-churn":
+            continue
+        print("\nTLS churn, %d workers, %d connections each, CPU per connection:"
+              % (s["workers"], s["connections"]), file=sys.stderr)
+        for version in ("tls13", "tls12"):
+            print("- %s: full handshake %s us (%s/s), resumed %s us (%s/s, %d resumed): "
+                  "%s of a full one; lost %d" % (
+                      version, s[version + "_full_cpu_us"], s[version + "_full_per_s"],
+                      s[version + "_resumed_cpu_us"], s[version + "_resumed_per_s"],
+                      s[version + "_resumed_resumed"], s[version + "_resumed_vs_full_cpu"],
+                      s[version + "_full_lost"] + s[version + "_resumed_lost"]),
+                  file=sys.stderr)
 
 
 def latency(command, sink, auth_file, keys, workers, samples=50):
@@ -794,8 +806,8 @@ def main():
             summaries = fleet_shapes(args, sink, directory)
             print(json.dumps({"fleet": summaries}), flush=True)
             print_fleet_table(summaries)
-            return 1 if any(s.get("lost") or s.get("full_lost") or s.get("resumed_lost")
-                            for s in summaries) else 0
+            return 1 if any(value for s in summaries for field, value in s.items()
+                            if field == "lost" or field.endswith("_lost")) else 0
         finally:
             sink.stop()
 

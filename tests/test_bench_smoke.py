@@ -34,3 +34,24 @@ def test_benchmark_smoke_run():
     assert summary["routing_us_per_line"] > 0
     assert summary["tls_handshakes_per_s_one_worker"] > 0
     assert "| amproxy | 2 |" in result.stderr
+
+
+def test_fleet_shapes_smoke_run():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--fleet-only",
+         "--storm", "300", "--churn", "300", "--tls-churn", "40", "--repeats", "1",
+         "--workers", "1", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.splitlines()[-1])["fleet"]
+    rows = {(s["shape"], s["proxy"], s["workers"]): s for s in summary}
+    for shape in ("storm", "churn"):
+        for workers in (1, 2):
+            row = rows[(shape, "amproxy", workers)]
+            assert row["lost"] == row["client_errors"] == 0, row
+            assert row["cpu_us_per_connection"] > 0
+        assert "seconds_vs_1_worker" in rows[(shape, "amproxy", 2)]
+    tls = rows[("tls-churn", "amproxy", 2)]
+    # Every client after a thread's first resumes its session (8 threads).
+    assert tls["tls13_resumed_resumed"] >= 40 - 8 and tls["tls12_resumed_resumed"] >= 40 - 8
+    assert tls["tls13_full_resumed"] == tls["tls12_full_resumed"] == 0
+    assert "| storm | amproxy | 2 |" in result.stderr

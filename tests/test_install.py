@@ -10,6 +10,7 @@ with no amproxy installed (it would never touch one).
 import json
 import os
 import pwd
+import resource
 import shutil
 import socket
 import subprocess
@@ -115,6 +116,16 @@ def test_make_install_then_the_init_script_as_a_sysadmin_would(carbon, installed
     with socket.create_connection(("127.0.0.1", port), timeout=5):
         pass  # start returned: it is listening, with no wait
     assert as_admin("/etc/init.d/amproxy", "status").returncode == 0
+    # Each worker takes as many devices as the open-file limit allows: the init script
+    # raises it to 65536 where it may (not in every container), and the default
+    # --max-connections follows it.
+    with open("/run/amproxy/amproxy.pid") as f:
+        pid = int(f.read())
+    with open("/proc/%d/limits" % pid) as f:
+        open_files = int(next(line for line in f if line.startswith("Max open files")).split()[3])
+    assert open_files >= min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    with open("/var/log/amproxy/amproxy.log") as f:
+        assert "max_connections=%d " % (open_files - min(128, open_files // 4)) in f.read()
     now = int(time.time())
     sent = as_admin("amproxy", "client", "send", "--server-addr", "127.0.0.1:%d" % port,
                     "--key-public", "installtest", "--key-private", secret,
