@@ -412,17 +412,22 @@ class LiveOptions:
     """The live options as the master last parsed them, for its workers to take on SIGHUP.
 
     An unlinked file made before the workers are forked: the config is parsed
-    once, by the master, and a bad one is logged once.  The master writes it
-    before it signals the workers, so they never read it half-written.
+    once, by the master, and a bad one is logged once.  Each SIGHUP publishes it
+    anew with the next ``generation``: a worker that has not applied that one
+    yet reads the options and the TLS certificate again at its next auth update,
+    whatever that update's reason (two reloads may reach it as one).
     """
 
     def __init__(self):
         fd, name = tempfile.mkstemp(prefix="amproxy-options-")
         os.unlink(name)
         self.fd = fd
+        self.generation = 0
 
     def publish(self, options):
-        data = json.dumps({name: getattr(options, name) for name in LIVE_OPTIONS}).encode()
+        self.generation += 1
+        values = {name: getattr(options, name) for name in LIVE_OPTIONS}
+        data = json.dumps(dict(values, generation=self.generation)).encode()
         # A record lock (per process, unlike flock on a shared descriptor): a
         # worker still reading the previous version never sees half of this one.
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
@@ -433,7 +438,7 @@ class LiveOptions:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def read(self):
-        """{option name: value}; empty before the first publish."""
+        """{option name: value, "generation": n}; empty before the first publish."""
         fcntl.lockf(self.fd, fcntl.LOCK_SH)
         try:
             data = os.pread(self.fd, os.fstat(self.fd).st_size, 0)

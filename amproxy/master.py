@@ -228,9 +228,9 @@ class Master:
         if self._signal_pipe[0] in ready:
             self._drain(self._signal_pipe[0])
         self.auth_reloads.on_ready(ready)
-        # A SIGHUP sent to a worker: every worker gets the file as it is now.
+        # A SIGHUP sent to a worker is one to the master: one reload, wherever sent.
         if any([channels[r].update_requested() for r in ready if r in channels]):
-            self.auth_reloads.request("SIGHUP")
+            self.handle_hup()
         if self._boot_pipe[0] in ready:
             data = self._drain(self._boot_pipe[0])
             for (pid,) in _PID.iter_unpack(data[:len(data) - len(data) % _PID.size]):
@@ -272,6 +272,8 @@ class Master:
         daemon.systemd_notify("RELOADING=1\nMONOTONIC_USEC=%d"
                               % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         self.reload_options()
+        # A new generation even if the config did not change: the certificate may have.
+        self.live_options.publish(self.options)
         # Compiled in a child; with it the workers read the live options again.
         self.auth_reloads.request("SIGHUP")
         self.manage_workers()
@@ -295,7 +297,6 @@ class Master:
                             name.replace("_", "-"))
         if "workers" in changed:
             self.num_workers = new.workers
-        self.live_options.publish(self.options)
         set_level(self.options.log_level)
         log.info("config reloaded", extra={"changed": ",".join(
             n.replace("_", "-") for n in changed if n in LIVE_OPTIONS) or "nothing"})

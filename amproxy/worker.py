@@ -209,6 +209,8 @@ class Worker:
         for SIGHUP.
         """
         self.read_live_options = read_live_options
+        # Forked with the master's current options: the generation they come from.
+        self._live_generation = read_live_options().get("generation", 0)
         self.clock = time.monotonic
         self.selector = selectors.DefaultSelector()
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -333,9 +335,11 @@ class Worker:
         TLS certificate to read again."""
         for update in self.auth_channel.receive():
             self.auth_file.take(update)
-            if update.reason == "SIGHUP":
-                self._reload_options()
-                self.tls.reload()
+        live = self.read_live_options()
+        if live.get("generation", 0) != self._live_generation:
+            self._live_generation = live.get("generation", 0)
+            self._reload_options(live)
+            self.tls.reload()
 
     def counters(self):
         rejected = self.rejected
@@ -369,9 +373,9 @@ class Worker:
         if data:
             self.destinations.send(data.splitlines())
 
-    def _reload_options(self):
+    def _reload_options(self, live):
         """Take the live options the master parsed (it logged any error, once)."""
-        for name, value in self.read_live_options().items():
+        for name, value in live.items():
             if name in LIVE_OPTIONS:
                 setattr(self.options, name, value)
         set_level(self.options.log_level)

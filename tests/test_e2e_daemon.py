@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from conftest import (AMPROXY, KEYS, ROOT, children_of, free_port, line_for, pid_alive,
-                      wait_for, wait_points, write_auth)
+from conftest import (AMPROXY, KEYS, ROOT, SECRETS_USED, auth_yaml, children_of, free_port,
+                      line_for, pid_alive, wait_for, wait_points, write_auth)
 
 
 def test_ttin_and_ttou_change_the_number_of_workers(carbon, auth_file, make_proxy):
@@ -449,3 +449,41 @@ def test_start_fails_when_the_daemon_user_cannot_use_a_file(carbon, tmp_path, wh
             result.stderr
     finally:
         shutil.rmtree(directory)
+
+
+def slow_auth_file(path, extra_keys, filler=30000):
+    """KEYS and ``extra_keys``, plus ``filler`` keys in flow style: outside the standard
+    layout, so the master's compile goes through YAML and takes a second or two."""
+    keys = dict(KEYS, **extra_keys)
+    SECRETS_USED.update(secret for secret, _ in keys.values())
+    text = auth_yaml(keys) + "".join(
+        '  "filler%d": {secret_key: "filler-secret-%d", metrics: ["e2e.filler.k%d"]}\n'
+        % (i, i, i) for i in range(filler))
+    tmp = str(path) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)
+    os.rename(tmp, path)
+
+
+def test_a_hup_during_a_compile_then_a_file_change_still_applies_the_live_options(
+        carbon, auth_file, make_proxy, tmp_path):
+    conf = tmp_path / "amproxy.conf"
+    slow_auth_file(auth_file, {})
+    proxy = proxy_with_config(carbon, auth_file, make_proxy, conf,
+                              "workers = 2\nskew = 5m\nauth-reload-interval = 0.1s\n")
+    proxy.wait_log(r"workers ready")
+    compiles = lambda: len(children_of(proxy.pid)) - 2  # noqa: E731
+    slow_auth_file(auth_file, {"gamma": ("gamma-secret", ["e2e.gamma.temp"])})
+    wait_for(lambda: compiles() == 1, 10, what="the compile of the changed file")
+    conf.write_text("workers = 2\nskew = 1h\nauth-reload-interval = 0.1s\n")
+    proxy.signal(signal.SIGHUP)  # during the compile: queued
+    proxy.wait_log(r"config reloaded.*changed=skew")
+    slow_auth_file(auth_file, {"gamma": ("gamma-secret", ["e2e.gamma.temp"]),
+                               "delta": ("delta-secret", ["e2e.delta.temp"])})
+    assert compiles() == 1, "the first compile ended too soon for this test"
+    # The poll sees the second change during the same compile.
+    proxy.wait_log(r"auth file reloaded.*keys=30004", count=2, timeout=30)
+    now = int(time.time())
+    proxy.send(line_for(KEYS, "beta", "e2e.beta.temp", 63, now - 1800))  # in 1h, not 5m
+    wait_points(carbon, "e2e.beta.temp", {now - 1800: 63.0}, now - 1800)
