@@ -22,6 +22,7 @@ import errno
 import logging
 import resource
 import select
+import selectors
 import socket
 import struct
 
@@ -194,7 +195,7 @@ class Acceptor:
             return
         for listener in self.listeners:
             if watch:
-                self.selector.register(listener.sock, 1,  # EVENT_READ
+                self.selector.register(listener.sock, selectors.EVENT_READ,
                                        lambda mask, listener=listener: self.take(listener))
             else:
                 self.selector.unregister(listener.sock)
@@ -226,7 +227,7 @@ class Acceptor:
                           e.strerror, ACCEPT_BACKOFF)
                 self.paused_until = self.clock() + ACCEPT_BACKOFF
                 self.stop()
-                break
+                return taken
             taken += 1
             self.admit(listener, sock, address)
         self.table.publish(self.slot, self.count())
