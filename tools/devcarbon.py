@@ -6,6 +6,7 @@ its own and one-second retention so points can be read back at once.
 """
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -46,6 +47,23 @@ retentions = 1s:1d
 
 
 def free_port():
+    """A port free on 127.0.0.1, below the kernel's ephemeral range (32768 and up):
+    a port from that range may be taken by an outgoing connection (a storm's, a
+    client's) before the server that was given it binds it."""
+    low, high = 10000, 32767
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = min(high, int(f.read().split()[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    for _ in range(100):
+        port = random.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
