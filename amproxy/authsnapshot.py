@@ -312,6 +312,9 @@ class SnapshotIndex:
             raise ValueError("not an auth snapshot of format %d" % FORMAT)
         layout = [header[k].encode() for k in ("key_indent", "field_indent", "item_prefix")]
         self._layout = Layout(*layout)
+        # Only a snapshot written from YAML holds escapes; one that is the file's own
+        # text holds each value as the file does (a backslash there is a backslash).
+        self._escaped = not header["standard"]
         self._block = block_regex(*layout, rb"[^\s:]+", rb"\S+", rb"\S+", rb"\S+").match
         start = header["slots_at"]
         self._slots = memoryview(self._map)[start:start + 8 * header["slots"]].cast("Q")
@@ -323,7 +326,7 @@ class SnapshotIndex:
         """The :class:`AuthKey` of ``public_key``, built from its entry; None if absent."""
         if not public_key:  # None: a line rejected before it named a key
             return None
-        name = _escape(public_key)
+        name = _escape(public_key) if self._escaped else public_key
         line = name + b":\n"
         skip = len(self._layout.key_indent)
         i = crc32(name) & self._mask
@@ -340,7 +343,7 @@ class SnapshotIndex:
         m = self._block(self._map, offset)
         name, secret, previous, expires, rate, items = m.group(2, 3, 4, 5, 6, 7)
         metrics = self._layout.metric_names(items)
-        if b"\\" in m.group(1):  # written from YAML, with escapes
+        if self._escaped and b"\\" in m.group(1):  # written from YAML, with escapes
             name, secret = _unescape(name), _unescape(secret)
             previous = previous and _unescape(previous)
             metrics = [_unescape(metric) for metric in metrics]

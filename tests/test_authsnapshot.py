@@ -221,3 +221,21 @@ def test_a_large_file_outside_the_standard_layout_is_pointed_out(tmp_path, caplo
     with caplog.at_level("WARNING"):
         keytool.check(str(tmp_path / "std.yaml"))
     assert "standard layout" not in caplog.text
+
+
+def test_a_backslash_in_the_standard_layout_is_a_backslash_as_yaml_reads_it(tmp_path):
+    """Issue 21, finding 1: the snapshot's own escapes apply only to a snapshot written
+    from YAML; read in place, '\\2e' is three characters, not a dot."""
+    raw = (b"apikeys:\n  alice:\n    secret_key: alice-secret\n    metrics:\n"
+           b"    - 'home\\2e*\\2etemp'\n    - 'home.carol.*\\5b'\n"
+           b"  bob:\n    secret_key: bob-secret\n    metrics:\n    - home.bob.temp\n")
+    assert scan(raw, PATH) is not None  # the standard layout: read in place
+    snapshot = snapshot_of(raw, tmp_path)
+    (tmp_path / "same.yaml").write_bytes(raw)
+    full = load_auth_file(str(tmp_path / "same.yaml"))
+    alice = snapshot.keys[b"alice"]
+    assert summary(alice) == summary(full.keys[b"alice"])
+    assert not alice.allows(b"home.bob.temp")  # bob's series stays bob's
+    assert alice.allows(b"home\\2eX\\2etemp") == full.keys[b"alice"].allows(b"home\\2eX\\2etemp")
+    assert not alice.allows(b"home.carol.x[")
+    assert snapshot.keys[b"bob"].allows(b"home.bob.temp")
