@@ -10,7 +10,6 @@ import os
 import resource
 import select
 import signal
-import socket
 import struct
 import time
 
@@ -228,9 +227,10 @@ class Master:
         if self._signal_pipe[0] in ready:
             self._drain(self._signal_pipe[0])
         self.auth_reloads.on_ready(ready)
-        # A SIGHUP sent to a worker is one to the master: one reload, wherever sent.
+        # A SIGHUP sent to a worker is one to the master: one reload, wherever sent
+        # (queued as the master's own, so a stop in progress ignores it as well).
         if any([channels[r].update_requested() for r in ready if r in channels]):
-            self.handle_hup()
+            self._record_signal(signal.SIGHUP, None)
         if self._boot_pipe[0] in ready:
             data = self._drain(self._boot_pipe[0])
             for (pid,) in _PID.iter_unpack(data[:len(data) - len(data) % _PID.size]):

@@ -14,7 +14,6 @@ Each returns when its clients are done; bench.py times delivery at the sink.
 import base64
 import hashlib
 import hmac
-import os
 import resource
 import select
 import selectors
