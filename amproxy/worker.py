@@ -553,8 +553,8 @@ class Worker:
             max_length = self.options.max_line_length
             if len(conn.partial) > max_length or (
                     end > max_length and max(map(len, lines)) > max_length):
-                self._line_too_long(conn)
-                return
+                lines = self._cut_long_lines(conn, lines)
+                data = b""  # the connection is closed: nothing more to read
         else:
             # The client closed: its last line counts even without a newline.
             lines = conn.partial.splitlines()
@@ -603,12 +603,20 @@ class Worker:
             log.exception("unexpected error while checking a client's lines; they are "
                           "dropped", extra={"remote": conn.remote, "lines": lines})
 
-    def _line_too_long(self, conn):
-        self._rejecter(conn, {})(LINE_TOO_LONG, None, None)
+    def _cut_long_lines(self, conn, lines):
+        """The lines of a read that are not too long; each one that is (and an
+        unfinished one past the limit) is counted, and the connection is closed
+        once the rest are checked: a gateway's other devices' lines still go on."""
+        max_length = self.options.max_line_length
+        kept = [line for line in lines if len(line) <= max_length]
+        reject = self._rejecter(conn, {})
+        for _ in range(len(lines) - len(kept) + (len(conn.partial) > max_length)):
+            reject(LINE_TOO_LONG, None, None)
         log.warning("closing client connection: line longer than --max-line-length",
-                    extra={"remote": conn.remote,
-                           "max_line_length": self.options.max_line_length})
+                    extra={"remote": conn.remote, "max_line_length": max_length})
+        conn.partial = b""
         self._close(conn)
+        return kept
 
     # -- stopping --------------------------------------------------------------
 

@@ -294,3 +294,27 @@ def test_out_of_descriptors_backs_off_and_survives_a_carbon_restart(own_carbon, 
             sock.close()
     assert_valid_client_served(own_carbon, proxy)
     assert proxy.workers() == worker and "worker crashed" not in proxy.log()
+
+
+def test_a_gateways_lines_around_an_overlong_line_are_forwarded(carbon, hostile_proxy):
+    """One relay connection for many devices: the lines before and after a line past
+    --max-line-length in the same write are checked and forwarded; each overlong
+    line (the unfinished one at the end too) is counted, then the connection closes."""
+    proxy = hostile_proxy("--max-line-length", "4096", workers=1)
+    now = int(time.time())
+    metrics = ["e2e.alpha.temp", "e2e.alpha.humidity"]
+    expected = {m: {now - i: float(i) for i in range(1, 151)} for m in metrics}
+    before = [line_for(KEYS, "alpha", metrics[0], v, ts) for ts, v in expected[metrics[0]].items()]
+    after = [line_for(KEYS, "alpha", metrics[1], v, ts) for ts, v in expected[metrics[1]].items()]
+    gateway = proxy.connect()
+    gateway.sendall(b"".join(before) + b"x" * 5000 + b"\n" + b"".join(after) + b"y" * 20000)
+    try:
+        assert gateway.recv(1) == b""  # closed by the proxy
+    except ConnectionResetError:
+        pass
+    gateway.close()
+    for metric in metrics:
+        wait_points(carbon, metric, expected[metric], now - 151)
+    wait_for(lambda: counters(proxy).get("rejected.lineTooLong") == 2, 10,
+             what="the lineTooLong counter")
+    assert counters(proxy)["linesForwarded"] == 300
