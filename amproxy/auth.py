@@ -1,12 +1,15 @@
 """The auth file: read and validate it into a lookup of keys.
 
 The running server holds it as a snapshot (:mod:`amproxy.authsnapshot`),
-built from the standard layout in place (:mod:`amproxy.authscan`); the full
-parse here reads the files in any other layout: a simple layout without the
-YAML library (:func:`parse_simple_layout`), anything else with it.
+built from the standard layout in place (:mod:`amproxy.authscan`, a strict
+subset of YAML that means what YAML means); every other file is read here,
+by PyYAML and nothing else, so that there is one grammar.
 
 Every scalar is read as the string written in the file (YAML's "base"
-schema): ``secret_key: 0123`` is the secret "0123", ``yes`` is "yes".
+schema): ``secret_key: 0123`` is the secret "0123", ``yes`` is "yes".  A key
+given twice in one mapping is an error, as YAML 1.2 says, not "the last one
+wins".  No message quotes the value of a secret field, or of a field where a
+misplaced secret could be (``previous_secret_expires``, ``max_rate``).
 """
 
 import datetime
@@ -14,17 +17,21 @@ import logging
 import os
 import re
 import stat
+import time
 
 import yaml
 
 from .errors import AuthFileError
 from .patterns import GLOB_CHARS, PatternError, compile_patterns
-from .protocol import Signer, metric_problem
+from .protocol import CARBON_MAX_LINE_BYTES, Signer, metric_problem
 
 log = logging.getLogger(__name__)
 
 _YAML_LOADER = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
 _WHITESPACE = re.compile(r"\s")
+# A file being rewritten in place is read again after a pause, this many times.
+READ_ATTEMPTS = 10
+READ_RETRY_SECONDS = 0.05
 
 
 # Per key: enough for every series of a busy device, bounded (to about 128 KB)
@@ -116,8 +123,9 @@ class KeyMap(dict):
 class AuthDB:
     """Public key (bytes) -> :class:`AuthKey`, as read from one version of the file."""
 
-    def __init__(self, keys):
+    def __init__(self, keys, warnings=()):
         self.keys = KeyMap((k.name.encode("utf-8"), k) for k in keys)
+        self.warnings = list(warnings)  # about keys that share a secret
         self.rate_limited = any(k.max_rate for k in self.keys.values())
 
     def __len__(self):
@@ -160,34 +168,119 @@ def _split_patterns(metrics, name, path, compiled):
     return exact, patterns, matcher
 
 
-def parse_auth_data(data, path):
-    """Validate the parsed document ``data`` and build an :class:`AuthDB`."""
-    compiled = {}
+# No name, pattern or secret may be longer than the longest line Carbon takes.
+MAX_FIELD_BYTES = CARBON_MAX_LINE_BYTES
+# What aliases (``*name``) may add: without them, what YAML reads is never
+# longer than the file; a file that aliases make much larger is refused.
+MAX_EXPANSION = 2
+EXPANSION_SLACK = 4096
+# Shared secrets are each a warning; a file full of them gets this many and a count.
+MAX_SHARED_SECRET_WARNINGS = 10
+
+
+def shown(text, limit=40):
+    """``text`` quoted for a message, shortened: a name in a message, not a flood."""
+    text = repr(text)
+    return text if len(text) <= limit else text[:limit - 4] + "...%s" % text[0]
+
+
+def parse_auth_data(data, path, file_size=None):
+    """Validate the parsed document ``data`` and build an :class:`AuthDB`.
+
+    ``file_size``: the size of the file it was read from, which aliases may
+    not make more than :data:`MAX_EXPANSION` times larger.
+    """
     if not isinstance(data, dict) or not isinstance(data.get("apikeys"), dict):
         raise AuthFileError("auth file %s must contain a mapping named 'apikeys'" % path)
-    keys = []
+    limit = None if file_size is None else MAX_EXPANSION * file_size + EXPANSION_SLACK
+    compiled, keys, owners, size = {}, [], SecretOwners(), 0
     for name, entry in data["apikeys"].items():
-        if not isinstance(name, str) or not name or _WHITESPACE.search(name):
-            raise AuthFileError("auth file %s: public key %r must be a non-empty string "
-                                "without spaces" % (path, name))
-        if not isinstance(entry, dict):
-            raise AuthFileError("auth file %s: key %r must be a mapping with secret_key "
-                                "and metrics" % (path, name))
-        secret = entry.get("secret_key")
-        if not secret or not isinstance(secret, str):
-            raise AuthFileError("auth file %s: key %r has no secret_key" % (path, name))
-        metrics = entry.get("metrics")
-        if not isinstance(metrics, list):
-            raise AuthFileError("auth file %s: key %r: metrics must be a list of metric "
-                                "names" % (path, name))
-        if not _all_metric_names(metrics):
-            bad = next(m for m in metrics if not _all_metric_names([m]))
-            raise AuthFileError("auth file %s: key %r: metric %r must be a non-empty "
-                                "string without spaces" % (path, name, bad))
-        keys.append(AuthKey(name, secret, *_split_patterns(metrics, name, path, compiled),
-                            *_previous_secret(entry, name, path),
-                            _max_rate(entry, name, path)))
-    return AuthDB(keys)
+        _check_name(name, entry, path)
+        size += _expanded_size(name, entry)
+        if limit is not None and size > limit:
+            raise AuthFileError("auth file %s: its aliases (*name) make it more than %d times "
+                                "its size; write the values out" % (path, MAX_EXPANSION))
+        secret, metrics = _entry_fields(name, entry, path)
+        key = AuthKey(name, secret, *_split_patterns(metrics, name, path, compiled),
+                      *_previous_secret(entry, name, path), _max_rate(entry, name, path))
+        owners.add(name, secret, key._previous_secret)
+        keys.append(key)
+    return AuthDB(keys, owners.warnings(path))
+
+
+def _check_name(name, entry, path):
+    if not isinstance(name, str) or not name or _WHITESPACE.search(name):
+        raise AuthFileError("auth file %s: public key %s must be a non-empty string "
+                            "without spaces" % (path, shown(name)))
+    if len(name.encode("utf-8")) > MAX_FIELD_BYTES:
+        raise AuthFileError("auth file %s: public key %s is longer than %d bytes" % (
+            path, shown(name), MAX_FIELD_BYTES))
+    if not isinstance(entry, dict):
+        raise AuthFileError("auth file %s: key %r must be a mapping with secret_key "
+                            "and metrics" % (path, name))
+
+
+def _expanded_size(name, entry):
+    """About the bytes of a key's entry once aliases are expanded (items count as one
+    more each, for their line)."""
+    size = len(name)
+    for value in entry.values():
+        size += len(value)
+        if isinstance(value, list):
+            size += sum(map(len, value))
+    return size
+
+
+def _entry_fields(name, entry, path):
+    """The secret and the metrics of a key's entry, checked."""
+    secret = entry.get("secret_key")
+    if not secret or not isinstance(secret, str):
+        raise AuthFileError("auth file %s: key %r has no secret_key" % (path, name))
+    if len(secret.encode("utf-8")) > MAX_FIELD_BYTES:
+        raise AuthFileError("auth file %s: key %r: secret_key is longer than %d bytes" % (
+            path, name, MAX_FIELD_BYTES))
+    metrics = entry.get("metrics")
+    if not isinstance(metrics, list):
+        raise AuthFileError("auth file %s: key %r: metrics must be a list of metric "
+                            "names" % (path, name))
+    if not _all_metric_names(metrics):
+        bad = next(m for m in metrics if not _all_metric_names([m]))
+        raise AuthFileError("auth file %s: key %r: metric %s must be a non-empty "
+                            "string without spaces" % (path, name, shown(bad)))
+    if metrics and max(map(len, metrics)) > MAX_FIELD_BYTES // 4:
+        for metric in metrics:
+            if len(metric.encode("utf-8")) > MAX_FIELD_BYTES:
+                raise AuthFileError("auth file %s: key %r: metric %s is longer than %d "
+                                    "bytes" % (path, name, shown(metric), MAX_FIELD_BYTES))
+    return secret, metrics
+
+
+class SecretOwners:
+    """Which key signs with which secret (current or previous).  Two keys that share
+    one are each other: the device that holds it can sign as either."""
+
+    def __init__(self):
+        self.owners = {}  # secret -> the first key that has it
+        self.shared = []  # (first key, other key) pairs, in file order
+
+    def add(self, name, *secrets):
+        for secret in secrets:
+            if secret:
+                owner = self.owners.setdefault(secret, name)
+                if owner != name:
+                    self.shared.append((owner, name))
+
+    def warnings(self, path):
+        def name(key):  # bytes, from the standard layout's scan
+            return shown(key.decode("utf-8", "replace") if isinstance(key, bytes) else key)
+        warnings = ["auth file %s: keys %s and %s share a secret (current or previous): the "
+                    "device that holds it can sign as either; give each key its own "
+                    "(amproxy keys rotate)" % (path, name(a), name(b))
+                    for a, b in self.shared[:MAX_SHARED_SECRET_WARNINGS]]
+        if len(self.shared) > MAX_SHARED_SECRET_WARNINGS:
+            warnings.append("auth file %s: %d more pairs of keys share a secret" % (
+                path, len(self.shared) - MAX_SHARED_SECRET_WARNINGS))
+        return warnings
 
 
 def parse_rfc3339(text):
@@ -218,9 +311,9 @@ def _max_rate(entry, name, path):
         rate = float(text)
     except (TypeError, ValueError):
         rate = -1.0
-    if not 0 < rate < float("inf"):
-        raise AuthFileError("auth file %s: key %r: max_rate %r is not a number of lines per "
-                            "second above 0" % (path, name, text))
+    if not 0 < rate < float("inf"):  # its value unsaid: a secret put in the wrong place?
+        raise AuthFileError("auth file %s: key %r: max_rate is not a number of lines per "
+                            "second above 0" % (path, name))
     return rate
 
 
@@ -235,98 +328,9 @@ def _previous_secret(entry, name, path):
                             "previous_secret_expires, or neither" % (path, name))
     try:
         return previous, parse_rfc3339(expires)
-    except ValueError as e:
-        raise AuthFileError("auth file %s: key %r: previous_secret_expires: %s" % (
-            path, name, e)) from None
-
-
-# A plain scalar that means the same string in every YAML schema: no quotes,
-# no indicators, no spaces, no comment.
-PLAIN_TEXT = r"[A-Za-z0-9_./][A-Za-z0-9_./+=@~^%*?-]*"
-_PLAIN = re.compile(PLAIN_TEXT + r"\Z")
-_PLAIN_LINES = re.compile(r"(?:%s\n)*\Z" % PLAIN_TEXT)
-
-
-_SIMPLE_FIELDS = ("secret_key", "metrics", "previous_secret_key", "previous_secret_expires",
-                  "max_rate")
-
-
-def parse_simple_layout(text):
-    """Parse the auth file's usual layout fast, without the YAML library.
-
-    Handles exactly: an optional ``---``, ``apikeys:``, one indented
-    ``NAME:`` per key, and under it ``secret_key: VALUE`` and ``metrics:``
-    followed by ``- NAME`` items (or ``metrics: []``), with comment lines and
-    blank lines anywhere.  Returns what YAML would, or None for anything else
-    (quotes, flow style, anchors, trailing comments, odd indentation...),
-    which then goes to the YAML parser.  PyYAML needs about 14 s for 100,000
-    keys of 10 metrics; this needs a tenth of that.
-    """
-    keys = {}
-    lines = iter(text.splitlines())
-    for line in lines:
-        if line.strip() and not line.lstrip().startswith("#") and line != "---":
-            break
-    else:
-        return None
-    if line.rstrip() != "apikeys:":
-        return None
-    key_indent = field_indent = None
-    entry = metrics = None
-    item_prefix = None  # the usual "    - " before a metric, set by the first one
-    for line in lines:
-        if metrics is not None and item_prefix and line.startswith(item_prefix):
-            metrics.append(line[len(item_prefix):])  # checked all at once below
-            continue
-        content = line.lstrip(" ")
-        if not content or content[0] == "#":
-            continue
-        indent = len(line) - len(content)
-        content = content.rstrip(" ")
-        if "\t" in line or indent == 0:
-            return None
-        if content[:2] == "- ":
-            if metrics is None or indent < field_indent:
-                return None
-            metrics.append(content[2:])
-            item_prefix = item_prefix or line[:indent + 2]
-            continue
-        name, colon, value = content.partition(":")
-        if not colon or not _PLAIN.match(name):
-            return None
-        if key_indent is None:
-            key_indent = indent
-        if indent == key_indent:
-            if value or name in keys:
-                return None
-            entry = keys[name] = {}
-            field_indent = metrics = None
-            continue
-        if entry is None or indent <= key_indent:
-            return None
-        if field_indent is None:
-            field_indent = indent
-        if indent != field_indent or name in entry or name not in _SIMPLE_FIELDS:
-            return None
-        value = value.lstrip(" ")
-        metrics = None
-        if name == "metrics":
-            if value == "[]":
-                entry[name] = []
-            elif value:
-                return None
-            else:
-                metrics = entry[name] = []
-        elif not (_PLAIN.match(value) or (name == "previous_secret_expires"
-                                            and _RFC3339.match(value))):
-            return None
-        else:
-            entry[name] = value
-    for entry in keys.values():
-        names = entry.get("metrics")
-        if names and not _PLAIN_LINES.match("\n".join(names) + "\n"):
-            return None
-    return {"apikeys": keys}
+    except ValueError:  # its value unsaid: the two fields swapped would show the secret
+        raise AuthFileError("auth file %s: key %r: previous_secret_expires is not an RFC 3339 "
+                            "time such as 2026-12-05T10:00:00Z" % (path, name)) from None
 
 
 def load_auth_file(path):
@@ -335,42 +339,72 @@ def load_auth_file(path):
 
 
 def read_auth_file(path):
-    try:
-        # Not blocking: a FIFO put in its place must not hang the reader.
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise AuthFileError("auth file %s is not a regular file" % path)
-            return f.read()
-    except OSError as e:
-        raise AuthFileError("cannot read auth file %s: %s" % (path, e.strerror or e)) from None
+    """The file's bytes, read whole: a file that changes while it is read (being
+    rewritten in place) is read again, and refused if it does not hold still."""
+    for attempt in range(READ_ATTEMPTS):
+        if attempt:
+            time.sleep(READ_RETRY_SECONDS)  # let the writer finish
+        try:
+            # Not blocking: a FIFO put in its place must not hang the reader.
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+                before = os.fstat(f.fileno())
+                if not stat.S_ISREG(before.st_mode):
+                    raise AuthFileError("auth file %s is not a regular file" % path)
+                data = _read_all(f)
+                after = os.fstat(f.fileno())
+        except OSError as e:
+            raise AuthFileError("cannot read auth file %s: %s" % (
+                path, e.strerror or e)) from None
+        if (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, len(data)):
+            return data
+    raise AuthFileError("auth file %s kept changing while it was read; not loaded until it "
+                        "holds still" % path)
+
+
+def _read_all(f):
+    return f.read()
 
 
 def parse_auth_file(raw, path):
     """Parse and validate an auth file's bytes (read from ``path``) into an :class:`AuthDB`."""
     try:
         data = parse_auth_text(raw)
-    except yaml.YAMLError as e:
+    except DuplicateKeyError as e:
+        raise AuthFileError("auth file %s: %s" % (path, e)) from None
+    except yaml.YAMLError as e:  # its text may quote the file: the line only
         where = getattr(e, "problem_mark", None)
         line = " at line %d" % (where.line + 1) if where is not None else ""
         raise AuthFileError("auth file %s is not valid YAML%s" % (path, line)) from None
-    return parse_auth_data(data, path)
+    return parse_auth_data(data, path, len(raw))
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one mapping: YAML 1.2 forbids it, and amproxy will not
+    guess which one was meant (PyYAML would take the last)."""
+
+    def __init__(self, key, first_line, line):
+        super().__init__("%s is given twice in one mapping (lines %d and %d); remove one" % (
+            shown(key), first_line, line))
+
+
+class _AuthFileLoader(_YAML_LOADER):
+    """YAML's base schema (every scalar a string), with duplicate keys refused."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line + 1
+                if key_node.value in lines:
+                    raise DuplicateKeyError(key_node.value, lines[key_node.value], line)
+                lines[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_auth_text(raw):
-    """The document in an auth file (bytes or str), not yet validated.
-
-    The usual layout goes through the fast parser, anything else through
-    PyYAML, both reading every scalar as the string written.  Raises
-    yaml.YAMLError.
-    """
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-    except UnicodeDecodeError:
-        text = None
-    data = parse_simple_layout(text) if text is not None else None
-    if data is None:
-        data = yaml.load(raw, Loader=_YAML_LOADER)
-    return data
+    """The document in an auth file (bytes or str), not yet validated: PyYAML's
+    reading, every scalar the string written.  Raises yaml.YAMLError."""
+    return yaml.load(raw, Loader=_AuthFileLoader)
 
 
 def warn_if_world_readable(path):

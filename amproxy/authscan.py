@@ -28,8 +28,8 @@ import re
 from array import array
 from zlib import crc32
 
-from .auth import (RFC3339_TEXT, _max_rate, _previous_secret, parse_rfc3339,
-                   _split_patterns)
+from .auth import (MAX_FIELD_BYTES, RFC3339_TEXT, SecretOwners, _max_rate, _previous_secret,
+                   parse_rfc3339, _split_patterns)
 from .errors import AuthFileError
 from .protocol import MAX_LAST_NODE_BYTES, PLAIN_NAME
 
@@ -38,15 +38,18 @@ from .protocol import MAX_LAST_NODE_BYTES, PLAIN_NAME
 # (secrets in URL-safe base64 start with "-" now and then).
 _SAFE = rb"A-Za-z0-9_./+=@~^%*?"  # and "-", put last in each class
 _START_CHAR = rb"(?:[A-Za-z0-9_./+=~^]|[-?](?=[" + _SAFE + rb"-]))"
-_PLAIN = _START_CHAR + rb"[" + _SAFE + rb"-]*"
+# A value longer than MAX_FIELD_BYTES is not the standard layout: the full parse
+# refuses it, with the message that says so.
+_MORE = rb"{0,%d}" % (MAX_FIELD_BYTES - 1)
+_PLAIN = _START_CHAR + rb"[" + _SAFE + rb"-]" + _MORE
 # YAML takes a key of at most 1024 characters without the "? " form.
 _NAME = rb"(?=[^:\n]{1,1024}:)" + _PLAIN
 # A metric item may also hold the flow indicators ,[]{} (Graphite patterns): in
 # block context YAML reads them as part of a plain scalar, except first.  One
 # that starts with a character YAML reserves ('*.temp') is single-quoted, as
 # `keys new` writes it: printable ASCII, no space, no quote inside.
-_PLAIN_ITEM = _START_CHAR + rb"[" + _SAFE + rb",\[\]{}-]*"
-_QUOTED_ITEM = rb"'[\x21-\x26\x28-\x7e]+'"
+_PLAIN_ITEM = _START_CHAR + rb"[" + _SAFE + rb",\[\]{}-]" + _MORE
+_QUOTED_ITEM = rb"'[\x21-\x26\x28-\x7e]{1,%d}'" % MAX_FIELD_BYTES
 _ITEM = rb"(?:%s|%s)" % (_PLAIN_ITEM, _QUOTED_ITEM)
 _WRITTEN_AS_IS = re.compile(_PLAIN_ITEM).fullmatch
 _QUOTE = ord("'")
@@ -116,6 +119,7 @@ class Scan:
         self.rate_limited = False
         self.found = None
         self.marked = []
+        self.warnings = []  # about keys that share a secret
 
     def __len__(self):
         return len(self.offsets)
@@ -145,6 +149,8 @@ def scan(data, path, want=None, mark=None):
     match = result.layout.block.match
     add_offset, add_hash = result.offsets.append, result.hashes.append
     names = set()
+    owners = SecretOwners()
+    owner_of = owners.owners.setdefault
     compiled = {}  # pattern matchers, shared by keys with the same patterns
     error = None
     # Where glob characters are (in most files, nowhere): an entry is searched for
@@ -158,10 +164,12 @@ def scan(data, path, want=None, mark=None):
         if m is None:
             break
         pos = m.end()
-        _, name, _, previous, _, rate, items = m.groups()
+        _, name, secret, previous, _, rate, items = m.groups()
         if name in names:
-            return None  # YAML's rules for a repeated key apply
+            return None  # the full parse refuses it, with both lines
         names.add(name)
+        if owner_of(secret, name) is not name:  # inline: once per key of a fleet's file
+            owners.add(name, secret)
         add_offset(m.start(1))
         add_hash(crc32(name))
         if name == want:
@@ -174,6 +182,8 @@ def scan(data, path, want=None, mark=None):
             patterns = items and GLOB_BYTES.search(items)
         else:
             patterns = False
+        if previous:
+            owners.add(name, previous)
         if previous or rate or patterns:
             try:
                 result.pattern_count += _check_entry(result.layout, m, path, compiled)
@@ -184,6 +194,7 @@ def scan(data, path, want=None, mark=None):
         return None
     if error is not None:
         raise error
+    result.warnings = owners.warnings(path)
     # Every line that starts with the item prefix is an item in this layout.
     result.metric_count = data.count(b"\n" + item_prefix) - result.pattern_count
     return result

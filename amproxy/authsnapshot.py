@@ -80,11 +80,15 @@ def write_snapshot(path, fd):
     if found is not None:
         text, layout, offsets, hashes = raw, found.layout, found.offsets, found.hashes
         counts = len(found), found.metric_count, found.pattern_count, found.rate_limited
+        warnings = found.warnings
     else:
         db = parse_auth_file(raw, path)
         del raw
         counts = len(db), db.metric_count, db.pattern_count, db.rate_limited
         text, layout, offsets, hashes = _standard_layout_of(db)
+        warnings = db.warnings
+    for warning in warnings:  # at each load: the file still loads
+        log.warning("%s", warning)
     size = 1
     while size < 2 * len(offsets):
         size *= 2

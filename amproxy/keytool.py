@@ -6,9 +6,8 @@ or cut out, everything else is copied as it was, and the result is scanned
 back (the key count, and the key as intended) before it replaces the file.
 A fleet's file of 100,000 keys takes about a second and under 150 MB.
 
-Other files keep the operator's comments and layout when they have the
-simple layout (see :func:`amproxy.auth.parse_simple_layout`); otherwise they
-are rewritten from their data.  Either way the result is parsed back and
+Other files keep the operator's comments and layout where the key's entry
+can be found by its lines; otherwise they are rewritten from their data.  Either way the result is parsed back and
 compared with what was intended.  Every file is replaced atomically (temp
 file, fsync, rename), with the old file's mode and owner.
 """
@@ -380,10 +379,10 @@ def _rotate_key(path, public_key, grace_seconds, now):
 
 
 def _each_key(path, mark=None):
-    """(key count, exact metric names, patterns) and an iterator over the keys, in file
-    order, as (name, exact names, patterns, max_rate, previous_until).  With ``mark``
-    (see :func:`amproxy.authscan.scan`), a standard-layout file gives only the keys it
-    marks."""
+    """(key count, exact metric names, patterns), an iterator over the keys, in file
+    order, as (name, exact names, patterns, max_rate, previous_until), and the load's
+    warnings.  With ``mark`` (see :func:`amproxy.authscan.scan`), a standard-layout
+    file gives only the keys it marks."""
     raw = read_auth_file(path)
     scanned = scan(raw, path, mark=mark)
     if scanned is None:
@@ -392,19 +391,20 @@ def _each_key(path, mark=None):
             log.warning(SLOW_LAYOUT, path, len(db))
         return (len(db), db.metric_count, db.pattern_count), (
             (name.decode(), key._metric_names, key.patterns, key.max_rate, key.previous_until)
-            for name, key in db.keys.items())
+            for name, key in db.keys.items()), db.warnings
 
     def keys():
         for m in entries(raw, scanned, None if mark is None else scanned.marked):
             name, _, metrics, _, until, max_rate = entry_values(scanned.layout, m)
             exact, patterns, _ = _split_patterns(metrics, name, path, {})
             yield name, exact, patterns, max_rate, until
-    return (len(scanned), scanned.metric_count, scanned.pattern_count), keys()
+    return (len(scanned), scanned.metric_count, scanned.pattern_count), keys(), \
+        scanned.warnings
 
 
 def describe(path):
     """Lines describing every key and what it may write; never the secrets."""
-    _, keys = _each_key(path)
+    _, keys, _ = _each_key(path)
     out = []
     for name, exact, patterns, max_rate, previous_until in keys:
         line = "%s\t%s" % (name, " ".join([*exact, *patterns]) or "(no metrics)")
@@ -424,7 +424,7 @@ def check(path):
     An exact metric name that every line would be refused for (see
     protocol.metric_problem) is logged as a warning: the file still loads.
     """
-    totals, keys = _each_key(path, mark=_may_have_warnings)
+    totals, keys, shared_secrets = _each_key(path, mark=_may_have_warnings)
     warnings = []
     for name, exact, _, _, previous_until in keys:
         for metric in exact:
@@ -438,6 +438,8 @@ def check(path):
                              "previous_secret_expires" % (path, name,
                                                           format_rfc3339(previous_until))))
     for _, warning in sorted(warnings, key=lambda w: w[0].encode()):
+        log.warning("%s", warning)
+    for warning in shared_secrets:
         log.warning("%s", warning)
     return "auth file %s is valid: %d keys, %d exact metric names, %d patterns" % (
         (path,) + totals)

@@ -28,6 +28,7 @@ REJECTION_REASONS = (MALFORMED, UNKNOWN_KEY, BAD_SIGNATURE, SKEW, BAD_METRIC,
 # Bounds that keep every forwarded line far below carbon's 16,384-byte line
 # limit (a longer line makes carbon-cache drop the connection) and every
 # whisper path below Linux's PATH_MAX of 4,096 bytes.
+CARBON_MAX_LINE_BYTES = 16384
 MAX_METRIC_BYTES = 4000
 MAX_NODE_BYTES = 255      # a file or directory name (NAME_MAX)
 MAX_LAST_NODE_BYTES = 251  # carbon appends ".wsp" to the last node

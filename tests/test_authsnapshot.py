@@ -194,7 +194,7 @@ def test_a_snapshot_is_sealed_and_names_the_file_it_refuses(tmp_path):
     path.write_text("apikeys:\n  k:\n    secret_key: s\n    max_rate: fast\n    metrics: []\n")
     refused = compile_snapshot(str(path))
     assert refused.fd is None and not refused.retry
-    assert refused.error == "auth file %s: key 'k': max_rate 'fast' is not a number of " \
+    assert refused.error == "auth file %s: key 'k': max_rate is not a number of " \
         "lines per second above 0" % path
     path.write_text("apikeys:\n  k:\n    secret_key: s\n    metrics: []\n")
     fd = compile_snapshot(str(path)).fd
@@ -239,3 +239,112 @@ def test_a_backslash_in_the_standard_layout_is_a_backslash_as_yaml_reads_it(tmp_
     assert alice.allows(b"home\\2eX\\2etemp") == full.keys[b"alice"].allows(b"home\\2eX\\2etemp")
     assert not alice.allows(b"home.carol.x[")
     assert snapshot.keys[b"bob"].allows(b"home.bob.temp")
+
+
+# -- one grammar: what the workers enforce, `keys list` and `check` all read the file
+# as PyYAML does, or refuse it (issue 21, findings 2, 8 and 10) ------------------------
+
+def _duplicate_key(node, seen=None):
+    """Whether any mapping in the composed document gives a key twice (YAML 1.2: an error)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return False
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+        if len(keys) != len(set(keys)):
+            return True
+        return any(_duplicate_key(k, seen) or _duplicate_key(v, seen) for k, v in node.value)
+    if isinstance(node, yaml.SequenceNode):
+        return any(_duplicate_key(item, seen) for item in node.value)
+    return False
+
+
+def pure_yaml(raw):
+    """What PyYAML's pure-Python parser (base schema) reads, the keys' summaries, or None
+    where it refuses the file, or YAML 1.2 would (a duplicate key), or the checks do."""
+    try:
+        if _duplicate_key(yaml.compose(raw, Loader=yaml.BaseLoader)):
+            return None
+        db = parse_auth_data(yaml.load(raw, Loader=yaml.BaseLoader), PATH)
+    except (yaml.YAMLError, AuthFileError, RecursionError):
+        return None
+    return {name: summary(key) for name, key in db.keys.items()}
+
+
+def _keys_list_and_check(path):
+    from amproxy import keytool
+    try:
+        summary_line = keytool.check(path)
+        listed = sorted(line.split("\t")[0] for line in keytool.describe(path))
+    except AuthFileError:
+        return None
+    assert summary_line.startswith("auth file %s is valid" % path)
+    return listed
+
+
+def assert_read_as_yaml_reads_it(raw, tmp_path):
+    oracle = pure_yaml(raw)
+    path = tmp_path / "auth.yaml"
+    path.write_bytes(raw)
+    listed = _keys_list_and_check(str(path))
+    if oracle is None:
+        with pytest.raises(AuthFileError):
+            snapshot_of(raw, tmp_path)
+        assert listed is None, "keys list and check take a file YAML refuses"
+        return
+    snapshot = snapshot_of(raw, tmp_path)
+    assert len(snapshot) == len(oracle)
+    for name, expected in oracle.items():
+        assert summary(snapshot.keys[name]) == expected
+    assert listed == sorted(name.decode() for name in oracle)
+
+
+# What a hand edit, a generator's bug or an attacker puts into a file.
+FRAGMENTS = ["\\", "\\2e", "\\x2e", "\\n", "\\\\", '"', "'", "''", '"\\x41"', "'a\\'",
+             "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\x0b", "\x0c", "\t",
+             "\r", "\r\n", "\x00", "\ufeff", "\n        - home.bob.temp",
+             "\n          home.bob", "\n  - home.bob.temp", "\n- home.bob.temp",
+             " - home.bob.temp", "&a ", "*a", " &a", "&a", " # c", "\n# c", "\n  # c",
+             ": ", ":", "{", "}", "[", "]", ",", "---\n", "\n...\n", "? ", "!", "|",
+             ">", "%", "@", "`", "\n  dev1:\n    secret_key: again\n    metrics: []"]
+
+
+@st.composite
+def hostile_files(draw):
+    raw = draw(files()).decode("utf-8")
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(raw)))
+        raw = raw[:at] + draw(st.sampled_from(FRAGMENTS)) + raw[at:]
+    if draw(st.integers(0, 5)) == 0:  # an alias of another key's metrics
+        raw += "  aliased:\n    secret_key: s\n    metrics: *a\n"
+    return raw.encode("utf-8")
+
+
+FINDINGS = [
+    # A more-indented item is one scalar to YAML ("home.alice.temp - home.bob.temp").
+    b"apikeys:\n  alice:\n    secret_key: alice-secret\n    metrics:\n"
+    b"    - home.alice.temp\n    # bob's\n      - home.bob.temp\n",
+    b"apikeys:\n  alice:\n    metrics:\n    - home.alice.temp\n      - home.bob.temp\n"
+    b"    secret_key: alice-secret\n",
+    # \x1c ends a line for str.splitlines, not for YAML (which refuses the byte).
+    b"apikeys:\n  alice:\n    metrics:\n    - home.alice.temp\x1c    - home.bob.temp\n"
+    b"    secret_key: alice-secret\n",
+    # A key given twice: YAML 1.2 says error; PyYAML would take the last.
+    b"apikeys:\n  alice:\n    secret_key: s1\n    metrics: []\n"
+    b"  alice:\n    secret_key: s2\n    metrics: [home.bob.temp]\n",
+    b"apikeys:\n  alice:\n    secret_key: s1\n    metrics: []\n    secret_key: s2\n",
+]
+
+
+@pytest.mark.parametrize("raw", FINDINGS)
+def test_what_yaml_refuses_or_reads_otherwise_is_refused(raw, tmp_path):
+    assert pure_yaml(raw) is None
+    assert_read_as_yaml_reads_it(raw, tmp_path)
+
+
+@settings(max_examples=800, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(raw=hostile_files())
+def test_snapshot_keys_list_and_check_read_every_file_as_yaml_does(raw, tmp_path):
+    assert_read_as_yaml_reads_it(raw, tmp_path)
