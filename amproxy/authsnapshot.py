@@ -48,6 +48,8 @@ MAX_CACHED_KEYS = 20000
 SLOW_LAYOUT_WARNING_KEYS = 1000
 SLOW_LAYOUT = ("auth file %s is not in the standard layout (see the README), so each "
                "reload of its %d keys goes through the slow YAML parser")
+# A changed file is taken once it has stayed the same this long (a poll sees it).
+SETTLE_SECONDS = 1.0
 # How long the master waits for the child compiling a snapshot.
 COMPILE_TIMEOUT = 120.0
 
@@ -451,6 +453,7 @@ class AuthFile:
     def __init__(self, path):
         self.path = path
         self._identity = None
+        self._seen = None  # a change the poll saw: (identity, since when)
         self.db = None
         self.reloads = 0
         self.reload_errors = 0
@@ -473,6 +476,20 @@ class AuthFile:
 
     def changed(self):
         return self._current_identity() != self._identity
+
+    def settled_change(self, now):
+        """Whether to read the file again: it was renamed into place (whole, then), or
+        rewritten in place and has since stayed the same for SETTLE_SECONDS (a file
+        still being written is not taken half-written)."""
+        identity = self._current_identity()
+        if identity == self._identity:
+            self._seen = None
+            return False
+        if None in (identity, self._identity) or identity[:2] != self._identity[:2]:
+            return True  # another inode, or none: nothing to wait for
+        if self._seen is None or self._seen[0] != identity:
+            self._seen = (identity, now)  # changed (again): wait until it holds still
+        return now - self._seen[1] >= SETTLE_SECONDS
 
     def start_compile(self, reason):
         """A :class:`Compilation` of the file as it is now; AuthFileError if none starts."""
@@ -546,7 +563,7 @@ class AuthReloads:
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + max(interval, 0.1)
-            if self.auth_file.changed():
+            if self.auth_file.settled_change(now):
                 self.request("file changed")
 
     def request(self, reason):

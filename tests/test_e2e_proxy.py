@@ -1,11 +1,12 @@
 """The real ``amproxy server`` (2 workers) in front of a real carbon-cache."""
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 
-from conftest import (AMPROXY, KEYS, client_connections, line_for, pid_alive, wait_for,
+from conftest import (AMPROXY, KEYS, auth_yaml, client_connections, line_for, pid_alive, wait_for,
                       wait_points, write_auth)
 
 
@@ -236,3 +237,40 @@ def test_a_hung_least_loaded_worker_does_not_hold_up_new_clients(carbon, auth_fi
     finally:
         os.kill(idle, signal.SIGCONT)
         first.close()
+
+
+def test_an_auth_file_rewritten_in_place_slowly_is_not_taken_half_written(
+        carbon, auth_file, make_proxy):
+    """Issue 21, finding 6: a prefix cut inside a metrics list is valid YAML.  While a
+    slow writer pauses half way, a device whose key is in the second half goes on."""
+    keys = {"dev%03d" % i: ("dev%03d-secret" % i, ["e2e.slow.dev%03d" % i, "e2e.slow.x%03d" % i])
+            for i in range(400)}
+    write_auth(auth_file, keys)
+    proxy = make_proxy(carbon.address, auth_file, args=["--auth-reload-interval", "0.1s"])
+    new_text = auth_yaml(dict(keys, dev000=("dev000-secret", ["e2e.slow.renamed"]))).encode()
+    cut = new_text.index(b"- e2e.slow.x201\n")  # inside dev201's list of metrics
+    now = int(time.time())
+    expected = {}
+
+    def device_sends(value):
+        ts = now - 200 + value
+        expected[ts] = float(value)
+        proxy.send(line_for(keys, "dev300", "e2e.slow.dev300", value, ts))
+    with open(auth_file, "r+b") as writer:
+        writer.truncate(0)
+        writer.write(new_text[:cut])
+        writer.flush()
+        # The writer pauses for 0.6 s (the poll runs every 0.1 s); the device sends
+        # at its start, middle and end.
+        paused_at = time.monotonic()
+        for value, at in enumerate((0.0, 0.3, 0.6)):
+            wait_for(lambda: time.monotonic() - paused_at >= at, 2, interval=0.01,
+                     what="the writer's pause")
+            device_sends(value)
+        writer.write(new_text[cut:])
+    device_sends(199)
+    proxy.wait_log(r'msg="auth file reloaded".*keys=400 .*reason="file changed"', count=2,
+                   timeout=10)
+    wait_points(carbon, "e2e.slow.dev300", expected, now - 200)
+    assert "reason=unknownKey" not in proxy.log()
+    assert not re.search(r'msg="auth file reloaded".*keys=(?!400 )', proxy.log())
