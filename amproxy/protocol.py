@@ -21,9 +21,10 @@ BAD_VALUE = "badValue"
 LINE_TOO_LONG = "lineTooLong"
 BAD_METRIC = "badMetric"
 RATE_LIMITED = "rateLimited"
+REPLAYED = "replayed"
 
 REJECTION_REASONS = (MALFORMED, UNKNOWN_KEY, BAD_SIGNATURE, SKEW, BAD_METRIC,
-                     METRIC_NOT_ALLOWED, BAD_VALUE, LINE_TOO_LONG, RATE_LIMITED)
+                     METRIC_NOT_ALLOWED, BAD_VALUE, LINE_TOO_LONG, RATE_LIMITED, REPLAYED)
 
 # Bounds that keep every forwarded line far below carbon's 16,384-byte line
 # limit (a longer line makes carbon-cache drop the connection) and every
@@ -54,6 +55,7 @@ except ImportError:
 
 _b2a_base64 = binascii.b2a_base64
 _SIGNATURE_LENGTH = 44  # base64 of 32 bytes
+_UNLIMITED = float("inf")
 
 
 def _as_bytes(text):
@@ -195,6 +197,9 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
     A ``rate_limiter`` (see :mod:`amproxy.ratelimit`), if given, is asked
     once per key for the lines it may still send (``budget``); the lines
     past that are rejected, and what was spent is told back (``spend``).
+    For a limited key, a line identical to one it already had accepted (a
+    capture re-sent while its timestamp is in the window) is rejected as
+    ``replayed`` before it draws on the rate (``rate_limiter.recent``).
 
     This is the proxy's hot path, so it is one flat loop with the signature
     check written out: each function call costs a visible share per line.
@@ -206,6 +211,8 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
     budgets = _budgets
     if budgets is None and rate_limiter is not None:
         budgets = {}
+    if rate_limiter is not None:
+        newer, older = rate_limiter.recent.newer, rate_limiter.recent.older
     compare = hmac.compare_digest
     oldest, newest = int(now - max_skew), int(now + max_skew)
     # Timestamps of the same number of digits compare as bytes, which is much
@@ -277,12 +284,17 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
             try:
                 left = budgets[public_key]  # a subscript: cheaper than .get()
             except KeyError:
-                left = rate_limiter.budget(public_key, key)
-            if left < 1.0:
-                budgets[public_key] = left
-                reject(RATE_LIMITED, public_key, metric)
-                continue
-            budgets[public_key] = left - 1.0
+                left = budgets[public_key] = rate_limiter.budget(public_key, key)
+            if left != _UNLIMITED:
+                fingerprint = hash(signature)
+                if fingerprint in newer or fingerprint in older:
+                    reject(REPLAYED, public_key, metric)
+                    continue
+                if left < 1.0:
+                    reject(RATE_LIMITED, public_key, metric)
+                    continue
+                budgets[public_key] = left - 1.0
+                newer.add(fingerprint)
         append(line[:signed_length - len(public_key) - 1])
         if forwarded_per_key is not None:
             forwarded_per_key[public_key] = forwarded_per_key.get(public_key, 0) + 1

@@ -26,6 +26,9 @@ MIN_SLOTS = 1 << 16
 # Keys the auth file may gain by reloads, beyond this many times those at start.
 HEADROOM = 4
 _PROBES = 64
+# Lines of rate-limited keys a worker remembers per generation (of two), to refuse
+# replays: about 35 MB each when full.
+MAX_RECENT_LINES = 1 << 19
 
 
 def _key_hash(public_key):
@@ -109,18 +112,20 @@ class RateLimiter:
     def __init__(self, table):
         self.table = table
         self.default_rate = 0.0
+        self.recent = RecentLines()
         self._slots = {}  # public key -> slot; as many as the keys that sent
         self._granted = {}  # public key -> (slot, rate, budget) for this batch
 
-    def for_batch(self, db, default_rate):
+    def for_batch(self, db, default_rate, skew):
         """The limiter for one batch, or None when no key is limited.
 
-        ``default_rate`` is --key-max-rate, which SIGHUP may change.
+        ``default_rate`` is --key-max-rate and ``skew`` --skew, which SIGHUP may change.
         """
         if not (default_rate or db.rate_limited):
             return None
         self.default_rate = default_rate
         self.table.begin()
+        self.recent.begin(self.table.now, skew)
         self._granted.clear()
         return self
 
@@ -140,3 +145,38 @@ class RateLimiter:
         for public_key, (slot, rate, budget) in self._granted.items():
             self.table.spend(slot, rate, budget - left[public_key])
         self._granted.clear()
+
+
+class RecentLines:
+    """The lines a worker accepted for rate-limited keys, remembered while they could
+    be replayed: a line passes while its timestamp is within --skew of now, so a
+    captured line re-sent a hundred times a second would drain its key's bucket.
+    (brubeck's statsd-secure keeps such a cache.)
+
+    A line is remembered by the hash of its signature, in two generations that
+    each last twice the skew: so at least as long as the line is valid, and the
+    memory is bounded by the keys' rates times the window.  Each worker keeps its
+    own: a line replayed to every worker passes at most once on each.
+    """
+
+    def __init__(self, max_lines=MAX_RECENT_LINES):
+        self.newer, self.older = set(), set()
+        self.max_lines = max_lines
+        self._rotate_at = 0.0
+        self._full_logged_at = None
+
+    def begin(self, now, skew):
+        """Before a batch: forget the older generation once it is past the window."""
+        if now >= self._rotate_at or len(self.newer) >= self.max_lines:
+            if now < self._rotate_at:
+                self._log_full(now, skew)
+            self.older, self.newer = self.newer, set()
+            self._rotate_at = now + 2 * skew
+
+    def _log_full(self, now, skew):
+        if self._full_logged_at is None or now - self._full_logged_at >= 60:
+            self._full_logged_at = now
+            log.warning("the memory of accepted rate-limited lines is full before the skew "
+                        "window ends: a line accepted earlier than %.0f s ago may pass once "
+                        "more if it is replayed", 2 * skew - (self._rotate_at - now),
+                        extra={"lines": len(self.newer)})

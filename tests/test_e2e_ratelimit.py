@@ -1,7 +1,7 @@
 """A key's rate limit holds however its connections spread over the workers."""
 import time
 
-from conftest import line_for, wait_for, write_auth
+from conftest import line_for, wait_for, wait_points, write_auth
 from test_e2e_hostile import counters
 from test_e2e_proxy import connections_per_worker
 
@@ -42,3 +42,37 @@ def test_ten_times_the_rate_for_five_seconds_forwards_the_rate_plus_the_burst(
     assert abs(forwarded - expected) <= 0.2 * expected, (forwarded, expected)
     assert totals["rejected.rateLimited"] == sent - forwarded
     assert "reason=rateLimited" in proxy.log() and "public_key=flood" in proxy.log()
+
+
+def test_a_captured_line_replayed_does_not_drain_the_devices_bucket(carbon, make_proxy,
+                                                                      tmp_path):
+    """Issue 21, finding 3: one captured line re-sent hundreds of times a second used up
+    the bucket of a key with max_rate 2, and 7 of the device's 8 real points were lost."""
+    keys = {"dev": ("dev-secret", ["replay.dev.temp"])}
+    auth = tmp_path / "auth.yaml"
+    write_auth(auth, keys)
+    auth.write_text(auth.read_text().replace("dev-secret\n", "dev-secret\n    max_rate: 2\n"))
+    proxy = make_proxy(carbon.address, auth, args=["--stats-socket", str(tmp_path / "s.sock")])
+    proxy.stats_socket = str(tmp_path / "s.sock")
+    now = int(time.time())
+    captured = line_for(keys, "dev", "replay.dev.temp", 99, now - 100)
+    attackers = [proxy.connect() for _ in range(2)]  # one on each worker, most likely
+    expected = {now - 100: 99.0}
+    began = time.monotonic()
+    for point in range(8):  # the device: a point a second, half its rate
+        wait_for(lambda: time.monotonic() - began >= point, 5, interval=0.01,
+                 what="the device's next second")
+        ts = now - 90 + point
+        expected[ts] = float(point)
+        proxy.send(line_for(keys, "dev", "replay.dev.temp", point, ts))
+        for attacker in attackers:  # the attacker: the captured line, 128 times a second
+            attacker.sendall(captured * 64)
+    for attacker in attackers:
+        attacker.close()
+    wait_points(carbon, "replay.dev.temp", expected, now - 100)
+    totals = wait_for(lambda: (lambda t: t if t["linesReceived"] == 8 + 8 * 128 else None)(
+        counters(proxy)), 10, what="every line counted")
+    assert totals["rejected.rateLimited"] == 0
+    # Accepted at most once per worker, then refused as a replay.
+    assert totals["rejected.replayed"] >= 8 * 128 - 2
+    assert totals["linesForwarded"] <= 8 + 2

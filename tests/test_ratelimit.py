@@ -55,15 +55,15 @@ def test_lines_over_a_keys_rate_are_rejected_as_rate_limited():
     lines += [signed_line("t", "a.b", i, now, "free").rstrip(b"\n") for i in range(10)]
     rejected = []
     accepted = filter_lines(lines, db.keys, now, 300, lambda r, k, m: rejected.append((r, k)),
-                            rate_limiter=limiter.for_batch(db, 0))
+                            rate_limiter=limiter.for_batch(db, 0, 300))
     assert len(accepted) == 3 + 10
     assert rejected == [("rateLimited", b"fast")] * 7
     # --key-max-rate covers the keys without a max_rate of their own.
-    assert limiter.for_batch(AuthDB([keys[b"free"]]), 0) is None
+    assert limiter.for_batch(AuthDB([keys[b"free"]]), 0, 300) is None
     rejected.clear()
     accepted = filter_lines(lines[10:], db.keys, now, 300,
                             lambda r, k, m: rejected.append(r),
-                            rate_limiter=RateLimiter(RateTable()).for_batch(db, 4))
+                            rate_limiter=RateLimiter(RateTable()).for_batch(db, 4, 300))
     assert len(accepted) == 4 and rejected == ["rateLimited"] * 6
 
 
@@ -77,11 +77,11 @@ def test_a_line_with_whitespace_around_it_is_limited_with_the_rest():
     lines += [signed_line("s", "m", i, now, "a").rstrip(b"\n") + b" " for i in range(20)]
     rejected = []
     accepted = filter_lines(lines, db.keys, now, 300, lambda r, k, m: rejected.append(r),
-                            rate_limiter=limiter.for_batch(db, 0))
+                            rate_limiter=limiter.for_batch(db, 0, 300))
     assert len(accepted) == 1 + 5 and rejected == ["rateLimited"] * 15
     # What was spent reached the shared bucket: the next batch gets nothing more.
     accepted = filter_lines(lines[1:], db.keys, now, 300, lambda r, k, m: None,
-                            rate_limiter=limiter.for_batch(db, 0))
+                            rate_limiter=limiter.for_batch(db, 0, 300))
     assert accepted == []
 
 
@@ -105,3 +105,48 @@ def test_a_batch_that_began_earlier_does_not_take_the_refill_back():
     table.spend(slot, 10, 0)  # another worker's batch, later
     table.now = 1000.5  # this worker's batch began before it
     assert int(table.available(slot, 10)) == 10
+
+
+def test_a_captured_line_resent_is_refused_as_replayed_before_it_draws_on_the_rate():
+    """Issue 21, finding 3: one captured line re-sent 500 times a second drained the
+    bucket of a key with max_rate 2, and the device's own points were refused."""
+    keys = {b"dev": AuthKey("dev", "s", ["home.t"], max_rate=2.0),
+            b"free": AuthKey("free", "t", ["home.t"])}
+    db = AuthDB(keys.values())
+    limiter = RateLimiter(RateTable())
+    now = 1764201600
+    captured = signed_line("s", "home.t", 20.5, now, "dev").rstrip(b"\n")
+    free = signed_line("t", "home.t", 1, now, "free").rstrip(b"\n")
+    rejected = []
+
+    def batch(lines, at):
+        limiter.table.now = at  # the shared clock of the buckets (monotonic)
+        return filter_lines(lines, db.keys, now, 300, lambda r, k, m: rejected.append(r),
+                            rate_limiter=limiter.for_batch(db, 0, 300))
+    assert batch([captured], 1000.0) == [b"home.t 20.5 %d" % now]
+    for i in range(8):  # a second of replays, then the device's next real point
+        assert batch([captured] * 64 + [free] * 2, 1000.0 + i / 8) == [
+            b"home.t 1 %d" % now] * 2
+    real = signed_line("s", "home.t", 21.0, now + 1, "dev").rstrip(b"\n")
+    assert batch([real], 1001.0) == [b"home.t 21.0 %d" % (now + 1)]
+    assert set(rejected) == {"replayed"} and len(rejected) == 8 * 64
+    # Keys without a limit cost no memory.
+    assert len(limiter.recent.newer) == 2
+
+
+def test_the_memory_of_recent_lines_lasts_the_window_and_is_bounded(caplog):
+    from amproxy.ratelimit import RecentLines
+    recent = RecentLines(max_lines=100)
+    recent.begin(1000.0, 300)
+    recent.newer.add(1)
+    recent.begin(1599.0, 300)  # still within twice the skew: kept
+    assert 1 in recent.newer
+    recent.begin(1600.0, 300)  # one generation later: the older one
+    assert 1 in recent.older
+    recent.begin(2200.0, 300)
+    assert 1 not in recent.older and 1 not in recent.newer
+    recent.newer.update(range(100))
+    with caplog.at_level("WARNING"):
+        recent.begin(2201.0, 300)  # full: turned over early, and said so
+    assert len(recent.newer) == 0 and len(recent.older) == 100
+    assert "may pass once more if it is replayed" in caplog.text
