@@ -199,7 +199,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
     past that are rejected, and what was spent is told back (``spend``).
     For a limited key, a line identical to one it already had accepted (a
     capture re-sent while its timestamp is in the window) is rejected as
-    ``replayed`` before it draws on the rate (``rate_limiter.recent``).
+    ``replayed`` before it draws on the rate (``rate_limiter.table.replays``).
 
     This is the proxy's hot path, so it is one flat loop with the signature
     check written out: each function call costs a visible share per line.
@@ -212,7 +212,8 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
     if budgets is None and rate_limiter is not None:
         budgets = {}
     if rate_limiter is not None:
-        newer, older = rate_limiter.recent.newer, rate_limiter.recent.older
+        replayed = rate_limiter.table.replays.replayed
+        replay_until = int(now + 2 * max_skew)  # a line passes for at most twice the skew
     compare = hmac.compare_digest
     oldest, newest = int(now - max_skew), int(now + max_skew)
     # Timestamps of the same number of digits compare as bytes, which is much
@@ -286,15 +287,14 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
             except KeyError:
                 left = budgets[public_key] = rate_limiter.budget(public_key, key)
             if left != _UNLIMITED:
-                fingerprint = hash(signature)
-                if fingerprint in newer or fingerprint in older:
+                # Remembered only if it passes: a line refused now may come again.
+                if replayed(hash(signature), now, replay_until, left >= 1.0):
                     reject(REPLAYED, public_key, metric)
                     continue
                 if left < 1.0:
                     reject(RATE_LIMITED, public_key, metric)
                     continue
                 budgets[public_key] = left - 1.0
-                newer.add(fingerprint)
         append(line[:signed_length - len(public_key) - 1])
         if forwarded_per_key is not None:
             forwarded_per_key[public_key] = forwarded_per_key.get(public_key, 0) + 1

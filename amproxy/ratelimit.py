@@ -26,9 +26,10 @@ MIN_SLOTS = 1 << 16
 # Keys the auth file may gain by reloads, beyond this many times those at start.
 HEADROOM = 4
 _PROBES = 64
-# Lines of rate-limited keys a worker remembers per generation (of two), to refuse
-# replays: about 35 MB each when full.
-MAX_RECENT_LINES = 1 << 19
+# Lines of rate-limited keys remembered to refuse replays (16 bytes each, shared by
+# the workers), and the slots a line may take.
+REPLAY_SLOTS = 1 << 20
+_REPLAY_PROBES = 8
 
 
 def _key_hash(public_key):
@@ -51,6 +52,7 @@ class RateTable:
         self._values = memoryview(self._memory).cast("d")
         self.now = time.monotonic()
         self._crowded_logged = False
+        self.replays = ReplayTable()
 
     def begin(self):
         """Read the clock once for a batch of lines."""
@@ -112,20 +114,18 @@ class RateLimiter:
     def __init__(self, table):
         self.table = table
         self.default_rate = 0.0
-        self.recent = RecentLines()
         self._slots = {}  # public key -> slot; as many as the keys that sent
         self._granted = {}  # public key -> (slot, rate, budget) for this batch
 
-    def for_batch(self, db, default_rate, skew):
+    def for_batch(self, db, default_rate):
         """The limiter for one batch, or None when no key is limited.
 
-        ``default_rate`` is --key-max-rate and ``skew`` --skew, which SIGHUP may change.
+        ``default_rate`` is --key-max-rate, which SIGHUP may change.
         """
         if not (default_rate or db.rate_limited):
             return None
         self.default_rate = default_rate
         self.table.begin()
-        self.recent.begin(self.table.now, skew)
         self._granted.clear()
         return self
 
@@ -147,36 +147,59 @@ class RateLimiter:
         self._granted.clear()
 
 
-class RecentLines:
-    """The lines a worker accepted for rate-limited keys, remembered while they could
-    be replayed: a line passes while its timestamp is within --skew of now, so a
-    captured line re-sent a hundred times a second would drain its key's bucket.
-    (brubeck's statsd-secure keeps such a cache.)
 
-    A line is remembered by the hash of its signature, in two generations that
-    each last twice the skew: so at least as long as the line is valid, and the
-    memory is bounded by the keys' rates times the window.  Each worker keeps its
-    own: a line replayed to every worker passes at most once on each.
+class ReplayTable:
+    """The lines accepted for rate-limited keys while they could be replayed.
+
+    A signed line passes while its timestamp is within --skew of now, so a
+    captured line re-sent a hundred times a second would drain its key's
+    bucket.  (brubeck's statsd-secure keeps such a cache.)  Each accepted line
+    is remembered, by the hash of its signature, until its window is over (at
+    most twice the skew from now), in shared memory made before the fork, so
+    a replay to another worker is seen too.  The table has a fixed size: when a
+    line finds its slots all taken, it takes the one that expires first (said
+    in a warning, at most once a minute).  Two workers accepting the same line
+    at the same instant may both pass it.
     """
 
-    def __init__(self, max_lines=MAX_RECENT_LINES):
-        self.newer, self.older = set(), set()
-        self.max_lines = max_lines
-        self._rotate_at = 0.0
-        self._full_logged_at = None
+    def __init__(self, slots=REPLAY_SLOTS):
+        # Per slot: the hash, and until when (Unix time; 0: never used).
+        self._memory = mmap.mmap(-1, slots * 16)
+        self._cells = memoryview(self._memory).cast("q")
+        self._mask = slots - 1
+        self.evicted = 0
+        self._evicted_logged_at = None
 
-    def begin(self, now, skew):
-        """Before a batch: forget the older generation once it is past the window."""
-        if now >= self._rotate_at or len(self.newer) >= self.max_lines:
-            if now < self._rotate_at:
-                self._log_full(now, skew)
-            self.older, self.newer = self.newer, set()
-            self._rotate_at = now + 2 * skew
+    def replayed(self, fingerprint, now, until, remember=True):
+        """Whether the line was accepted before (and is still in its window); if not,
+        and ``remember``, it is remembered until ``until``."""
+        cells, mask = self._cells, self._mask
+        slot = fingerprint & mask
+        free = soonest = None
+        for _ in range(_REPLAY_PROBES):
+            expires = cells[2 * slot + 1]
+            if expires >= now:
+                if cells[2 * slot] == fingerprint:
+                    return True
+                if soonest is None or expires < cells[2 * soonest + 1]:
+                    soonest = slot
+            elif free is None:
+                free = slot
+                if not expires:
+                    break  # never used: no line was put past it
+            slot = (slot + 1) & mask
+        if not remember:
+            return False
+        if free is None:
+            free = soonest
+            self._log_eviction(now)
+        cells[2 * free] = fingerprint
+        cells[2 * free + 1] = until
+        return False
 
-    def _log_full(self, now, skew):
-        if self._full_logged_at is None or now - self._full_logged_at >= 60:
-            self._full_logged_at = now
-            log.warning("the memory of accepted rate-limited lines is full before the skew "
-                        "window ends: a line accepted earlier than %.0f s ago may pass once "
-                        "more if it is replayed", 2 * skew - (self._rotate_at - now),
-                        extra={"lines": len(self.newer)})
+    def _log_eviction(self, now):
+        self.evicted += 1
+        if self._evicted_logged_at is None or now - self._evicted_logged_at >= 60:
+            self._evicted_logged_at = now
+            log.warning("the memory of accepted rate-limited lines is full: a line may pass "
+                        "once more if it is replayed", extra={"slots": self._mask + 1})

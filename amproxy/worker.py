@@ -566,8 +566,7 @@ class Worker:
             accepted = filter_lines(lines, keys, int(time.time()), self.options.skew,
                                     self._rejecter(conn, keys),
                                     self.stats.forwarded_per_key, self.options.allow_tags,
-                                    self.rate_limiter.for_batch(db, self.options.key_max_rate,
-                                                                self.options.skew))
+                                    self.rate_limiter.for_batch(db, self.options.key_max_rate))
         except Exception:  # a bug must cost this read's lines, not the worker
             self._internal_error(conn, len(lines))
             return

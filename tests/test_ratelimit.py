@@ -55,15 +55,15 @@ def test_lines_over_a_keys_rate_are_rejected_as_rate_limited():
     lines += [signed_line("t", "a.b", i, now, "free").rstrip(b"\n") for i in range(10)]
     rejected = []
     accepted = filter_lines(lines, db.keys, now, 300, lambda r, k, m: rejected.append((r, k)),
-                            rate_limiter=limiter.for_batch(db, 0, 300))
+                            rate_limiter=limiter.for_batch(db, 0))
     assert len(accepted) == 3 + 10
     assert rejected == [("rateLimited", b"fast")] * 7
     # --key-max-rate covers the keys without a max_rate of their own.
-    assert limiter.for_batch(AuthDB([keys[b"free"]]), 0, 300) is None
+    assert limiter.for_batch(AuthDB([keys[b"free"]]), 0) is None
     rejected.clear()
     accepted = filter_lines(lines[10:], db.keys, now, 300,
                             lambda r, k, m: rejected.append(r),
-                            rate_limiter=RateLimiter(RateTable()).for_batch(db, 4, 300))
+                            rate_limiter=RateLimiter(RateTable()).for_batch(db, 4))
     assert len(accepted) == 4 and rejected == ["rateLimited"] * 6
 
 
@@ -77,11 +77,11 @@ def test_a_line_with_whitespace_around_it_is_limited_with_the_rest():
     lines += [signed_line("s", "m", i, now, "a").rstrip(b"\n") + b" " for i in range(20)]
     rejected = []
     accepted = filter_lines(lines, db.keys, now, 300, lambda r, k, m: rejected.append(r),
-                            rate_limiter=limiter.for_batch(db, 0, 300))
+                            rate_limiter=limiter.for_batch(db, 0))
     assert len(accepted) == 1 + 5 and rejected == ["rateLimited"] * 15
     # What was spent reached the shared bucket: the next batch gets nothing more.
     accepted = filter_lines(lines[1:], db.keys, now, 300, lambda r, k, m: None,
-                            rate_limiter=limiter.for_batch(db, 0, 300))
+                            rate_limiter=limiter.for_batch(db, 0))
     assert accepted == []
 
 
@@ -122,7 +122,7 @@ def test_a_captured_line_resent_is_refused_as_replayed_before_it_draws_on_the_ra
     def batch(lines, at):
         limiter.table.now = at  # the shared clock of the buckets (monotonic)
         return filter_lines(lines, db.keys, now, 300, lambda r, k, m: rejected.append(r),
-                            rate_limiter=limiter.for_batch(db, 0, 300))
+                            rate_limiter=limiter.for_batch(db, 0))
     assert batch([captured], 1000.0) == [b"home.t 20.5 %d" % now]
     for i in range(8):  # a second of replays, then the device's next real point
         assert batch([captured] * 64 + [free] * 2, 1000.0 + i / 8) == [
@@ -130,23 +130,35 @@ def test_a_captured_line_resent_is_refused_as_replayed_before_it_draws_on_the_ra
     real = signed_line("s", "home.t", 21.0, now + 1, "dev").rstrip(b"\n")
     assert batch([real], 1001.0) == [b"home.t 21.0 %d" % (now + 1)]
     assert set(rejected) == {"replayed"} and len(rejected) == 8 * 64
-    # Keys without a limit cost no memory.
-    assert len(limiter.recent.newer) == 2
 
 
-def test_the_memory_of_recent_lines_lasts_the_window_and_is_bounded(caplog):
-    from amproxy.ratelimit import RecentLines
-    recent = RecentLines(max_lines=100)
-    recent.begin(1000.0, 300)
-    recent.newer.add(1)
-    recent.begin(1599.0, 300)  # still within twice the skew: kept
-    assert 1 in recent.newer
-    recent.begin(1600.0, 300)  # one generation later: the older one
-    assert 1 in recent.older
-    recent.begin(2200.0, 300)
-    assert 1 not in recent.older and 1 not in recent.newer
-    recent.newer.update(range(100))
+def test_the_memory_of_accepted_lines_lasts_their_window_and_is_bounded(caplog):
+    from amproxy.ratelimit import ReplayTable
+    table = ReplayTable(slots=16)
+    assert not table.replayed(5, 1000, 1600, remember=False)
+    assert not table.replayed(5, 1000, 1600, remember=False)  # not remembered
+    assert not table.replayed(5, 1000, 1600)
+    assert table.replayed(5, 1599, 1700)
+    assert table.replayed(5 + 16, 1000, 1600) is False  # the same slot, another line
+    assert table.replayed(5, 1600, 1700)  # its last second
+    assert not table.replayed(5, 1601, 1700)  # past its window: a new line again
+    # Full: eight lines in the same slots, all in their window; a ninth takes the place
+    # of the one that expires first, and a warning says so.
+    table = ReplayTable(slots=8)
+    for i in range(8):
+        assert not table.replayed(i * 8, 1000, 2000 + i)
     with caplog.at_level("WARNING"):
-        recent.begin(2201.0, 300)  # full: turned over early, and said so
-    assert len(recent.newer) == 0 and len(recent.older) == 100
-    assert "may pass once more if it is replayed" in caplog.text
+        assert not table.replayed(64, 1000, 3000)
+    assert table.evicted == 1 and "may pass once more if it is replayed" in caplog.text
+    assert not table.replayed(0, 1000, 3000)  # it was the one forgotten
+    assert table.replayed(64, 1000, 3000) and table.replayed(16, 1000, 3000)
+
+
+def test_a_replay_is_seen_by_another_worker():
+    from amproxy.ratelimit import ReplayTable
+    table = ReplayTable()
+    pid = os.fork()
+    if pid == 0:  # a worker forked after the table was made accepts the line
+        os._exit(0 if not table.replayed(12345, 1000, 1600) else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert table.replayed(12345, 1000, 1600)
