@@ -29,7 +29,6 @@ _PROBES = 64
 # Lines of rate-limited keys remembered to refuse replays (16 bytes each, shared by
 # the workers), and the slots a line may take.
 REPLAY_SLOTS = 1 << 20
-_REPLAY_PROBES = 8
 
 
 def _key_hash(public_key):
@@ -157,49 +156,47 @@ class ReplayTable:
     is remembered, by the hash of its signature, until its window is over (at
     most twice the skew from now), in shared memory made before the fork, so
     a replay to another worker is seen too.  The table has a fixed size: when a
-    line finds its slots all taken, it takes the one that expires first (said
+    line finds its two slots taken, it takes the one that expires first (said
     in a warning, at most once a minute).  Two workers accepting the same line
     at the same instant may both pass it.
     """
 
     def __init__(self, slots=REPLAY_SLOTS):
-        # Per slot: the hash, and until when (Unix time; 0: never used).
+        # Per slot: the hash, and until when (Unix time; 0: never used); two per place.
         self._memory = mmap.mmap(-1, slots * 16)
         self._cells = memoryview(self._memory).cast("q")
-        self._mask = slots - 1
+        self._mask = slots // 2 - 1
         self.evicted = 0
         self._evicted_logged_at = None
 
     def replayed(self, fingerprint, now, until, remember=True):
         """Whether the line was accepted before (and is still in its window); if not,
-        and ``remember``, it is remembered until ``until``."""
-        cells, mask = self._cells, self._mask
-        slot = fingerprint & mask
-        free = soonest = None
-        for _ in range(_REPLAY_PROBES):
-            expires = cells[2 * slot + 1]
-            if expires >= now:
-                if cells[2 * slot] == fingerprint:
-                    return True
-                if soonest is None or expires < cells[2 * soonest + 1]:
-                    soonest = slot
-            elif free is None:
-                free = slot
-                if not expires:
-                    break  # never used: no line was put past it
-            slot = (slot + 1) & mask
-        if not remember:
-            return False
-        if free is None:
-            free = soonest
-            self._log_eviction(now)
-        cells[2 * free] = fingerprint
-        cells[2 * free + 1] = until
+        and ``remember``, it is remembered until ``until``.
+
+        A line has one place, a pair of slots (two probes at most: this runs for
+        every line of a limited key).  A new line takes the one that is free or
+        expired, else the one that expires first: then an accepted line is
+        forgotten early (counted), which is rare while the table is far from full.
+        """
+        cells = self._cells
+        first = (fingerprint & self._mask) << 2
+        first_expires, second_expires = cells[first + 1], cells[first + 3]
+        if (first_expires >= now and cells[first] == fingerprint) or (
+                second_expires >= now and cells[first + 2] == fingerprint):
+            return True
+        if remember:
+            slot = first if first_expires <= second_expires else first + 2
+            if cells[slot + 1] >= now:
+                self._log_eviction(now)
+            cells[slot] = fingerprint
+            cells[slot + 1] = until
         return False
 
     def _log_eviction(self, now):
         self.evicted += 1
         if self._evicted_logged_at is None or now - self._evicted_logged_at >= 60:
             self._evicted_logged_at = now
-            log.warning("the memory of accepted rate-limited lines is full: a line may pass "
-                        "once more if it is replayed", extra={"slots": self._mask + 1})
+            log.warning("an accepted line of a rate-limited key was forgotten before its "
+                        "window ended (the table of recent lines is crowded): it may pass "
+                        "once more if it is replayed", extra={"slots": 2 * (self._mask + 1),
+                                                              "forgotten": self.evicted})

@@ -162,8 +162,9 @@ def generate(keys, lines, connections, bad_fraction):
     good = 0
     for i in range(lines):
         name, mac, metrics = states[i % len(states)]
-        text = b"%s %d %d %s" % (metrics[(i // len(states)) % len(metrics)], i % 1000, now,
-                                 name)
+        # Each line its own (the value is i): a device never sends the same line twice,
+        # and a rate-limited key refuses a line it already had as a replay.
+        text = b"%s %d %d %s" % (metrics[(i // len(states)) % len(metrics)], i, now, name)
         m = mac.copy()
         m.update(text)
         sig = base64.b64encode(m.digest())

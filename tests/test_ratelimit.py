@@ -134,24 +134,26 @@ def test_a_captured_line_resent_is_refused_as_replayed_before_it_draws_on_the_ra
 
 def test_the_memory_of_accepted_lines_lasts_their_window_and_is_bounded(caplog):
     from amproxy.ratelimit import ReplayTable
-    table = ReplayTable(slots=16)
+    table = ReplayTable(slots=16)  # 8 places of two slots
     assert not table.replayed(5, 1000, 1600, remember=False)
     assert not table.replayed(5, 1000, 1600, remember=False)  # not remembered
     assert not table.replayed(5, 1000, 1600)
     assert table.replayed(5, 1599, 1700)
-    assert table.replayed(5 + 16, 1000, 1600) is False  # the same slot, another line
-    assert table.replayed(5, 1600, 1700)  # its last second
+    assert not table.replayed(5 + 8, 1000, 1600)  # the same place, another line
+    assert table.replayed(5, 1600, 1700) and table.replayed(13, 1600, 1700)  # last second
     assert not table.replayed(5, 1601, 1700)  # past its window: a new line again
-    # Full: eight lines in the same slots, all in their window; a ninth takes the place
-    # of the one that expires first, and a warning says so.
-    table = ReplayTable(slots=8)
-    for i in range(8):
-        assert not table.replayed(i * 8, 1000, 2000 + i)
+    # A third line in a full place takes the slot that expires first, and says so.
+    table = ReplayTable(slots=16)
+    assert not table.replayed(1, 1000, 2001) and not table.replayed(9, 1000, 2000)
     with caplog.at_level("WARNING"):
-        assert not table.replayed(64, 1000, 3000)
-    assert table.evicted == 1 and "may pass once more if it is replayed" in caplog.text
-    assert not table.replayed(0, 1000, 3000)  # it was the one forgotten
-    assert table.replayed(64, 1000, 3000) and table.replayed(16, 1000, 3000)
+        assert not table.replayed(17, 1000, 3000)
+    assert table.evicted == 1 and "it may pass once more if it is replayed" in caplog.text
+    assert table.replayed(1, 1000, 3000) and table.replayed(17, 1000, 3000)
+    assert not table.replayed(9, 1000, 3000, remember=False)  # the one forgotten
+    # Memory: the table never grows, whatever is put in it.
+    for i in range(1000):
+        table.replayed(i, 1000, 3000)
+    assert len(table._memory) == 16 * 16
 
 
 def test_a_replay_is_seen_by_another_worker():
