@@ -34,6 +34,7 @@ from .auth import AuthKey, KeyMap, _split_patterns, parse_auth_file, parse_rfc33
     read_auth_file
 from .authscan import GLOB_BYTES, Layout, block_regex, scan
 from .errors import AuthFileError
+from .tls import CertificateFiles
 
 log = logging.getLogger(__name__)
 
@@ -391,8 +392,9 @@ class Update:
 
 
 class SnapshotChannel:
-    """Carries updates from the master to one worker, and the worker's requests for
-    one (a SIGHUP sent to the worker itself): a datagram socket pair."""
+    """Carries updates from the master to one worker (auth snapshots, and TLS
+    certificate files after a SIGHUP), and the worker's requests for one (a SIGHUP
+    sent to the worker itself): a datagram socket pair."""
 
     def __init__(self):
         self.master_end, self.worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -405,6 +407,14 @@ class SnapshotChannel:
             socket.send_fds(self.master_end, [message], [] if update.fd is None else [update.fd])
         except OSError as e:  # a hung worker's queue is full; it is replaced soon
             log.warning("a worker did not take the new auth file: %s", e.strerror or e)
+
+    def send_certificate(self, files):
+        """TLS certificate files the master checked (tls.CertificateFiles), to use now."""
+        message = json.dumps({"certificate": files.names}).encode()
+        try:
+            socket.send_fds(self.master_end, [message], files.sent())
+        except OSError as e:  # a hung worker's queue is full; it is replaced soon
+            log.warning("a worker did not take the new TLS certificate: %s", e.strerror or e)
 
     def request_update(self):
         try:
@@ -422,14 +432,18 @@ class SnapshotChannel:
                 return asked
 
     def receive(self):
-        """The updates waiting, oldest first."""
+        """The updates waiting, oldest first: :class:`Update` for the auth file, and
+        tls.CertificateFiles for the TLS certificate."""
         updates = []
         while True:
             try:
-                message, fds, _, _ = socket.recv_fds(self.worker_end, 65536, 1)
+                message, fds, _, _ = socket.recv_fds(self.worker_end, 65536, 3)
             except (BlockingIOError, InterruptedError):
                 return updates
             fields = json.loads(message)
+            if "certificate" in fields:
+                updates.append(CertificateFiles.received(fields["certificate"], fds))
+                continue
             if not fds and fields["error"] is None:
                 fields["error"] = "the new auth file could not be received"
             updates.append(Update(fields["reason"], fds[0] if fds else None, fields["error"]))

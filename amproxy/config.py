@@ -414,8 +414,9 @@ class LiveOptions:
     An unlinked file made before the workers are forked: the config is parsed
     once, by the master, and a bad one is logged once.  Each SIGHUP publishes it
     anew with the next ``generation``: a worker that has not applied that one
-    yet reads the options and the TLS certificate again at its next auth update,
-    whatever that update's reason (two reloads may reach it as one).
+    yet reads the options again at its next auth update, whatever that update's
+    reason (two reloads may reach it as one).  (The TLS certificate comes on the
+    auth channel itself: see tls.CertificateReloads.)
     """
 
     def __init__(self):

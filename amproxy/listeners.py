@@ -98,6 +98,9 @@ class Listener:
         self.tls = kind == "tls"
         # Drawn before the workers are forked, so all of them share them.
         self.ticket_keys = session_ticket_keys() if self.tls else None
+        # tls.CertificateFiles: the last good pair, which the master sets (a worker
+        # forked later loads this one).
+        self.certificate = None
 
     def address(self):
         host, port = self.sock.getsockname()[:2]

@@ -25,7 +25,7 @@ from .listeners import FILE_LIMIT_IF_UNLIMITED, Listener, bind, connection_limit
 from .logs import reopen_log_files, set_level
 from .placement import Placement
 from .ratelimit import RateTable
-from .tls import server_context
+from .tls import CertificateReloads
 from .stats import StatsService
 from .worker import WORKER_BOOT_ERROR, Heartbeat, Worker
 
@@ -76,6 +76,7 @@ class Master:
         self.listeners = []  # listeners.Listener: the plain one first
         self.auth_file = None
         self.auth_reloads = None  # AuthReloads
+        self.certificates = None  # tls.CertificateReloads, with a TLS listener
         self.pidfile = None
         self.ready = False
         self._signal_queue = []
@@ -120,9 +121,7 @@ class Master:
         if self.pidfile is not None:
             self.pidfile.create(self.pid)
         daemon.drop_privileges(options.user, options.group)
-        check_access(options)
-        if options.tls_addr:  # as the workers will read them
-            server_context(options.tls_cert, options.tls_key, options.tls_client_ca)
+        self._check_as_user()
         self.live_options = LiveOptions()
         self.connection_table = ConnectionTable()
         self.rate_table = RateTable(len(db))
@@ -144,6 +143,15 @@ class Master:
         if len(options.carbon_addr) > 1 and not options.spool_dir:
             log.warning("several Carbon destinations and no --spool-dir: when one is down "
                         "and its --buffer-size lines are held, reading stops for all of them")
+
+    def _check_as_user(self):
+        """What the workers need, checked as the user they run as: the TLS certificate
+        files are read and checked as on SIGHUP, and the workers load that copy."""
+        check_access(self.options)
+        if self.options.tls_addr:
+            listener = next(listener for listener in self.listeners if listener.tls)
+            self.certificates = CertificateReloads(listener, self.options, lambda: [
+                w.auth_channel for w in self.workers.values()])
 
     @staticmethod
     def _nonblocking_pipe():
@@ -272,8 +280,9 @@ class Master:
         daemon.systemd_notify("RELOADING=1\nMONOTONIC_USEC=%d"
                               % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         self.reload_options()
-        # A new generation even if the config did not change: the certificate may have.
         self.live_options.publish(self.options)
+        if self.certificates is not None:
+            self.certificates.reload()
         # Compiled in a child; with it the workers read the live options again.
         self.auth_reloads.request("SIGHUP")
         self.manage_workers()

@@ -15,13 +15,21 @@ certificate reload) is given instead the keys the master drew at start
 (``session_ticket_keys``): they live in memory only, as long as the master, and
 a restart draws new ones.  A ticket is good for OpenSSL's default session
 lifetime, two hours.
+
+The certificate files are read by the master alone (:class:`CertificateFiles`),
+at start and on SIGHUP: only regular files, opened without blocking, checked by
+loading them, and kept in sealed memfds.  Every worker loads that copy: those
+running when a new pair passes the check are sent it, and one started later
+inherits the last good pair, whatever the files hold by then.
 """
 
 import ctypes
+import fcntl
 import logging
 import os
 import re
 import ssl
+import stat
 
 from .errors import AmproxyError, CloseConnection
 from .logs import ClosedConnectionLog
@@ -60,9 +68,10 @@ def _set_ticket_keys(context, keys):
 
 
 def server_context(cert_file, key_file, client_ca=None, ticket_keys=None,
-                   tls13_tickets=False):
+                   tls13_tickets=False, names=None):
     """The listener's context, its tickets under ``ticket_keys`` if given (TLS 1.3 ones
-    only with ``tls13_tickets``); AmproxyError names the file that cannot be used."""
+    only with ``tls13_tickets``); AmproxyError names the file that cannot be used, by
+    its name in ``names`` (cert, key, client CA) if given."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # TLS 1.3: one ticket per handshake (a device keeps the last one it got), or none.
@@ -70,19 +79,214 @@ def server_context(cert_file, key_file, client_ca=None, ticket_keys=None,
     if ticket_keys and not _set_ticket_keys(context, ticket_keys):
         log.warning("cannot share TLS session tickets between workers here; a device "
                     "resumes its session only on the worker that issued its ticket")
-    try:
-        context.load_cert_chain(cert_file, key_file)
-    except (OSError, ssl.SSLError) as e:
-        raise AmproxyError("TLS certificate %s and key %s cannot be used: %s" % (
-            cert_file, key_file, _why(e))) from None
+    paths = (cert_file, key_file, client_ca)
+    _load_pair(context, paths, names or paths)
     if client_ca:
-        try:
-            context.load_verify_locations(client_ca)
-        except (OSError, ssl.SSLError) as e:
-            raise AmproxyError("TLS client CA file %s cannot be used: %s" % (
-                client_ca, _why(e))) from None
+        _load_certificates(context, client_ca, (names or paths)[2], "TLS client CA file")
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _load_pair(context, paths, names):
+    """The certificate chain and its key, or AmproxyError naming the file at fault."""
+    # Its certificates alone first: whatever is wrong after that is the key's.
+    _load_certificates(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), paths[0], names[0],
+                       "TLS certificate file")
+    try:
+        context.load_cert_chain(paths[0], paths[1], password=_no_passphrase)
+    except _EncryptedKey:
+        raise AmproxyError("TLS key file %s is encrypted; amproxy needs it without a "
+                           "passphrase" % names[1]) from None
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise AmproxyError("TLS key file %s does not belong to the certificate in %s" % (
+                names[1], names[0])) from None
+        raise AmproxyError("TLS key file %s holds no private key amproxy can read" % (
+            names[1])) from None
+    except OSError as e:
+        raise AmproxyError("TLS certificate %s and key %s cannot be used: %s" % (
+            names[0], names[1], _why(e))) from None
+
+
+def _load_certificates(context, path, name, what):
+    try:
+        context.load_verify_locations(path)
+    except ssl.SSLError as e:
+        reason = "it holds no PEM certificate" if e.reason in (
+            "NO_CERTIFICATE_OR_CRL_FOUND", None) else _why(e)
+        raise AmproxyError("%s %s cannot be used: %s" % (what, name, reason)) from None
+    except OSError as e:
+        raise AmproxyError("%s %s cannot be used: %s" % (what, name, _why(e))) from None
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase():
+    """Asked for a key's passphrase: refuse, instead of OpenSSL's prompt on a terminal."""
+    raise _EncryptedKey()
+
+
+# -- the files, as the master read and checked them ----------------------------------
+
+# A certificate chain, key or CA bundle larger than this is not one.
+MAX_FILE_BYTES = 1 << 20
+_FILE_KINDS = ("TLS certificate file", "TLS key file", "TLS client CA file")
+_SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+                (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                (stat.S_ISBLK, "a device"))
+
+
+class CertificateFiles:
+    """``--tls-cert``, ``--tls-key`` and ``--tls-client-ca`` as the master last read and
+    checked them (``read``): a sealed memfd each, which never blocks and never changes.
+
+    The master keeps the last good set; a worker forked later inherits it, and running
+    workers are sent each new one (SCM_RIGHTS).  A process loads them by their
+    ``/proc/self/fd`` names (``context``), since Python's ssl reads only paths; the
+    operator's files are opened by the master alone, without blocking, and only if
+    regular.
+    """
+
+    def __init__(self, names, fds, error=None):
+        self.names = tuple(names)  # the operator's paths, for messages (None: no client CA)
+        self.fds = list(fds)  # one per name (None where the name is None)
+        self.error = error  # why none came (received without its files)
+
+    @classmethod
+    def read(cls, cert_file, key_file, client_ca=None):
+        """Read and check the files now; AmproxyError names the one at fault."""
+        names, fds = (cert_file, key_file, client_ca or None), []
+        try:
+            for name, what in zip(names, _FILE_KINDS):
+                fds.append(None if name is None else _sealed(_read_regular(name, what),
+                                                             name, what))
+            files = cls(names, fds)
+            files.context()
+        except BaseException:
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
+            raise
+        return files
+
+    @classmethod
+    def received(cls, names, fds):
+        """Files sent by the master: ``names`` and an fd for each that is not None."""
+        fds = list(fds)
+        if len(fds) != sum(name is not None for name in names):
+            cls(names, fds).close()
+            return cls(names, [], "the new TLS certificate could not be received")
+        it = iter(fds)
+        return cls(names, [None if name is None else next(it) for name in names])
+
+    def sent(self):
+        """The fds to send with ``names`` (see ``received``)."""
+        return [fd for fd in self.fds if fd is not None]
+
+    def context(self, ticket_keys=None, tls13_tickets=False):
+        """A server context loaded from these files (see ``server_context``)."""
+        if self.error is not None:
+            raise AmproxyError(self.error)
+        paths = [None if fd is None else "/proc/self/fd/%d" % fd for fd in self.fds]
+        return server_context(*paths, ticket_keys=ticket_keys, tls13_tickets=tls13_tickets,
+                              names=self.names)
+
+    def close(self):
+        for fd in self.fds:
+            if fd is not None:
+                os.close(fd)
+        self.fds = [None] * len(self.fds)
+
+
+class CertificateReloads:
+    """The master's side: the last good certificate files, on the TLS listener (so a
+    worker forked later loads them), read and checked again on SIGHUP (``reload``)
+    and sent to the running workers (``channels()``: their SnapshotChannel)."""
+
+    def __init__(self, listener, options, channels):
+        """Reads the files: AmproxyError names the one at fault."""
+        self.listener = listener
+        self.options = options
+        self._channels = channels
+        listener.certificate = self._read()
+
+    def _read(self):
+        options = self.options
+        return CertificateFiles.read(options.tls_cert, options.tls_key, options.tls_client_ca)
+
+    def reload(self):
+        """A good pair goes to every worker, and stays for those started later; else
+        the last good pair stays, and the workers are not told."""
+        try:
+            files = self._read()
+        except AmproxyError as e:
+            log.error("TLS certificate not reloaded, keeping the one in use: %s", e)
+            return
+        for channel in self._channels():
+            channel.send_certificate(files)
+        self.listener.certificate.close()
+        self.listener.certificate = files
+
+
+def _read_regular(path, what):
+    """The bytes of ``path``, which must be a regular file of at most MAX_FILE_BYTES;
+    opened without blocking (a FIFO would block an open, a device its read)."""
+    try:
+        kind = _not_regular(os.stat(path).st_mode)  # refused without being opened
+        if kind is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            try:
+                kind = _not_regular(os.fstat(fd).st_mode)  # replaced in between
+                data = None if kind else _read_at_most(fd, MAX_FILE_BYTES + 1)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        raise AmproxyError("%s %s cannot be read: %s" % (what, path, e.strerror or e)) from None
+    if kind is not None:
+        raise AmproxyError("%s %s is %s, not a regular file" % (what, path, kind))
+    if len(data) > MAX_FILE_BYTES:
+        raise AmproxyError("%s %s is larger than %d KiB" % (what, path, MAX_FILE_BYTES >> 10))
+    return data
+
+
+def _read_at_most(fd, limit):
+    chunks, got = [], 0
+    while got < limit:
+        chunk = os.read(fd, limit - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _not_regular(mode):
+    """None for a regular file, else what it is ("a FIFO", ...)."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _NOT_REGULAR if test(mode)), "a special file")
+
+
+def _sealed(data, name, what):
+    """``data`` in a sealed memfd: read-only from now on, for this process and its children."""
+    try:
+        fd = os.memfd_create("amproxy-tls", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as e:
+        raise AmproxyError("%s %s: no memory to load it into: %s" % (
+            what, name, e.strerror or e)) from None
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except OSError as e:
+        os.close(fd)
+        raise AmproxyError("%s %s: no memory to load it into: %s" % (
+            what, name, e.strerror or e)) from None
+    return fd
 
 
 _REASONS = {
@@ -112,35 +316,37 @@ def client_context(ca_file=None, cert_file=None, key_file=None):
 class TlsConnections(ClosedConnectionLog):
     """A worker's TLS side: its context, the handshakes under way, and their failures."""
 
-    def __init__(self, options, clock, ticket_keys=None):
-        """Without a TLS listener there is no context, but TLS sent to the plain port
-        is still counted here."""
+    def __init__(self, options, clock, ticket_keys=None, files=None):
+        """``files``: the :class:`CertificateFiles` the master last checked (inherited;
+        closed once loaded).  Without a TLS listener there is no context, but TLS sent
+        to the plain port is still counted here."""
         self.options = options
         self.ticket_keys = ticket_keys
         super().__init__(log, clock)
         self.context = None
         if options.tls_addr:
             try:
-                self.context = self._load()
-            except AmproxyError as e:  # the files changed since the master checked them
+                self.context = self._load(files)
+            except AmproxyError as e:  # the master checked them: not expected
                 log.error("%s; this worker takes no TLS clients", e)
 
-    def _load(self):
-        options = self.options
-        return server_context(options.tls_cert, options.tls_key, options.tls_client_ca,
-                              self.ticket_keys, options.tls_session_tickets)
-
-    def reload(self):
-        """On SIGHUP: the certificate may have been renewed.  A bad new pair keeps the old."""
-        if not self.options.tls_addr:
-            return
+    def _load(self, files):
+        if files is None:
+            raise AmproxyError("no TLS certificate was handed to this worker")
         try:
-            self.context = self._load()
+            return files.context(self.ticket_keys, self.options.tls_session_tickets)
+        finally:
+            files.close()
+
+    def take(self, files):
+        """After a SIGHUP: certificate files the master checked (:class:`CertificateFiles`,
+        closed once loaded), used from now on; if they cannot be, the old stay."""
+        try:
+            self.context = self._load(files)
         except AmproxyError as e:
-            log.error("TLS certificate not reloaded; keeping the one in use",
-                      extra={"error": str(e)})
+            log.error("TLS certificate not reloaded, keeping the one in use: %s", e)
             return
-        log.info("TLS certificate reloaded", extra={"tls_cert": self.options.tls_cert})
+        log.info("TLS certificate reloaded", extra={"tls_cert": files.names[0]})
 
     def wrap(self, sock):
         return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)

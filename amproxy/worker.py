@@ -21,7 +21,7 @@ from .listeners import Acceptor, connection_limit
 from .logs import ClosedConnectionLog, RejectionLog, reopen_log_files, set_level
 from .proxyprotocol import ProxyHeaderError, client_address
 from .ratelimit import RateLimiter
-from .tls import HANDSHAKE_TIMEOUT, TLS_HANDSHAKE_RECORD, TlsConnections
+from .tls import HANDSHAKE_TIMEOUT, TLS_HANDSHAKE_RECORD, CertificateFiles, TlsConnections
 from .proxyprotocol import parse as parse_proxy_header
 from .protocol import LINE_TOO_LONG, MALFORMED, REJECTION_REASONS, filter_lines
 from .stats import WorkerStats
@@ -226,8 +226,9 @@ class Worker:
                                self._on_reload)
         options = self.options
         self.destinations = Destinations(options, self.selector, self.clock, self.slot)
-        self.tls = TlsConnections(options, self.clock, next(
-            (listener.ticket_keys for listener in self.listeners if listener.tls), None))
+        tls = next((listener for listener in self.listeners if listener.tls), None)
+        self.tls = TlsConnections(options, self.clock, tls and tls.ticket_keys,
+                                  tls and tls.certificate)  # the master's last good pair
         self.acceptor = Acceptor(self.listeners, self.selector, self.connection_table,
                                  self.slot, self.clock, self._admit, self.connections.__len__)
         if self.tls.context is None:
@@ -331,15 +332,17 @@ class Worker:
 
     def _on_reload(self, mask):
         """The master's word after a SIGHUP or a change of the auth file: a new
-        snapshot of it, or why there is none; and after a SIGHUP, live options and
-        TLS certificate to read again."""
+        snapshot of it, or why there is none; after a SIGHUP, live options to read
+        again, and the TLS certificate files if the master found new good ones."""
         for update in self.auth_channel.receive():
-            self.auth_file.take(update)
+            if isinstance(update, CertificateFiles):
+                self.tls.take(update)
+            else:
+                self.auth_file.take(update)
         live = self.read_live_options()
         if live.get("generation", 0) != self._live_generation:
             self._live_generation = live.get("generation", 0)
             self._reload_options(live)
-            self.tls.reload()
 
     def counters(self):
         rejected = self.rejected

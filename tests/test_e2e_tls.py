@@ -1,5 +1,6 @@
 """The TLS listener: devices on untrusted networks, with certificates the test makes."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -205,7 +206,9 @@ def test_hup_reads_a_renewed_certificate_and_keeps_the_old_if_the_new_is_bad(
     first = serial()
     cert.write_text("not a certificate\n")
     proxy.signal(signal.SIGHUP)
-    proxy.wait_log("TLS certificate not reloaded; keeping the one in use", count=2)
+    # The master checks the files and says so once; the workers keep the pair in use.
+    proxy.wait_log("TLS certificate not reloaded, keeping the one in use: TLS certificate "
+                   "file %s cannot be used: it holds no PEM certificate" % cert)
     assert serial() == first
     shutil.copy(certs("renewed.pem"), cert)
     shutil.copy(certs("renewed.key"), key)
@@ -222,8 +225,8 @@ def test_a_key_that_cannot_be_read_is_one_clear_error_at_start(auth_file, certs,
                              "--tls-key", str(tmp_path / "missing.key")],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
-    assert "TLS certificate %s and key %s cannot be used" % (
-        certs("server.pem"), tmp_path / "missing.key") in result.stderr
+    assert "TLS key file %s cannot be read: No such file or directory" % (
+        tmp_path / "missing.key") in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -325,3 +328,220 @@ def test_a_device_resumes_its_session_on_the_other_worker_and_after_a_reload(
     assert third.session_reused
     third.close()
     assert counters(proxy)["tlsHandshakeErrors"] == 0
+
+
+# -- certificate reloads: the master checks each new pair, and every worker, including
+# -- those started later, serves the last good one (issue 21, finding 5)
+
+
+def renewable_pair(tmp_path, certs):
+    """Copies of the server's certificate and key, for a test to replace."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(certs("server.pem"), cert)
+    shutil.copy(certs("server.key"), key)
+    return cert, key
+
+
+def der_of(certs, name):
+    with open(certs(name + ".pem")) as f:
+        return ssl.PEM_cert_to_DER_cert(f.read())
+
+
+def held_connection(port, certs):
+    """A TLS connection, held open, once its worker counts it (it then takes no other
+    new client while another worker holds fewer)."""
+    sock = tls_connect(port, certs)
+    sock.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        sock.recv(1)  # amproxy writes nothing
+    return sock
+
+
+def certificates_served(proxy, certs):
+    """{worker pid: the certificate it serves (DER)}, from one connection held on each
+    of the two workers."""
+    first = held_connection(proxy.tls_port, certs)
+    try:
+        with held_connection(proxy.tls_port, certs) as second:
+            served = {worker_holding_one(proxy, sock): sock.getpeercert(binary_form=True)
+                      for sock in (first, second)}
+    finally:
+        first.close()
+    assert set(served) == set(proxy.workers()), served
+    return served
+
+
+def worker_holding_one(proxy, sock):
+    """The worker holding the server's end of ``sock``."""
+    local_port = sock.getsockname()[1]
+    for pid in proxy.workers():
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in peer_inodes(local_port):
+                return pid
+    raise AssertionError("no worker holds the connection from port %d" % local_port)
+
+
+def peer_inodes(client_port):
+    """Inodes of the established TCP sockets whose remote port is ``client_port``."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return {row.split()[9] for row in f if row.split()[3] == "01"
+                and int(row.split()[2].split(":")[1], 16) == client_port}
+
+
+def replace_worker(proxy, pid):
+    """SIGKILL worker ``pid``: the one the master starts in its place."""
+    others = set(proxy.workers()) - {pid}
+    os.kill(pid, signal.SIGKILL)
+    new = wait_for(lambda: len(proxy.workers()) == len(others) + 1 and
+                   set(proxy.workers()) - others - {pid}, 10, what="a new worker")
+    return next(iter(new))
+
+
+def send_over_tls(proxy, certs, value, timestamp):
+    with tls_connect(proxy.tls_port, certs) as sock:
+        sock.sendall(line_for(KEYS, "alpha", "e2e.alpha.temp", value, timestamp))
+
+
+def test_a_worker_started_after_a_broken_renewal_serves_the_last_good_pair(
+        carbon, tls_proxy, certs, tmp_path):
+    cert, key = renewable_pair(tmp_path, certs)
+    proxy = tls_proxy("--tls-cert", str(cert), "--tls-key", str(key), workers=1)
+    proxy.wait_log("workers ready")
+    key.write_text("not a key\n")
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_log("TLS certificate not reloaded")
+    replace_worker(proxy, proxy.workers()[0])
+    now = int(time.time())
+    send_over_tls(proxy, certs, 31.5, now - 11)
+    wait_points(carbon, "e2e.alpha.temp", {now - 11: 31.5}, now - 20)
+    with tls_connect(proxy.tls_port, certs) as sock:
+        assert sock.getpeercert(binary_form=True) == der_of(certs, "server")
+    # Checked once, by the master: one line, naming the file at fault.
+    assert re.findall('TLS certificate not reloaded[^"]*', proxy.log()) == [
+        "TLS certificate not reloaded, keeping the one in use: TLS key file %s holds no "
+        "private key amproxy can read" % key]
+    assert "this worker takes no TLS clients" not in proxy.log()
+
+
+def open_fifo_writer(path):
+    """Wake anyone blocked opening the FIFO at ``path`` (it then reads an empty file)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # no one is waiting
+
+
+def test_a_fifo_at_the_certificate_path_is_refused_and_blocks_no_worker(
+        carbon, tls_proxy, certs, tmp_path):
+    cert, key = renewable_pair(tmp_path, certs)
+    proxy = tls_proxy("--tls-cert", str(cert), "--tls-key", str(key),
+                      "--worker-timeout", "3s", workers=2)
+    proxy.wait_log("workers ready", count=1)
+    workers = proxy.workers()
+    os.unlink(cert)
+    os.mkfifo(cert)
+    try:
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_log("auth file reloaded", count=2)  # by each worker, after the HUP
+        now = int(time.time())
+        for i in range(4):  # over both listeners, to both workers
+            proxy.send(line_for(KEYS, "alpha", "e2e.alpha.humidity", 40.0 + i, now - 20 + i))
+            send_over_tls(proxy, certs, 50.0 + i, now - 20 + i)
+        wait_points(carbon, "e2e.alpha.humidity", {now - 20 + i: 40.0 + i for i in range(4)},
+                    now - 30)
+        wait_points(carbon, "e2e.alpha.temp", {now - 20 + i: 50.0 + i for i in range(4)},
+                    now - 30)
+        # Both workers serve (neither is blocked), and so does one started now.
+        assert certificates_served(proxy, certs) == dict.fromkeys(workers, der_of(certs, "server"))
+        new = replace_worker(proxy, workers[0])
+        served = certificates_served(proxy, certs)
+        assert served == {workers[1]: der_of(certs, "server"), new: der_of(certs, "server")}
+        assert "worker hung" not in proxy.log() and proxy.workers() == sorted([workers[1], new])
+        assert ("TLS certificate not reloaded, keeping the one in use: TLS certificate file "
+                "%s is a FIFO, not a regular file" % cert) in proxy.log()
+    finally:
+        open_fifo_writer(str(cert))
+
+
+def test_a_renewed_pair_is_served_by_every_worker_and_by_those_started_later(
+        carbon, tls_proxy, certs, tmp_path):
+    cert, key = renewable_pair(tmp_path, certs)
+    proxy = tls_proxy("--tls-cert", str(cert), "--tls-key", str(key), workers=2)
+    proxy.wait_log("workers ready")
+    assert set(certificates_served(proxy, certs).values()) == {der_of(certs, "server")}
+    shutil.copy(certs("renewed.pem"), cert)
+    shutil.copy(certs("renewed.key"), key)
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_log("TLS certificate reloaded", count=2)
+    assert set(certificates_served(proxy, certs).values()) == {der_of(certs, "renewed")}
+    # Files changed without a SIGHUP (a renewal half written) are not read: a worker
+    # started now serves the pair the master last checked, as the others do.
+    key.write_text("half a key\n")
+    new = replace_worker(proxy, proxy.workers()[0])
+    served = certificates_served(proxy, certs)
+    assert new in served and set(served.values()) == {der_of(certs, "renewed")}
+    now = int(time.time())
+    send_over_tls(proxy, certs, 61.5, now - 12)
+    wait_points(carbon, "e2e.alpha.temp", {now - 12: 61.5}, now - 20)
+    assert "PRIVATE KEY" not in proxy.log()
+
+
+def refused_files(tmp_path, certs, what):
+    """A certificate pair with one thing wrong: (cert, key, the message expected)."""
+    cert, key = renewable_pair(tmp_path, certs)
+    if what == "fifo key":
+        os.unlink(key)
+        os.mkfifo(key)
+        return cert, key, "TLS key file %s is a FIFO, not a regular file" % key
+    if what == "directory":
+        return tmp_path, key, "TLS certificate file %s is a directory, not a regular file" % (
+            tmp_path)
+    if what == "device":
+        return cert, "/dev/zero", "TLS key file /dev/zero is a device, not a regular file"
+    if what == "too large":
+        with open(cert, "ab") as f:
+            f.write(b"#" * (1 << 20))
+        return cert, key, "TLS certificate file %s is larger than 1024 KiB" % cert
+    if what == "encrypted key":
+        openssl("pkey", "-in", certs("server.key"), "-aes256", "-passout", "pass:x", "-out",
+                str(key), cwd=str(tmp_path))
+        return cert, key, ("TLS key file %s is encrypted; amproxy needs it without a "
+                           "passphrase" % key)
+    shutil.copy(certs("renewed.key"), key)
+    return cert, key, "TLS key file %s does not belong to the certificate in %s" % (key, cert)
+
+
+@pytest.mark.parametrize("what", ["fifo key", "directory", "device", "too large",
+                                  "encrypted key", "another's key"])
+def test_certificate_files_are_refused_in_one_sentence_naming_the_file(
+        tmp_path, certs, what):
+    from amproxy.errors import AmproxyError
+    from amproxy.tls import CertificateFiles
+    cert, key, expected = refused_files(tmp_path, certs, what)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(AmproxyError) as refused:
+        CertificateFiles.read(str(cert), str(key))  # never blocks (FIFO, device)
+    assert str(refused.value) == expected
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # nothing left open
+
+
+def test_certificate_files_are_a_sealed_copy_that_loads_wherever_they_are_sent(
+        tmp_path, certs):
+    from amproxy.authsnapshot import SnapshotChannel
+    from amproxy.tls import CertificateFiles
+    cert, key = renewable_pair(tmp_path, certs)
+    files = CertificateFiles.read(str(cert), str(key), certs("client-ca.pem"))
+    key.write_text("changed since\n")  # the copy is what was checked
+    channel = SnapshotChannel()
+    channel.send_certificate(files)
+    files.close()
+    [received] = channel.receive()
+    assert received.names == (str(cert), str(key), certs("client-ca.pem"))
+    context = received.context()
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    received.close()
