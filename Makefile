@@ -39,7 +39,7 @@ bench: venv
 		$(BENCH_ARGS)
 	$(BIN)/python bench/bench.py --lines 1000000 --workers 2 --repeats 3 \
 		--bad-fraction 0.1 --no-baseline --big-auth-keys 100000 --big-auth-workers 4 \
-		$(BENCH_ARGS)
+		--flood 30000 $(BENCH_ARGS)
 	$(BIN)/python bench/bench.py --fleet-only --storm 10000 --churn 20000 --tls-churn 2000 \
 		--workers 1 2 --repeats 3 $(BENCH_ARGS)
 

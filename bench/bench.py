@@ -510,6 +510,64 @@ def print_fleet_table(summaries):
                   file=sys.stderr)
 
 
+def flood_fairness(args, sink, directory):
+    """--flood N: how long a calm key's N lines on one connection take alone, and while
+    3 connections flood a rate-limited key with a captured line (one worker): four
+    connections share the worker, so in proportion is about 4 times."""
+    keys = make_keys(1, args.metrics_per_key)
+    auth_file = os.path.join(directory, "flood-auth.yaml")
+    write_auth(auth_file, keys + [("flood", "flood-secret", ["flood.m"])])
+    with open(auth_file) as f:
+        text = f.read().replace("flood-secret\n", "flood-secret\n    max_rate: 2\n")
+    with open(auth_file, "w") as f:
+        f.write(text)
+    calm = generate(keys, args.flood, 1, 0)[0][0]
+    captured = fleet.signed_line("flood-secret", "flood", "flood.m", 1, int(time.time()))
+    proxy = Proxy(None, sink, auth_file, 1)
+    times = {0: [], 3: []}
+    try:
+        for _ in range(args.repeats):
+            for flooders in (0, 3):
+                times[flooders].append(_calm_seconds(proxy, sink, calm, args.flood,
+                                                     captured * 2048, flooders))
+    finally:
+        proxy.stop()
+    return {"flood_calm_lines": args.flood,
+            "flood_alone_s": round(statistics.median(times[0]), 4),
+            "flood_beside_3_s": round(statistics.median(times[3]), 4),
+            "flood_ratio": round(statistics.median(
+                f / a for f, a in zip(times[3], times[0])), 2)}
+
+
+def _calm_seconds(proxy, sink, calm, lines, flood, flooders):
+    stop = threading.Event()
+    started = threading.Semaphore(0)
+
+    def flood_proxy():
+        with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+            for sent in range(100000):  # bounded: about 9 GB at most
+                if stop.is_set():
+                    return
+                s.sendall(flood)
+                if sent == 8:
+                    started.release()
+    threads = [threading.Thread(target=flood_proxy, daemon=True) for _ in range(flooders)]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        started.acquire(timeout=10)  # the flood is under way
+    settle([sink], 0, 1)
+    sink.reset()
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(calm)
+    end, _ = settle([sink], lines, 60)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    return end - began
+
+
 def latency(command, sink, auth_file, keys, workers, samples=50):
     """Median time from a client's send to the sink's receive, one line at a time, idle."""
     proxy = Proxy(command, sink, auth_file, workers)
@@ -776,6 +834,9 @@ def main():
                         help="also run with 3 destinations and with broadcast to 2")
     parser.add_argument("--rate-limit", action="store_true",
                         help="also run with every key under a (high) rate limit")
+    parser.add_argument("--flood", type=int, default=0, metavar="N",
+                        help="also time a key's N lines on one connection alone and beside "
+                        "3 connections flooding a rate-limited key (one worker)")
     parser.add_argument("--tls", action="store_true",
                         help="also send over TLS, and count the TLS handshakes one worker "
                         "completes per second (needs the openssl command)")
@@ -875,6 +936,8 @@ def main():
                                        args.big_auth_workers or args.workers[0]))
         if args.scale_out:
             extra["routing_us_per_line"] = routing_cost()
+        if args.flood:
+            extra.update(flood_fairness(args, sink, directory))
         if args.tls:
             extra["tls_handshakes_per_s_one_worker"] = tls_handshakes_per_second(
                 sink, auth_file, tls_cert, tls_key, tls)

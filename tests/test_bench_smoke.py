@@ -11,7 +11,7 @@ def test_benchmark_smoke_run():
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--lines", "20000",
          "--repeats", "1", "--workers", "2", "--bad-fraction", "0.1", "--latency",
-         "--big-auth-keys", "2000", "--scale-out", "--rate-limit", "--tls"],
+         "--big-auth-keys", "2000", "--scale-out", "--rate-limit", "--tls", "--flood", "2000"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -33,6 +33,7 @@ def test_benchmark_smoke_run():
     assert summary["keys_new_seconds_median"] > 0
     assert summary["routing_us_per_line"] > 0
     assert summary["tls_handshakes_per_s_one_worker"] > 0
+    assert summary["flood_alone_s"] > 0 and summary["flood_beside_3_s"] > 0
     assert "| amproxy | 2 |" in result.stderr
 
 
