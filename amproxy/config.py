@@ -95,6 +95,14 @@ def non_negative_int(text):
     return value
 
 
+def ipv6_prefix_length(text):
+    """A number of leading bits of an IPv6 address, 1 to 128 (``64``, not ``/64``)."""
+    value = str(text).strip()
+    if not (value.isdigit() and 1 <= int(value) <= 128):
+        raise ValueError("%r is not an IPv6 prefix length from 1 to 128" % text)
+    return int(value)
+
+
 def parse_networks(text):
     """Comma-separated addresses or networks (``10.0.0.5,10.0.1.0/24``); empty: none."""
     networks = []
@@ -135,6 +143,7 @@ address = _named(parse_address, "address")
 size = _named(parse_size, "size")
 boolean = _named(parse_boolean, "boolean")
 networks = _named(parse_networks, "networks")
+prefix_length = _named(ipv6_prefix_length, "prefix length")
 destinations = _named(parse_destinations, "destinations")
 
 
@@ -222,6 +231,11 @@ SERVER_OPTIONS = [
            "--max-connections, so that one address cannot take every slot while a "
            "fleet behind one NAT still fits", env="AMPROXY_MAX_CONNECTIONS_PER_SOURCE",
            type=non_negative_int, live=True),
+    Option("--source-ipv6-prefix", 64,
+           "the per-source limit counts an IPv6 client by this many leading bits of its "
+           "address, as a host usually has a whole /64 to choose from (128: each address "
+           "alone); an IPv4 address, mapped into IPv6 or not, is always one source",
+           env="AMPROXY_SOURCE_IPV6_PREFIX", type=prefix_length, live=True),
     # TLS for devices on untrusted networks.
     Option("--tls-addr", None,
            "also listen here for the same line protocol inside TLS (1.2 or newer); "
@@ -292,9 +306,10 @@ SERVER_OPTIONS = [
            env="AMPROXY_PROXY_PROTOCOL", type=bool),
     Option("--proxy-protocol-from", "",
            "with --proxy-protocol: take connections only from these addresses or "
-           "networks, the load balancers (comma-separated: 10.0.0.5,10.0.1.0/24); "
-           "empty: from anywhere, so that anyone who reaches the port can claim any "
-           "address: firewall it", env="AMPROXY_PROXY_PROTOCOL_FROM", type=networks),
+           "networks, the load balancers (comma-separated: 10.0.0.5,10.0.1.0/24), who "
+           "may claim any client address; empty: loopback only (127.0.0.0/8 and ::1), "
+           "a balancer on this host; 0.0.0.0/0,::/0: anyone who reaches the port",
+           env="AMPROXY_PROXY_PROTOCOL_FROM", type=networks),
     # Self-metrics.
     Option("--stats-interval", "60s",
            "send amproxy's own counters to Carbon this often; 0 turns it off",

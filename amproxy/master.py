@@ -24,6 +24,7 @@ from .errors import AmproxyError
 from .listeners import FILE_LIMIT_IF_UNLIMITED, Listener, bind, connection_limit
 from .logs import reopen_log_files, set_level
 from .placement import Placement
+from .proxyprotocol import LOOPBACK
 from .ratelimit import RateTable
 from .tls import CertificateReloads
 from .stats import StatsService
@@ -65,6 +66,22 @@ def check_access(options):
         if not os.access(options.spool_dir, os.W_OK | os.X_OK):
             raise AmproxyError("spool directory %s is not writable by %s" % (
                 options.spool_dir, who))
+
+
+def log_started(options, listeners, workers, keys):
+    """The line that says the server is up, and with what."""
+    addresses = {listener.kind: listener.address() for listener in listeners}
+    extra = {
+        "addr": addresses["plain"], "tls_addr": addresses.get("tls", "none"),
+        "max_connections": connection_limit(options.max_connections),
+        "carbon": ",".join(map(str, options.carbon_addr)), "workers": workers,
+        "keys": keys, "auth_file": options.auth_file,
+        "spool_dir": options.spool_dir or "none",
+        "proxy_protocol": "on" if options.proxy_protocol else "off"}
+    if options.proxy_protocol:  # the balancers it takes headers from
+        extra["proxy_protocol_from"] = ",".join(
+            map(str, options.proxy_protocol_from or LOOPBACK))
+    log.info("amproxy started", extra=extra)
 
 
 class Master:
@@ -130,14 +147,7 @@ class Master:
         self._boot_pipe = self._nonblocking_pipe()
         for sig in SIGNALS:
             signal.signal(sig, self._record_signal)
-        addresses = {listener.kind: listener.address() for listener in self.listeners}
-        log.info("amproxy started", extra={
-            "addr": addresses["plain"], "tls_addr": addresses.get("tls", "none"),
-            "max_connections": connection_limit(options.max_connections),
-            "carbon": ",".join(map(str, options.carbon_addr)), "workers": self.num_workers,
-            "keys": len(db), "auth_file": options.auth_file,
-            "spool_dir": options.spool_dir or "none",
-            "proxy_protocol": "on" if options.proxy_protocol else "off"})
+        log_started(options, self.listeners, self.num_workers, len(db))
         for warning in Placement.from_options(options).warnings():
             log.warning(warning)
         if len(options.carbon_addr) > 1 and not options.spool_dir:

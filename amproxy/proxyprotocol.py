@@ -17,6 +17,8 @@ _V2_HEADER = struct.Struct("!12sBBH")
 # TLVs (SSL details, unique ids) may follow the addresses; more than this is not a header.
 V2_MAX_BYTES = 4096
 _V2_ADDRESSES = {0x1: struct.Struct("!4s4sHH"), 0x2: struct.Struct("!16s16sHH")}
+# Who may send headers when --proxy-protocol-from lists no one: this host only.
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 class ProxyHeaderError(ValueError):

@@ -19,7 +19,7 @@ from .destinations import Destinations
 from .errors import CloseConnection
 from .listeners import Acceptor, connection_limit
 from .logs import ClosedConnectionLog, RejectionLog, reopen_log_files, set_level
-from .proxyprotocol import ProxyHeaderError, client_address
+from .proxyprotocol import LOOPBACK, ProxyHeaderError, client_address
 from .ratelimit import RateLimiter
 from .tls import HANDSHAKE_TIMEOUT, TLS_HANDSHAKE_RECORD, CertificateFiles, TlsConnections
 from .proxyprotocol import parse as parse_proxy_header
@@ -72,12 +72,13 @@ class Connection:
     that sends nothing valid is idle, however much it sends.
     """
 
-    __slots__ = ("sock", "address", "source", "partial", "last_active", "awaiting_header_since",
-                 "handshake_since", "tls", "fresh", "watched")
+    __slots__ = ("sock", "address", "source", "slot", "partial", "last_active",
+                 "awaiting_header_since", "handshake_since", "tls", "fresh", "watched")
 
     def __init__(self, sock, address, now):
         self.sock = sock
         self.set_address(address)
+        self.slot = None  # the SourceSlots group it is counted in, once it is
         self.watched = False  # registered with the worker's selector
         self.partial = b""
         self.last_active = now
@@ -102,8 +103,17 @@ class Connection:
 class ProxyHeaders(ClosedConnectionLog):
     """--proxy-protocol: take the header off each new connection; count and log the bad."""
 
-    def __init__(self, clock):
+    def __init__(self, clock, balancers):
         super().__init__(log, clock, " (--proxy-protocol is on)")
+        self.balancers = balancers  # --proxy-protocol-from; empty: loopback only
+
+    def refuses(self, conn):
+        """Whether ``conn`` is from no balancer that may send headers (then counted, logged)."""
+        if self.trusts(conn.source, self.balancers):
+            return False
+        self.error(conn, "%s is not a --proxy-protocol-from address%s" % (
+            conn.source, "" if self.balancers else " (default: loopback only)"))
+        return True
 
     def take(self, conn, data):
         """The bytes after ``conn``'s header once it is complete (b"" if none); None until then.
@@ -134,34 +144,85 @@ class ProxyHeaders(ClosedConnectionLog):
 
     @staticmethod
     def trusts(peer, balancers):
-        """Whether ``peer`` may send headers: one of ``balancers`` (networks), or any if none."""
-        if not balancers:
-            return True
+        """Whether ``peer`` may send headers: one of ``balancers`` (networks), or if none
+        are given, a loopback address (a balancer on this host)."""
         try:
             address = ipaddress.ip_address(client_address(ipaddress.ip_address(peer)))
         except ValueError:  # a Unix socket, say
             return False
-        return any(address in network for network in balancers)
-
+        return any(address in network for network in balancers or LOOPBACK)
 
 
 class SourceSlots:
-    """Connections per source address, so that one address never takes every slot."""
+    """Connections per source, so that one source never takes every slot.
 
-    def __init__(self):
+    A source is an IPv4 address (an IPv4 client mapped into IPv6 included), or
+    the IPv6 network of ``ipv6_prefix`` bits around an IPv6 address: a host
+    usually has a whole /64 to pick addresses from.  Counts are kept per
+    group key, which a connection keeps until it gives its slot back.
+    """
+
+    def __init__(self, ipv6_prefix=64):
+        self.ipv6_prefix = ipv6_prefix  # --source-ipv6-prefix
         self._counts = collections.Counter()
+        self.per_source = self.per_waiting_peer = 1
 
-    def admits(self, source, per_source):
-        """Room for one more from ``source``, with at most ``per_source`` from one address?"""
-        return self._counts[source] < per_source
+    def limit(self, max_connections, per_source, ipv6_prefix):
+        """Take the options: ``per_source`` connections from one source (0: 90% of
+        ``max_connections``, so that one never takes them all), and IPv6 grouping.
 
-    def add(self, source):
-        self._counts[source] += 1
+        A connection waiting for its PROXY header counts against its peer, the
+        balancer, whose connections each wait a moment: a limit meant for one
+        device must not cap them, only the share that leaves others room.
+        """
+        share = max(1, max_connections * 9 // 10)
+        self.per_source = per_source or share
+        self.per_waiting_peer = max(self.per_source, share)
+        self.ipv6_prefix = ipv6_prefix
 
-    def remove(self, source):
-        self._counts[source] -= 1
-        if not self._counts[source]:
-            del self._counts[source]
+    def room(self, source, waiting=False):
+        """The key of ``source``'s group if it has room for one more connection (one
+        still ``waiting`` for its PROXY header, if so), else None."""
+        key = self.key(source)
+        return key if self.admits(
+            key, self.per_waiting_peer if waiting else self.per_source) else None
+
+    def key(self, source):
+        """The group that ``source`` (an address as text, or a name) counts in."""
+        if ":" not in source:
+            return source  # IPv4, one address; or not an address at all
+        try:
+            address = ipaddress.IPv6Address(source)
+        except ValueError:
+            return source
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        host_bits = 128 - self.ipv6_prefix
+        return str(ipaddress.IPv6Network((int(address) >> host_bits << host_bits,
+                                          self.ipv6_prefix)))
+
+    def admits(self, key, cap):
+        """Room for one more in group ``key``, with at most ``cap`` in one group?"""
+        return self._counts[key] < cap
+
+    def add(self, key):
+        self._counts[key] += 1
+
+    def remove(self, key):
+        self._counts[key] -= 1
+        if not self._counts[key]:
+            del self._counts[key]
+
+    def move(self, key, source, cap=None):
+        """Give back a slot of group ``key`` and take one of ``source``'s group if it
+        holds fewer than ``cap`` (the per-source limit): its key, or None (then no
+        slot is held)."""
+        self.remove(key)
+        key = self.key(source)
+        if not self.admits(key, self.per_source if cap is None else cap):
+            return None
+        self.add(key)
+        return key
 
 
 class Worker:
@@ -188,12 +249,12 @@ class Worker:
         self.paused = False
         self._next_stats_report = 0.0
         self.connections = {}
-        self.source_slots = SourceSlots()
+        self.source_slots = SourceSlots(options.source_ipv6_prefix)
         self.forwarded = 0
         self.internal_errors = 0
         self._internal_error_logged_at = None
         self.connections_opened = 0
-        self.proxy_headers = ProxyHeaders(time.monotonic)
+        self.proxy_headers = ProxyHeaders(time.monotonic, options.proxy_protocol_from)
         # Closed at once by --max-connections-per-source (an abuse limit).
         self.refusals = ClosedConnectionLog(log, time.monotonic,
                                             " (--max-connections-per-source)")
@@ -390,8 +451,8 @@ class Worker:
 
     def _apply_connection_limits(self):
         self.max_connections = connection_limit(self.options.max_connections)
-        self.max_per_source = self.options.max_connections_per_source or max(
-            1, self.max_connections * 9 // 10)
+        self.source_slots.limit(self.max_connections, self.options.max_connections_per_source,
+                                self.options.source_ipv6_prefix)
 
     # -- clients -------------------------------------------------------------
 
@@ -402,15 +463,16 @@ class Worker:
             conn.tls = True
             conn.handshake_since = conn.last_active
         elif self.options.proxy_protocol:
-            if not self.proxy_headers.trusts(conn.source, self.options.proxy_protocol_from):
-                self.proxy_headers.error(conn, "not from a --proxy-protocol-from address")
+            if self.proxy_headers.refuses(conn):
                 sock.close()
                 return
             # The address is the balancer's; the client's comes with the header.
             conn.awaiting_header_since = conn.last_active
-        if conn.awaiting_header_since is None and not self.source_slots.admits(
-                conn.source, self.max_per_source):
-            self.refusals.error(conn, "too many connections from its address")
+        waiting = conn.awaiting_header_since is not None
+        slot = self.source_slots.room(conn.source, waiting)
+        if slot is None:
+            self.refusals.error(conn, "too many connections from its address" + (
+                " waiting for their PROXY header" if waiting else ""))
             sock.close()
             return
         sock.setblocking(False)
@@ -422,8 +484,8 @@ class Worker:
                 return
         fd = sock.fileno()
         self.connections[fd] = conn
-        if conn.awaiting_header_since is None:
-            self.source_slots.add(conn.source)
+        conn.slot = slot
+        self.source_slots.add(slot)
         self.connections_opened += 1
         # A device sends as soon as it is connected: its line (and, from a client that
         # sends one line and closes, the end of the stream) is often here already, and
@@ -479,21 +541,21 @@ class Worker:
             return None
         if rest is None:
             return None
-        # The per-source limit, now that the source is known (until now it was not counted).
-        if not self.source_slots.admits(conn.source, self.max_per_source):
+        # The slot it held as its peer's becomes the client's, if the client has room.
+        conn.awaiting_header_since = None
+        conn.slot = self.source_slots.move(conn.slot, conn.source)
+        if conn.slot is None:
             self.refusals.error(conn, "too many connections from its address")
             self._close(conn)
             return None
-        conn.awaiting_header_since = None
-        self.source_slots.add(conn.source)
         return rest
 
     def _close(self, conn):
         if conn.watched:
             self.selector.unregister(conn.sock)
         del self.connections[conn.sock.fileno()]
-        if conn.awaiting_header_since is None:
-            self.source_slots.remove(conn.source)
+        if conn.slot is not None:
+            self.source_slots.remove(conn.slot)
         conn.sock.close()
 
     def _set_paused(self, paused):

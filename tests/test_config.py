@@ -133,3 +133,25 @@ def test_an_abbreviated_config_flag_is_refused(clean_env, tmp_path):
     mine.write_text("workers = 3\n")
     with pytest.raises(SystemExit):
         parse_server_args(["--conf", str(mine)])  # argparse would take it for --config
+
+
+def test_source_ipv6_prefix(clean_env, tmp_path, capsys):
+    assert parse_server_args([]).source_ipv6_prefix == 64
+    assert parse_server_args(["--source-ipv6-prefix", "128"]).source_ipv6_prefix == 128
+    clean_env.setenv("AMPROXY_SOURCE_IPV6_PREFIX", "48")
+    assert parse_server_args([]).source_ipv6_prefix == 48
+    clean_env.delenv("AMPROXY_SOURCE_IPV6_PREFIX")
+    conf = tmp_path / "prefix.conf"
+    conf.write_text("source-ipv6-prefix = 56\n")
+    assert parse_server_args(["--config", str(conf)]).source_ipv6_prefix == 56
+    for bad in ("0", "129", "-64", "/64"):
+        with pytest.raises(SystemExit):
+            parse_server_args(["--source-ipv6-prefix", bad])
+    assert "'/64' is not an IPv6 prefix length from 1 to 128" in capsys.readouterr().err
+    from amproxy.config import LIVE_OPTIONS
+    assert "source_ipv6_prefix" in LIVE_OPTIONS
+
+
+def test_proxy_protocol_from_is_unset_by_default(clean_env):
+    # Unset: the workers take headers from loopback only (tests/test_source_slots.py).
+    assert parse_server_args([]).proxy_protocol_from == ()

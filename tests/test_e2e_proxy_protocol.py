@@ -180,7 +180,7 @@ def test_only_the_balancers_in_proxy_protocol_from_may_send_headers(carbon, pp_p
         assert closed_by_server(sock, 5)
     # Two: this one, and the check at start-up that the port is open.
     assert wait_for(lambda: counters(stranger)["proxyHeaderErrors"] == 2, 5, what="counted")
-    assert "not from a --proxy-protocol-from address" in stranger.log()
+    assert "127.0.0.1 is not a --proxy-protocol-from address" in stranger.log()
     balancer = pp_proxy("--proxy-protocol-from", "127.0.0.0/8")
     with balancer.connect() as sock:
         sock.sendall(v2("203.0.113.7", 1000)
@@ -194,3 +194,80 @@ def test_a_bad_balancer_network_is_named(auth_file):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "'10.0.0.300' is not an address or network" in result.stderr
+
+
+def test_by_default_only_loopback_may_send_headers_and_the_start_says_so(carbon, pp_proxy):
+    # Without --proxy-protocol-from, anyone who reached the port could claim any
+    # address; now only this host may (tests/test_source_slots.py tries others).
+    proxy = pp_proxy()
+    assert "proxy_protocol_from=127.0.0.0/8,::1/128\n" in proxy.log()
+    now = int(time.time())
+    with proxy.connect() as sock:
+        sock.sendall(v2("203.0.113.7", 1000)
+                     + line_for(KEYS, "alpha", "e2e.alpha.humidity", 63.0, now - 8))
+    wait_points(carbon, "e2e.alpha.humidity", {now - 8: 63.0}, now - 10)
+    listed = pp_proxy("--proxy-protocol-from", "10.0.0.0/8,127.0.0.1")
+    assert "proxy_protocol_from=10.0.0.0/8,127.0.0.1/32\n" in listed.log()
+
+
+def connect_from(host, address):
+    """A connection to ``address`` from the local address ``host`` (another loopback
+    address is another source)."""
+    sock = socket.socket()
+    sock.settimeout(5)
+    try:
+        sock.bind((host, 0))
+        sock.connect(address)
+    except OSError as e:
+        sock.close()
+        pytest.skip("cannot connect from %s: %s" % (host, e))
+    return sock
+
+
+def test_silent_connections_from_one_peer_cannot_hold_every_slot(carbon, pp_proxy):
+    # 20 connections that never send their header, from one peer: before, they
+    # counted against no source and held all 10 slots (renewable every 5 s), so a
+    # client from anywhere else waited in the listen queue for 10 s.
+    proxy = pp_proxy("--max-connections", "10", "--max-connections-per-source", "2",
+                     workers=1)
+    silent = [proxy.connect() for _ in range(20)]
+    try:
+        now = int(time.time())
+        with connect_from("127.0.0.2", proxy.address) as other:
+            other.sendall(v2("198.51.100.9", 1000)
+                          + line_for(KEYS, "alpha", "e2e.alpha.humidity", 64.0, now - 9))
+            # Well within the 5 s after which the silent ones would be closed anyway.
+            wait_points(carbon, "e2e.alpha.humidity", {now - 9: 64.0}, now - 10, timeout=3)
+        # 127.0.0.1 held 9 of the 10 (the default share: a balancer's connections
+        # wait a moment each, and a small per-device limit must not cap it); the
+        # other 11 were closed at once.
+        assert wait_for(lambda: counters(proxy)["connectionsRefused"] == 11, 5,
+                        what="the 11 counted")
+        assert sum(closed_by_server(sock, 0.01) for sock in silent) == 11
+        assert "too many connections from its address" in proxy.log()
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+@pytest.mark.parametrize("prefix, refused", [(None, 1), ("128", 0), ("112", 0), ("48", 2)])
+def test_the_per_source_limit_groups_ipv6_clients_by_their_64(pp_proxy, prefix, refused):
+    # Before, one host could open as many connections as its /64 has addresses.
+    args = ["--max-connections-per-source", "2"]
+    if prefix:
+        args += ["--source-ipv6-prefix", prefix]
+    proxy = pp_proxy(*args, workers=1)
+    headers = [v2("2001:db8::1", 1000), v2("2001:db8::2:0:0:2", 1000),
+               v2("2001:db8::ffff:3", 1000), v2("2001:db8:0:1::1", 1000)]
+    socks = [proxy.connect() for _ in headers]
+    try:
+        for sock, header in zip(socks, headers):
+            sock.sendall(header)
+        closed = [closed_by_server(sock, 1) for sock in socks]
+        assert sum(closed) == refused, closed
+        if prefix is None:
+            assert not closed[3], closed  # another /64: another host
+        assert counters(proxy)["connectionsRefused"] == refused
+    finally:
+        for sock in socks:
+            sock.close()
