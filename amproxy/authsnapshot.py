@@ -493,8 +493,8 @@ class AuthFile:
 
     def settled_change(self, now):
         """Whether to read the file again: it was renamed into place (whole, then), or
-        rewritten in place and has since stayed the same for SETTLE_SECONDS (a file
-        still being written is not taken half-written)."""
+        rewritten in place and has not changed for SETTLE_SECONDS since (by its mtime,
+        or as seen here), so that a file still being written is not taken half-written."""
         identity = self._current_identity()
         if identity == self._identity:
             self._seen = None
@@ -503,7 +503,13 @@ class AuthFile:
             return True  # another inode, or none: nothing to wait for
         if self._seen is None or self._seen[0] != identity:
             self._seen = (identity, now)  # changed (again): wait until it holds still
-        return now - self._seen[1] >= SETTLE_SECONDS
+        return (now - self._seen[1] >= SETTLE_SECONDS
+                or time.time() - identity[2] / 1e9 >= SETTLE_SECONDS)
+
+    @property
+    def settling(self):
+        """A change was seen and is waiting to hold still."""
+        return self._seen is not None
 
     def start_compile(self, reason):
         """A :class:`Compilation` of the file as it is now; AuthFileError if none starts."""
@@ -576,9 +582,10 @@ class AuthReloads:
         """The mtime poll, every ``interval`` seconds (--auth-reload-interval)."""
         now = time.monotonic()
         if now >= self._next_check:
-            self._next_check = now + max(interval, 0.1)
             if self.auth_file.settled_change(now):
                 self.request("file changed")
+            # While a change settles, look often: it is taken a second after its end.
+            self._next_check = now + (0.1 if self.auth_file.settling else max(interval, 0.1))
 
     def request(self, reason):
         if self._compiling is not None:

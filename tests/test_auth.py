@@ -323,3 +323,23 @@ def test_a_file_that_changes_while_it_is_read_is_read_again(tmp_path, monkeypatc
     monkeypatch.setattr(auth, "_read_all", never_still)
     with pytest.raises(AuthFileError, match="kept changing while it was read"):
         auth.read_auth_file(str(path))
+
+
+def test_a_change_in_place_is_taken_once_the_file_has_held_still_for_a_second(tmp_path):
+    """Issue 21, finding 6: the poll's side (the master's AuthReloads asks this)."""
+    path = tmp_path / "a.yaml"
+    auth = AuthFile(write(path, GOOD))
+    auth.load()
+    now = time.time()
+    os.utime(path, ns=(0, int(now * 1e9)))  # written just now, in place
+    assert not auth.settled_change(1000.0) and auth.settling
+    assert not auth.settled_change(1000.9)
+    assert auth.settled_change(1001.0)  # unchanged for a second, as seen here
+    os.utime(path, ns=(0, int((now + 0.5) * 1e9)))  # written again: wait again
+    assert not auth.settled_change(1001.1)
+    os.utime(path, ns=(0, int((now - 5) * 1e9)))  # last written seconds ago: at once
+    assert auth.settled_change(1001.2)
+    new = tmp_path / "new.yaml"  # renamed into place: whole, so at once
+    write(new, GOOD)
+    os.rename(new, path)
+    assert auth.settled_change(1001.3)
