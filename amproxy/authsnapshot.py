@@ -25,7 +25,6 @@ import os
 import re
 import select
 import signal
-import socket
 import time
 from array import array
 from zlib import crc32
@@ -34,7 +33,7 @@ from .auth import AuthKey, KeyMap, _split_patterns, parse_auth_file, parse_rfc33
     read_auth_file
 from .authscan import GLOB_BYTES, Layout, block_regex, scan
 from .errors import AuthFileError
-from .tls import CertificateFiles
+from .links import SIGNALS, Update
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +53,6 @@ SETTLE_SECONDS = 1.0
 # How long the master waits for the child compiling a snapshot.
 COMPILE_TIMEOUT = 120.0
 
-_MASTER_SIGNALS = [getattr(signal, "SIG" + name) for name in
-                   "HUP QUIT INT TERM TTIN TTOU USR1 CHLD".split()]
 _SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
 # In a snapshot written from YAML, a byte a value cannot hold is written \xx
 # (a quote, too: a quoted item is unquoted when read).
@@ -236,7 +233,7 @@ def _compile_in_child(path, fd, read_end, write_end):
     try:
         os.close(read_end)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        for sig in _MASTER_SIGNALS:  # the master's handlers are not for this process
+        for sig in SIGNALS:  # the master's handlers are not for this process
             signal.signal(sig, signal.SIG_DFL)
         write_snapshot(path, fd)
         status = 0
@@ -373,87 +370,6 @@ class SnapshotIndex:
 
 
 # -- from the master to the workers ---------------------------------------------------
-
-
-class Update:
-    """A new snapshot (``fd``) or the reason the file was refused (``error``);
-    ``retry``: the file itself was not judged (the compiling process failed)."""
-
-    def __init__(self, reason, fd=None, error=None, retry=False):
-        self.reason = reason
-        self.fd = fd
-        self.error = error
-        self.retry = retry
-
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-class SnapshotChannel:
-    """Carries updates from the master to one worker (auth snapshots, and TLS
-    certificate files after a SIGHUP), and the worker's requests for one (a SIGHUP
-    sent to the worker itself): a datagram socket pair."""
-
-    def __init__(self):
-        self.master_end, self.worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.master_end.setblocking(False)
-        self.worker_end.setblocking(False)
-
-    def send(self, update):
-        message = json.dumps({"reason": update.reason, "error": update.error}).encode()
-        try:
-            socket.send_fds(self.master_end, [message], [] if update.fd is None else [update.fd])
-        except OSError as e:  # a hung worker's queue is full; it is replaced soon
-            log.warning("a worker did not take the new auth file: %s", e.strerror or e)
-
-    def send_certificate(self, files):
-        """TLS certificate files the master checked (tls.CertificateFiles), to use now."""
-        message = json.dumps({"certificate": files.names}).encode()
-        try:
-            socket.send_fds(self.master_end, [message], files.sent())
-        except OSError as e:  # a hung worker's queue is full; it is replaced soon
-            log.warning("a worker did not take the new TLS certificate: %s", e.strerror or e)
-
-    def request_update(self):
-        try:
-            self.worker_end.send(b"reload")
-        except OSError:
-            pass  # one is already queued
-
-    def update_requested(self):
-        """In the master: whether the worker asked for an update (since the last call)."""
-        asked = False
-        while True:
-            try:
-                asked = self.master_end.recv(64) != b"" or asked
-            except (BlockingIOError, InterruptedError):
-                return asked
-
-    def receive(self):
-        """The updates waiting, oldest first: :class:`Update` for the auth file, and
-        tls.CertificateFiles for the TLS certificate."""
-        updates = []
-        while True:
-            try:
-                message, fds, _, _ = socket.recv_fds(self.worker_end, 65536, 3)
-            except (BlockingIOError, InterruptedError):
-                return updates
-            fields = json.loads(message)
-            if "certificate" in fields:
-                updates.append(CertificateFiles.received(fields["certificate"], fds))
-                continue
-            if not fds and fields["error"] is None:
-                fields["error"] = "the new auth file could not be received"
-            updates.append(Update(fields["reason"], fds[0] if fds else None, fields["error"]))
-
-    def close_worker_end(self):
-        self.worker_end.close()
-
-    def close_master_end(self):
-        self.master_end.close()
-
 
 
 class AuthFile:

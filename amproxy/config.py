@@ -8,13 +8,10 @@ file is ``--config`` (or ``AMPROXY_CONFIG``) if given, else
 """
 
 import argparse
-import fcntl
 import ipaddress
-import json
 import os
 import re
 import sys
-import tempfile
 
 import configargparse
 
@@ -421,46 +418,6 @@ def config_files(argv):
 def config_file_path(argv):
     """The config file the server reads, for messages."""
     return _explicit_config(argv) or DEFAULT_CONFIG_FILE
-
-
-class LiveOptions:
-    """The live options as the master last parsed them, for its workers to take on SIGHUP.
-
-    An unlinked file made before the workers are forked: the config is parsed
-    once, by the master, and a bad one is logged once.  Each SIGHUP publishes it
-    anew with the next ``generation``: a worker that has not applied that one
-    yet reads the options again at its next auth update, whatever that update's
-    reason (two reloads may reach it as one).  (The TLS certificate comes on the
-    auth channel itself: see tls.CertificateReloads.)
-    """
-
-    def __init__(self):
-        fd, name = tempfile.mkstemp(prefix="amproxy-options-")
-        os.unlink(name)
-        self.fd = fd
-        self.generation = 0
-
-    def publish(self, options):
-        self.generation += 1
-        values = {name: getattr(options, name) for name in LIVE_OPTIONS}
-        data = json.dumps(dict(values, generation=self.generation)).encode()
-        # A record lock (per process, unlike flock on a shared descriptor): a
-        # worker still reading the previous version never sees half of this one.
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, data, 0)
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
-
-    def read(self):
-        """{option name: value, "generation": n}; empty before the first publish."""
-        fcntl.lockf(self.fd, fcntl.LOCK_SH)
-        try:
-            data = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
-        return json.loads(data) if data else {}
 
 
 def config_parser(prog, description, options, argv, raise_errors=False):

@@ -15,12 +15,11 @@ import time
 
 from . import daemon
 from .auth import warn_if_world_readable
-from .authsnapshot import (SLOW_LAYOUT, SLOW_LAYOUT_WARNING_KEYS, AuthFile, AuthReloads,
-                           SnapshotChannel)
+from .authsnapshot import SLOW_LAYOUT, SLOW_LAYOUT_WARNING_KEYS, AuthFile, AuthReloads
 from .balance import NOT_ACCEPTING, ConnectionTable
-from .config import (LIVE_OPTIONS, LiveOptions, config_file_path, reread_server_args,
-                     stats_socket_path)
+from .config import LIVE_OPTIONS, config_file_path, reread_server_args, stats_socket_path
 from .errors import AmproxyError
+from .links import SIGNAL_NAMES, SIGNALS, Heartbeat, LiveOptions, SnapshotChannel
 from .listeners import FILE_LIMIT_IF_UNLIMITED, Listener, bind, connection_limit
 from .logs import reopen_log_files, set_level
 from .placement import Placement
@@ -28,13 +27,10 @@ from .proxyprotocol import LOOPBACK
 from .ratelimit import RateTable
 from .tls import CertificateReloads
 from .stats import StatsService
-from .worker import WORKER_BOOT_ERROR, Heartbeat, Worker
+from .worker import WORKER_BOOT_ERROR, Worker
 
 log = logging.getLogger(__name__)
 
-SIGNALS = [getattr(signal, "SIG%s" % name) for name in
-           "HUP QUIT INT TERM TTIN TTOU USR1 CHLD".split()]
-SIGNAL_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 # How long workers may take to exit after the graceful timeout, before SIGKILL.
 KILL_GRACE = 5.0
 _PID = struct.Struct("=i")

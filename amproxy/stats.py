@@ -15,6 +15,7 @@ import socket
 import time
 
 from .errors import AmproxyError
+from .links import StatsChannels
 
 from .protocol import REJECTION_REASONS
 
@@ -55,21 +56,6 @@ def destination_node(destination):
 # Per destination: counters, then gauges, each under destination_node().
 DESTINATION_COUNTERS = ("linesSent", "carbonReconnects")
 DESTINATION_GAUGES = ("bufferedLines", "spooledBytes")
-
-
-def _datagram_pair():
-    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    for sock in pair:
-        sock.setblocking(False)
-    return pair
-
-
-class StatsChannels:
-    """The two datagram channels, made by the master before it forks workers."""
-
-    def __init__(self):
-        self.reports_in, self.reports_out = _datagram_pair()  # workers -> master
-        self.outbox_in, self.outbox_out = _datagram_pair()    # master -> a worker
 
 
 def datagrams(lines):

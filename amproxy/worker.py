@@ -11,7 +11,6 @@ import os
 import selectors
 import signal
 import socket
-import tempfile
 import time
 
 from .config import LIVE_OPTIONS
@@ -45,24 +44,6 @@ PARTIAL_LINE_GRACE = 1.0
 STOPPING_MAX_BACKOFF = 1.0
 # --proxy-protocol: a connection must send its PROXY header within this long.
 PROXY_HEADER_TIMEOUT = 5.0
-
-
-class Heartbeat:
-    """An unlinked temp file whose mtime the worker refreshes; the master watches it."""
-
-    def __init__(self, directory=None):
-        fd, name = tempfile.mkstemp(prefix="amproxy-worker-", dir=directory)
-        os.unlink(name)
-        self.fd = fd
-
-    def notify(self):
-        os.utime(self.fd)
-
-    def last_update(self):
-        return os.fstat(self.fd).st_mtime
-
-    def close(self):
-        os.close(self.fd)
 
 
 class Connection:

@@ -6,7 +6,8 @@ import time
 import pytest
 
 from amproxy.auth import load_auth_file
-from amproxy.authsnapshot import AuthFile, SnapshotChannel
+from amproxy.authsnapshot import AuthFile
+from amproxy.links import SnapshotChannel
 from amproxy.protocol import Signer
 from amproxy.errors import AuthFileError
 

@@ -532,7 +532,7 @@ def test_certificate_files_are_refused_in_one_sentence_naming_the_file(
 
 def test_certificate_files_are_a_sealed_copy_that_loads_wherever_they_are_sent(
         tmp_path, certs):
-    from amproxy.authsnapshot import SnapshotChannel
+    from amproxy.links import SnapshotChannel
     from amproxy.tls import CertificateFiles
     cert, key = renewable_pair(tmp_path, certs)
     files = CertificateFiles.read(str(cert), str(key), certs("client-ca.pem"))

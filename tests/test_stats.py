@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from amproxy.stats import (COUNTERS, GAUGES, MAX_DATAGRAM, StatsChannels, StatsCollector,
+from amproxy.links import StatsChannels
+from amproxy.stats import (COUNTERS, GAUGES, MAX_DATAGRAM, StatsCollector,
                            WorkerStats)
 
 GAUGE_VALUES = {"activeConnections": 3, "bufferedLines": 7, "spooledBytes": 11}
