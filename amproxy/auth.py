@@ -55,7 +55,7 @@ class AuthKey(Signer):
     """
 
     __slots__ = ("name", "metrics", "allows_pattern", "patterns", "matched", "_secret",
-                 "_metric_names", "previous", "previous_until", "_previous_secret",
+                 "metric_names", "previous", "previous_until", "_previous_secret",
                  "max_rate")
 
     def __init__(self, name, secret, metric_names, patterns=(), matcher=None,
@@ -63,7 +63,7 @@ class AuthKey(Signer):
         self.name = name
         self.max_rate = max_rate  # lines per second; 0: --key-max-rate applies
         self._secret = secret
-        self._metric_names = metric_names
+        self.metric_names = metric_names
         self.patterns = patterns
         self.allows_pattern = matcher or _never
         # Key rotation: the secret before this one also signs, until then (Unix time;
@@ -83,11 +83,17 @@ class AuthKey(Signer):
             # A name that no line could pass (see protocol.metric_problem) is
             # left out, so that the exact lookup alone proves a name valid.
             self.metrics = frozenset(
-                name for name in (m.encode("utf-8") for m in self._metric_names)
+                name for name in (m.encode("utf-8") for m in self.metric_names)
                 if metric_problem(name) is None)
         else:
             raise AttributeError(attribute)
         return object.__getattribute__(self, attribute)
+
+    def entry(self):
+        """What the auth file says of this key: (secret, its metrics, exact names then
+        patterns, the previous secret or None, until when, max_rate or 0)."""
+        return (self._secret, [*self.metric_names, *self.patterns], self._previous_secret,
+                self.previous_until, self.max_rate)
 
     def allows(self, metric):
         return metric in self.metrics or self.allows_pattern(metric)
@@ -136,7 +142,7 @@ class AuthDB:
 
     @property
     def metric_count(self):
-        return sum(len(k._metric_names) for k in self.keys.values())
+        return sum(len(k.metric_names) for k in self.keys.values())
 
     @property
     def pattern_count(self):
@@ -152,7 +158,7 @@ def _all_metric_names(metrics):
     return "" not in metrics and not _WHITESPACE.search(joined)
 
 
-def _split_patterns(metrics, name, path, compiled):
+def split_patterns(metrics, name, path, compiled):
     """Exact names and compiled patterns; ``compiled`` caches matchers across keys."""
     if not GLOB_CHARS.search("".join(metrics)):
         return tuple(metrics), (), None
@@ -201,8 +207,8 @@ def parse_auth_data(data, path, file_size=None):
             raise AuthFileError("auth file %s: its aliases (*name) make it more than %d times "
                                 "its size; write the values out" % (path, MAX_EXPANSION))
         secret, metrics = _entry_fields(name, entry, path)
-        key = AuthKey(name, secret, *_split_patterns(metrics, name, path, compiled),
-                      *_previous_secret(entry, name, path), _max_rate(entry, name, path))
+        key = AuthKey(name, secret, *split_patterns(metrics, name, path, compiled),
+                      *parse_previous_secret(entry, name, path), parse_max_rate(entry, name, path))
         owners.add(name, secret, key._previous_secret)
         keys.append(key)
     return AuthDB(keys, owners.warnings(path))
@@ -303,7 +309,7 @@ RFC3339_TEXT = r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\
 _RFC3339 = re.compile(RFC3339_TEXT + r"\Z")
 
 
-def _max_rate(entry, name, path):
+def parse_max_rate(entry, name, path):
     text = entry.get("max_rate")
     if text is None:
         return 0.0
@@ -317,7 +323,7 @@ def _max_rate(entry, name, path):
     return rate
 
 
-def _previous_secret(entry, name, path):
+def parse_previous_secret(entry, name, path):
     """(previous secret, until when) of a key in rotation; (None, 0) for the others."""
     previous = entry.get("previous_secret_key")
     expires = entry.get("previous_secret_expires")

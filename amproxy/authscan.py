@@ -28,8 +28,8 @@ import re
 from array import array
 from zlib import crc32
 
-from .auth import (MAX_FIELD_BYTES, RFC3339_TEXT, SecretOwners, _max_rate, _previous_secret,
-                   parse_rfc3339, _split_patterns)
+from .auth import (MAX_FIELD_BYTES, RFC3339_TEXT, SecretOwners, parse_max_rate,
+                   parse_previous_secret, parse_rfc3339, split_patterns)
 from .errors import AuthFileError
 from .protocol import MAX_LAST_NODE_BYTES, PLAIN_NAME
 
@@ -221,15 +221,15 @@ def _check_entry(layout, m, path, compiled):
     number of patterns."""
     name = m.group(2).decode()
     metrics = [n.decode() for n in layout.metric_names(m.group(7))]
-    _, patterns, _ = _split_patterns(metrics, name, path, compiled)
+    _, patterns, _ = split_patterns(metrics, name, path, compiled)
     entry = {}
     if m.group(4):
         entry.update(previous_secret_key=m.group(4).decode(),
                      previous_secret_expires=m.group(5).decode())
     if m.group(6):
         entry["max_rate"] = m.group(6).decode()
-    _previous_secret(entry, name, path)
-    _max_rate(entry, name, path)
+    parse_previous_secret(entry, name, path)
+    parse_max_rate(entry, name, path)
     return len(patterns)
 
 
@@ -255,6 +255,13 @@ def standard_block(layout, name, secret, metrics, previous=None, max_rate=None):
 
     All values are bytes; ``previous`` is (previous secret, expiry as RFC 3339).
     """
+    block = entry_block(layout, name, secret, metrics, previous, max_rate)
+    return block if layout.block.fullmatch(block) else None
+
+
+def entry_block(layout, name, secret, metrics, previous=None, max_rate=None):
+    """A key's entry (bytes) in ``layout``, the one writer of an entry: for the file
+    (:func:`standard_block`, which checks it) and for the snapshot (escaped values)."""
     field = layout.field_indent
     lines = [layout.key_indent + name + b":\n", field + b"secret_key: " + secret + b"\n"]
     if previous:
@@ -265,8 +272,7 @@ def standard_block(layout, name, secret, metrics, previous=None, max_rate=None):
     lines.append(field + (b"metrics:\n" if metrics else b"metrics: []\n"))
     lines += [layout.item_prefix + (metric if _WRITTEN_AS_IS(metric) else b"'%s'" % metric)
               + b"\n" for metric in metrics]
-    block = b"".join(lines)
-    return block if layout.block.fullmatch(block) else None
+    return b"".join(lines)
 
 
 def count_entries(data, layout, want=None):

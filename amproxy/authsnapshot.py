@@ -29,9 +29,9 @@ import time
 from array import array
 from zlib import crc32
 
-from .auth import AuthKey, KeyMap, _split_patterns, parse_auth_file, parse_rfc3339, \
+from .auth import AuthKey, KeyMap, split_patterns, parse_auth_file, parse_rfc3339, \
     read_auth_file
-from .authscan import GLOB_BYTES, Layout, block_regex, scan
+from .authscan import GLOB_BYTES, Layout, block_regex, entry_block, scan
 from .errors import AuthFileError
 from .links import SIGNALS, Update
 
@@ -123,16 +123,11 @@ def _standard_layout_of(db):
     position = 0
     for public_key, key in db.keys.items():
         name = _escape(public_key)
-        block = [b"  %s:\n    secret_key: %s\n" % (name, _escape(key._secret.encode()))]
-        if key._previous_secret:
-            block.append(b"    previous_secret_key: %s\n    previous_secret_expires: %r\n" % (
-                _escape(key._previous_secret.encode()), key.previous_until))
-        if key.max_rate:
-            block.append(b"    max_rate: %r\n" % key.max_rate)
-        metrics = list(key._metric_names) + list(key.patterns)
-        block.append(b"    metrics:\n" if metrics else b"    metrics: []\n")
-        block += [b"    - %s\n" % _escape(m.encode()) for m in metrics]
-        block = b"".join(block)
+        secret, metrics, previous, until, max_rate = key.entry()
+        block = entry_block(layout, name, _escape(secret.encode()),
+                            [_escape(metric.encode()) for metric in metrics],
+                            previous and (_escape(previous.encode()), b"%r" % until),
+                            b"%r" % max_rate if max_rate else None)
         offsets.append(position)
         hashes.append(crc32(name))
         chunks.append(block)
@@ -356,7 +351,7 @@ class SnapshotIndex:
         if len(self._patterns) > MAX_CACHED_KEYS:
             self._patterns.clear()
         exact, patterns, matcher = (
-            _split_patterns(metrics, name, "", self._patterns) if items and GLOB_BYTES.search(items)
+            split_patterns(metrics, name, "", self._patterns) if items and GLOB_BYTES.search(items)
             else (metrics, (), None))
         until = 0
         if previous:

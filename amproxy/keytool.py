@@ -23,7 +23,7 @@ import time
 
 import yaml
 
-from .auth import (_split_patterns, format_rfc3339, load_auth_file, parse_auth_data,
+from .auth import (split_patterns, format_rfc3339, load_auth_file, parse_auth_data,
                    parse_auth_file, parse_auth_text, read_auth_file)
 from .authscan import count_entries, entries, entry_values, scan, standard_block
 from .authsnapshot import SLOW_LAYOUT, SLOW_LAYOUT_WARNING_KEYS
@@ -62,9 +62,11 @@ def _read(path):
 
 def _summary_of(db):
     """What each key is: its secret and everything it may write."""
-    return {name: (key._secret, frozenset(key._metric_names) | frozenset(key.patterns),
-                   key._previous_secret, key.previous_until, key.max_rate)
-            for name, key in db.keys.items()}
+    summary = {}
+    for name, key in db.keys.items():
+        secret, metrics, previous, until, max_rate = key.entry()
+        summary[name] = (secret, frozenset(metrics), previous, until, max_rate)
+    return summary
 
 
 def _write_atomically(path, pieces, check=None):
@@ -390,13 +392,13 @@ def _each_key(path, mark=None):
         if len(db) >= SLOW_LAYOUT_WARNING_KEYS:
             log.warning(SLOW_LAYOUT, path, len(db))
         return (len(db), db.metric_count, db.pattern_count), (
-            (name.decode(), key._metric_names, key.patterns, key.max_rate, key.previous_until)
+            (name.decode(), key.metric_names, key.patterns, key.max_rate, key.previous_until)
             for name, key in db.keys.items()), db.warnings
 
     def keys():
         for m in entries(raw, scanned, None if mark is None else scanned.marked):
             name, _, metrics, _, until, max_rate = entry_values(scanned.layout, m)
-            exact, patterns, _ = _split_patterns(metrics, name, path, {})
+            exact, patterns, _ = split_patterns(metrics, name, path, {})
             yield name, exact, patterns, max_rate, until
     return (len(scanned), scanned.metric_count, scanned.pattern_count), keys(), \
         scanned.warnings

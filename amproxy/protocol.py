@@ -1,4 +1,8 @@
-"""The wire protocol: split, sign and verify lines. Pure functions, no I/O.
+"""The wire protocol: split, sign and verify lines.
+
+No I/O of its own: the hot loop (:func:`filter_lines`) reaches the rest of the
+world only through what its caller hands it (the keys, the ``reject``
+callback, the rate limiter and its shared memory).
 
 A client sends ``metric value timestamp public_key signature``; the signature is
 base64(HMAC-SHA256(secret, "metric value timestamp public_key")).  The signed

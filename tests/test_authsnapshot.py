@@ -16,8 +16,9 @@ PATH = "/etc/amproxy/auth.yaml"
 
 
 def summary(key):
-    return (key.name, key._secret, sorted(key._metric_names), sorted(key.patterns),
-            key._previous_secret, key.previous_until, key.max_rate)
+    secret, _, previous, until, max_rate = key.entry()
+    return (key.name, secret, sorted(key.metric_names), sorted(key.patterns), previous, until,
+            max_rate)
 
 
 def yaml_oracle(raw):

@@ -159,14 +159,14 @@ def test_rotate_keeps_the_old_secret_as_previous_for_the_grace_period(auth):
     text = open(auth).read()
     assert "# the living room" in text and "home.bob.*" in text
     key = load_auth_file(auth).keys[b"alice"]
-    assert key._secret == secret and key._previous_secret == "alice-secret"
+    assert key.entry()[0] == secret and key.entry()[2] == "alice-secret"
     assert key.previous_until == int(before + 3 * 86400)
     assert load_auth_file(auth).keys[b"bob"].previous_until == 0
     assert oct(os.stat(auth).st_mode & 0o777) == "0o640"
     # Rotating again: the secret just replaced becomes previous; the older one goes.
     newer, _ = keytool.rotate_key(auth, "alice", 60, before)
     key = load_auth_file(auth).keys[b"alice"]
-    assert (key._secret, key._previous_secret) == (newer, secret)
+    assert (key.entry()[0], key.entry()[2]) == (newer, secret)
     assert "alice-secret" not in open(auth).read()
     with pytest.raises(AuthFileError, match="has no key 'carol'"):
         keytool.rotate_key(auth, "carol", 60, before)
@@ -265,8 +265,8 @@ def test_many_edits_of_a_standard_file_keep_it_standard_and_as_yaml_reads_it(tmp
         raw = path.read_bytes()
         assert scan(raw, str(path)) is not None, "no longer the standard layout"
         db = parse_auth_data(yaml.load(raw, Loader=yaml.BaseLoader), str(path))
-        got = {n.decode(): (k._secret, set(k._metric_names) | set(k.patterns),
-                            k._previous_secret) for n, k in db.keys.items()}
+        got = {n.decode(): (k.entry()[0], set(k.entry()[1]), k.entry()[2])
+               for n, k in db.keys.items()}
         assert got == model
     text = path.read_text()
     assert text.startswith("# the fleet\napikeys:\n")
