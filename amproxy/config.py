@@ -16,7 +16,7 @@ import sys
 import configargparse
 
 from .errors import ConfigError
-from .placement import HASH_TYPES, RELAY_METHODS, parse_destinations
+from .placement import HASH_TYPES, RELAY_METHODS, Placement, parse_destinations
 
 DEFAULT_CONFIG_FILE = "/etc/amproxy/amproxy.conf"
 LOG_LEVELS = ("all", "debug", "info", "warn", "err")
@@ -454,5 +454,21 @@ def parse_server_args(argv):
 
 def reread_server_args(argv):
     """Parse the options again (the config file may have changed); raise ConfigError."""
-    return config_parser("amproxy server", SERVER_DESCRIPTION, SERVER_OPTIONS, argv,
-                         raise_errors=True).parse_args(argv)
+    options = config_parser("amproxy server", SERVER_DESCRIPTION, SERVER_OPTIONS, argv,
+                            raise_errors=True).parse_args(argv)
+    check_options(options)
+    return options
+
+
+def check_options(options):
+    """The checks across options, in one place: ConfigError for a combination that
+    cannot run; the warnings (sentences) for one that runs but may surprise."""
+    if options.tls_addr and not (options.tls_cert and options.tls_key):
+        raise ConfigError("--tls-addr needs --tls-cert and --tls-key")
+    warnings = list(Placement.from_options(options).warnings())
+    if options.daemon and not options.log_file:
+        warnings.append("running as a daemon without --log-file: nothing will be logged")
+    if len(options.carbon_addr) > 1 and not options.spool_dir:
+        warnings.append("several Carbon destinations and no --spool-dir: when one is down "
+                        "and its --buffer-size lines are held, reading stops for all of them")
+    return warnings

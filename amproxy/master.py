@@ -17,12 +17,12 @@ from . import daemon
 from .auth import warn_if_world_readable
 from .authsnapshot import SLOW_LAYOUT, SLOW_LAYOUT_WARNING_KEYS, AuthFile, AuthReloads
 from .balance import NOT_ACCEPTING, ConnectionTable
-from .config import LIVE_OPTIONS, config_file_path, reread_server_args, stats_socket_path
+from .config import (LIVE_OPTIONS, check_options, config_file_path, reread_server_args,
+                     stats_socket_path)
 from .errors import AmproxyError
 from .links import SIGNAL_NAMES, SIGNALS, Heartbeat, LiveOptions, SnapshotChannel
 from .listeners import FILE_LIMIT_IF_UNLIMITED, Listener, bind, connection_limit
 from .logs import reopen_log_files, set_level
-from .placement import Placement
 from .proxyprotocol import LOOPBACK
 from .ratelimit import RateTable
 from .tls import CertificateReloads
@@ -119,16 +119,14 @@ class Master:
         inherited = daemon.inherited_listener()
         self.listeners = [Listener(inherited) if inherited else bind(options.addr)]
         if options.tls_addr:
-            if not (options.tls_cert and options.tls_key):
-                raise AmproxyError("--tls-addr needs --tls-cert and --tls-key")
             self.listeners.append(bind(options.tls_addr, "tls"))
         self._raise_file_limit()
         if options.pidfile:
             self.pidfile = daemon.Pidfile(options.pidfile)
             self.pidfile.check()
+        for warning in check_options(options):  # before stderr goes, when detaching
+            log.warning(warning)
         if options.daemon:
-            if not options.log_file:
-                log.warning("running as a daemon without --log-file: nothing will be logged")
             self._ready_fd = daemon.daemonize()
         self.pid = os.getpid()
         if self.pidfile is not None:
@@ -144,11 +142,6 @@ class Master:
         for sig in SIGNALS:
             signal.signal(sig, self._record_signal)
         log_started(options, self.listeners, self.num_workers, len(db))
-        for warning in Placement.from_options(options).warnings():
-            log.warning(warning)
-        if len(options.carbon_addr) > 1 and not options.spool_dir:
-            log.warning("several Carbon destinations and no --spool-dir: when one is down "
-                        "and its --buffer-size lines are held, reading stops for all of them")
 
     def _check_as_user(self):
         """What the workers need, checked as the user they run as: the TLS certificate

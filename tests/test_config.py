@@ -155,3 +155,17 @@ def test_source_ipv6_prefix(clean_env, tmp_path, capsys):
 def test_proxy_protocol_from_is_unset_by_default(clean_env):
     # Unset: the workers take headers from loopback only (tests/test_source_slots.py).
     assert parse_server_args([]).proxy_protocol_from == ()
+
+
+def test_checks_across_options_live_in_one_place_and_refuse_what_cannot_run():
+    from amproxy.config import check_options
+    from amproxy.errors import ConfigError
+    from amproxy.config import reread_server_args
+    with pytest.raises(ConfigError, match="--tls-addr needs --tls-cert and --tls-key"):
+        reread_server_args(["--tls-addr", "127.0.0.1:2443"])
+    options = reread_server_args(["--carbon-addr", "127.0.0.1:2003:a,127.0.0.1:2004:b",
+                                  "--daemon"])
+    warnings = check_options(options)
+    assert any("no --spool-dir" in w for w in warnings)
+    assert any("without --log-file" in w for w in warnings)
+    assert check_options(reread_server_args([])) == []
