@@ -18,7 +18,7 @@ FLOORS = [
     # senders and their backlog, the listeners, and the links to the master.
     ("parts", ["logs", "tls", "config", "links", "daemon", "balance", "ratelimit", "buffer",
                "deadletter", "auth", "authscan", "authsnapshot", "stats", "carbon",
-               "destinations", "listeners"]),
+               "destinations", "listeners", "connections"]),
     ("worker", ["worker"]),
     ("master", ["master"]),
     # Commands: the device client, the key tool, the command line.

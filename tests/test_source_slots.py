@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from amproxy.worker import Connection, ProxyHeaders, SourceSlots
+from amproxy.connections import Connection, ProxyHeaders, SourceSlots
 
 
 def networks(*texts):

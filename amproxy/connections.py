@@ -1,0 +1,176 @@
+"""A client connection as a worker holds it, the PROXY header it may start with, and
+the slots each source may take (so that one source never takes every slot)."""
+
+import collections
+import ipaddress
+import logging
+
+from .errors import CloseConnection
+from .logs import ClosedConnectionLog
+from .proxyprotocol import LOOPBACK, ProxyHeaderError, client_address
+from .proxyprotocol import parse as parse_proxy_header
+
+log = logging.getLogger("amproxy.worker")  # the worker's log, as before the move
+
+# --proxy-protocol: a connection must send its PROXY header within this long.
+PROXY_HEADER_TIMEOUT = 5.0
+
+
+class Connection:
+    """One client connection and the partial line it has sent so far.
+
+    ``last_active`` is when it last sent a line that was accepted: a client
+    that sends nothing valid is idle, however much it sends.
+    """
+
+    __slots__ = ("sock", "address", "source", "slot", "partial", "last_active",
+                 "awaiting_header_since", "handshake_since", "tls", "fresh", "watched")
+
+    def __init__(self, sock, address, now):
+        self.sock = sock
+        self.set_address(address)
+        self.slot = None  # the SourceSlots group it is counted in, once it is
+        self.watched = False  # registered with the worker's selector
+        self.partial = b""
+        self.last_active = now
+        self.awaiting_header_since = None  # --proxy-protocol: accepted when, until the header
+        self.handshake_since = None  # TLS: accepted when, until the handshake is done
+        self.tls = False
+        self.fresh = True  # nothing read yet
+
+    def set_address(self, address):
+        self.address = address
+        self.source = address[0] if isinstance(address, tuple) else str(address) or "unix"
+
+    @property
+    def remote(self):
+        """host:port, for logs (made only when one is written)."""
+        address = self.address
+        if not isinstance(address, tuple):
+            return self.source
+        return ("[%s]:%d" if ":" in address[0] else "%s:%d") % address[:2]
+
+
+class ProxyHeaders(ClosedConnectionLog):
+    """--proxy-protocol: take the header off each new connection; count and log the bad."""
+
+    def __init__(self, clock, balancers):
+        super().__init__(log, clock, " (--proxy-protocol is on)")
+        self.balancers = balancers  # --proxy-protocol-from; empty: loopback only
+
+    def refuses(self, conn):
+        """Whether ``conn`` is from no balancer that may send headers (then counted, logged)."""
+        if self.trusts(conn.source, self.balancers):
+            return False
+        self.error(conn, "%s is not a --proxy-protocol-from address%s" % (
+            conn.source, "" if self.balancers else " (default: loopback only)"))
+        return True
+
+    def take(self, conn, data):
+        """The bytes after ``conn``'s header once it is complete (b"" if none); None until then.
+
+        ``data`` is what was just read (b"": the client closed).  Raises
+        CloseConnection when the client closed, or sent no valid header
+        (counted and logged; a balancer's health check, which sends nothing
+        and closes, is not an error).
+        """
+        if not data:
+            if conn.partial:
+                self.error(conn, "closed before the end of its PROXY header")
+            raise CloseConnection()
+        data = conn.partial + data
+        try:
+            header = parse_proxy_header(data)
+        except ProxyHeaderError as e:
+            self.error(conn, str(e))
+            raise CloseConnection() from None
+        if header is None:
+            conn.partial = data
+            return None
+        length, source = header
+        if source is not None:  # else a LOCAL connection: the balancer's own
+            conn.set_address(source)
+        conn.partial = b""
+        return data[length:]
+
+    @staticmethod
+    def trusts(peer, balancers):
+        """Whether ``peer`` may send headers: one of ``balancers`` (networks), or if none
+        are given, a loopback address (a balancer on this host)."""
+        try:
+            address = ipaddress.ip_address(client_address(ipaddress.ip_address(peer)))
+        except ValueError:  # a Unix socket, say
+            return False
+        return any(address in network for network in balancers or LOOPBACK)
+
+
+class SourceSlots:
+    """Connections per source, so that one source never takes every slot.
+
+    A source is an IPv4 address (an IPv4 client mapped into IPv6 included), or
+    the IPv6 network of ``ipv6_prefix`` bits around an IPv6 address: a host
+    usually has a whole /64 to pick addresses from.  Counts are kept per
+    group key, which a connection keeps until it gives its slot back.
+    """
+
+    def __init__(self, ipv6_prefix=64):
+        self.ipv6_prefix = ipv6_prefix  # --source-ipv6-prefix
+        self._counts = collections.Counter()
+        self.per_source = self.per_waiting_peer = 1
+
+    def limit(self, max_connections, per_source, ipv6_prefix):
+        """Take the options: ``per_source`` connections from one source (0: 90% of
+        ``max_connections``, so that one never takes them all), and IPv6 grouping.
+
+        A connection waiting for its PROXY header counts against its peer, the
+        balancer, whose connections each wait a moment: a limit meant for one
+        device must not cap them, only the share that leaves others room.
+        """
+        share = max(1, max_connections * 9 // 10)
+        self.per_source = per_source or share
+        self.per_waiting_peer = max(self.per_source, share)
+        self.ipv6_prefix = ipv6_prefix
+
+    def room(self, source, waiting=False):
+        """The key of ``source``'s group if it has room for one more connection (one
+        still ``waiting`` for its PROXY header, if so), else None."""
+        key = self.key(source)
+        return key if self.admits(
+            key, self.per_waiting_peer if waiting else self.per_source) else None
+
+    def key(self, source):
+        """The group that ``source`` (an address as text, or a name) counts in."""
+        if ":" not in source:
+            return source  # IPv4, one address; or not an address at all
+        try:
+            address = ipaddress.IPv6Address(source)
+        except ValueError:
+            return source
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        host_bits = 128 - self.ipv6_prefix
+        return str(ipaddress.IPv6Network((int(address) >> host_bits << host_bits,
+                                          self.ipv6_prefix)))
+
+    def admits(self, key, cap):
+        """Room for one more in group ``key``, with at most ``cap`` in one group?"""
+        return self._counts[key] < cap
+
+    def add(self, key):
+        self._counts[key] += 1
+
+    def remove(self, key):
+        self._counts[key] -= 1
+        if not self._counts[key]:
+            del self._counts[key]
+
+    def move(self, key, source, cap=None):
+        """Give back a slot of group ``key`` and take one of ``source``'s group if it
+        holds fewer than ``cap`` (the per-source limit): its key, or None (then no
+        slot is held)."""
+        self.remove(key)
+        key = self.key(source)
+        if not self.admits(key, self.per_source if cap is None else cap):
+            return None
+        self.add(key)
+        return key
