@@ -9,6 +9,7 @@ from .errors import CloseConnection
 from .logs import ClosedConnectionLog
 from .proxyprotocol import LOOPBACK, ProxyHeaderError, client_address
 from .proxyprotocol import parse as parse_proxy_header
+from .tls import HANDSHAKE_TIMEOUT
 
 log = logging.getLogger("amproxy.worker")  # the worker's log, as before the move
 
@@ -16,27 +17,75 @@ log = logging.getLogger("amproxy.worker")  # the worker's log, as before the mov
 PROXY_HEADER_TIMEOUT = 5.0
 
 
+# A client connection's states, in the order it goes through them.
+HEADER = "header"  # --proxy-protocol: waiting for its PROXY header
+HANDSHAKE = "handshake"  # a TLS listener's: the handshake is under way
+LINES = "lines"  # reading lines
+CLOSED = "closed"
+
+
 class Connection:
-    """One client connection and the partial line it has sent so far.
+    """One client connection: its state (``HEADER`` -> ``HANDSHAKE`` -> ``LINES`` ->
+    ``CLOSED``; a connection starts at the first that applies to its listener) and
+    since when, the partial line it has sent so far, and its per-source slot.
 
     ``last_active`` is when it last sent a line that was accepted: a client
     that sends nothing valid is idle, however much it sends.
     """
 
-    __slots__ = ("sock", "address", "source", "slot", "partial", "last_active",
-                 "awaiting_header_since", "handshake_since", "tls", "fresh", "watched")
+    __slots__ = ("sock", "address", "source", "slot", "partial", "last_active", "state",
+                 "since", "tls", "fresh", "watched")
 
-    def __init__(self, sock, address, now):
+    def __init__(self, sock, address, now, tls=False, proxy_header=False):
         self.sock = sock
         self.set_address(address)
         self.slot = None  # the SourceSlots group it is counted in, once it is
         self.watched = False  # registered with the worker's selector
         self.partial = b""
         self.last_active = now
-        self.awaiting_header_since = None  # --proxy-protocol: accepted when, until the header
-        self.handshake_since = None  # TLS: accepted when, until the handshake is done
-        self.tls = False
+        self.tls = tls
+        self.state = HANDSHAKE if tls else HEADER if proxy_header else LINES
+        self.since = now  # when it entered its state
         self.fresh = True  # nothing read yet
+
+    def enter(self, state, now):
+        self.state = state
+        self.since = now
+
+    def resume(self, now):
+        """Reading again after a pause: no time ran out meanwhile."""
+        self.last_active = self.since = now
+
+    def late(self, now, idle_timeout):
+        """What ``now`` is too late for: "PROXY header", "TLS handshake", "idle" or None."""
+        if self.state == HEADER:
+            return "PROXY header" if now - self.since > PROXY_HEADER_TIMEOUT else None
+        if self.state == HANDSHAKE:
+            return "TLS handshake" if now - self.since > HANDSHAKE_TIMEOUT else None
+        return "idle" if now - self.last_active > idle_timeout else None
+
+    def split(self, data, max_length):
+        """The whole lines in what was read (after the partial line so far), and how many
+        were longer than ``max_length`` (left out; then the unfinished line is dropped,
+        counted too if it is past the limit, and the connection is to be closed)."""
+        if self.partial:
+            data = self.partial + data
+        end = data.rfind(b"\n") + 1
+        self.partial = data[end:]
+        # splitlines also ends lines at \r, so \r\n endings cost nothing.
+        lines = data[:end].splitlines()
+        if len(self.partial) <= max_length and (
+                end <= max_length or max(map(len, lines)) <= max_length):
+            return lines, 0
+        kept = [line for line in lines if len(line) <= max_length]
+        too_long = len(lines) - len(kept) + (len(self.partial) > max_length)
+        self.partial = b""
+        return kept, too_long
+
+    def last_lines(self):
+        """At the end of the stream: the last line counts even without a newline."""
+        lines, self.partial = self.partial.splitlines(), b""
+        return lines
 
     def set_address(self, address):
         self.address = address

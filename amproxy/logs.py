@@ -258,11 +258,3 @@ class ClosedConnectionLog:
             self.logger.warning("closing client connection: %s%s", why, self.note, extra=extra)
         else:
             self._unlogged += 1
-
-    def late(self, conn, since, now, timeout, what):
-        """Whether ``conn`` has waited more than ``timeout`` s for ``what`` since ``since``
-        (then it is counted and logged)."""
-        if now - since <= timeout:
-            return False
-        self.error(conn, "no %s within %d s" % (what, timeout))
-        return True

@@ -12,7 +12,8 @@ import socket
 import time
 
 from .config import LIVE_OPTIONS
-from .connections import PROXY_HEADER_TIMEOUT, Connection, ProxyHeaders, SourceSlots
+from .connections import (CLOSED, HANDSHAKE, HEADER, LINES, PROXY_HEADER_TIMEOUT, Connection,
+                          ProxyHeaders, SourceSlots)
 from .destinations import Destinations
 from .errors import CloseConnection
 from .listeners import Acceptor, connection_limit
@@ -176,23 +177,23 @@ class Worker:
             log.warning("master process is gone; worker stopping",
                         extra={"master_pid": self.ppid})
             self.begin_stop(graceful=True, seconds=ORPHAN_STOP_SECONDS)
-        idle_limit = self.options.idle_timeout
         for conn in [] if self.paused else list(self.connections.values()):
             # Paused, nothing is read: no client is late or idle meanwhile.
-            if conn.awaiting_header_since is not None:
-                if self.proxy_headers.late(conn, conn.awaiting_header_since, now,
-                                           PROXY_HEADER_TIMEOUT, "PROXY header"):
-                    self._close(conn)
-            elif conn.handshake_since is not None:
-                if self.tls.late(conn, conn.handshake_since, now, HANDSHAKE_TIMEOUT,
-                                 "TLS handshake"):
-                    self._close(conn)
-            elif now - conn.last_active > idle_limit:
-                log.info("closing idle client connection", extra={
-                    "remote": conn.remote, "idle_seconds": round(now - conn.last_active)})
-                self._close(conn)
+            late = conn.late(now, self.options.idle_timeout)
+            if late is not None:
+                self._close_late(conn, late, now)
         if self.stopping_since is not None:
             self._check_stop_done(now)
+
+    def _close_late(self, conn, late, now):
+        if late == "idle":
+            log.info("closing idle client connection", extra={
+                "remote": conn.remote, "idle_seconds": round(now - conn.last_active)})
+        elif conn.state == HEADER:  # counted and logged as a failed header or handshake
+            self.proxy_headers.error(conn, "no PROXY header within %d s" % PROXY_HEADER_TIMEOUT)
+        else:
+            self.tls.error(conn, "no TLS handshake within %d s" % HANDSHAKE_TIMEOUT)
+        self._close(conn)
 
     def _handle_signals(self):
         signals, self._signals = self._signals, []
@@ -274,17 +275,12 @@ class Worker:
 
     def _admit(self, listener, sock, address):
         """A client the acceptor took: refuse it, or read what it sent and watch it."""
-        conn = Connection(sock, address, self.clock())
-        if listener.tls:
-            conn.tls = True
-            conn.handshake_since = conn.last_active
-        elif self.options.proxy_protocol:
-            if self.proxy_headers.refuses(conn):
-                sock.close()
-                return
-            # The address is the balancer's; the client's comes with the header.
-            conn.awaiting_header_since = conn.last_active
-        waiting = conn.awaiting_header_since is not None
+        # Behind a balancer the address is the balancer's; the client's comes with the header.
+        conn = Connection(sock, address, self.clock(), listener.tls, self.options.proxy_protocol)
+        if conn.state == HEADER and self.proxy_headers.refuses(conn):
+            sock.close()
+            return
+        waiting = conn.state == HEADER
         slot = self.source_slots.room(conn.source, waiting)
         if slot is None:
             self.refusals.error(conn, "too many connections from its address" + (
@@ -306,9 +302,9 @@ class Worker:
         # A device sends as soon as it is connected: its line (and, from a client that
         # sends one line and closes, the end of the stream) is often here already, and
         # reading it now saves watching the connection at all.
-        if self._on_readable(conn) and self.connections.get(fd) is conn:
+        if self._on_readable(conn) and conn.state != CLOSED:
             self._on_readable(conn)
-        if self.connections.get(fd) is conn and not conn.watched and not self.paused:
+        if conn.state != CLOSED and not conn.watched and not self.paused:
             self._watch(conn)
 
     def _watch(self, conn, events=selectors.EVENT_READ):
@@ -345,7 +341,7 @@ class Worker:
         elif wait == "write" and not self.paused:
             self._watch(conn, events)  # while it is admitted: it waits to write
         if wait is None:
-            conn.handshake_since = None
+            conn.enter(LINES, self.clock())
             self._on_readable(conn)  # lines may have come with the last handshake record
 
     def _after_proxy_header(self, conn, data):
@@ -358,7 +354,7 @@ class Worker:
         if rest is None:
             return None
         # The slot it held as its peer's becomes the client's, if the client has room.
-        conn.awaiting_header_since = None
+        conn.enter(LINES, self.clock())
         conn.slot = self.source_slots.move(conn.slot, conn.source)
         if conn.slot is None:
             self.refusals.error(conn, "too many connections from its address")
@@ -373,6 +369,7 @@ class Worker:
         if conn.slot is not None:
             self.source_slots.remove(conn.slot)
         conn.sock.close()
+        conn.state = CLOSED
 
     def _set_paused(self, paused):
         """Stop or resume reading clients: back-pressure while Carbon cannot keep up."""
@@ -385,12 +382,9 @@ class Worker:
                     self.selector.unregister(conn.sock)
                     conn.watched = False
             else:
-                conn.last_active = self.clock()
-                if conn.awaiting_header_since is not None:
-                    conn.awaiting_header_since = conn.last_active
+                conn.resume(self.clock())
                 events = selectors.EVENT_READ
-                if conn.handshake_since is not None:
-                    conn.handshake_since = conn.last_active
+                if conn.state == HANDSHAKE:
                     events |= selectors.EVENT_WRITE  # it may have been waiting to write
                 self._watch(conn, events)
         if paused:
@@ -402,7 +396,7 @@ class Worker:
     def _on_readable(self, conn):
         """The hot path: read a chunk, split it into lines, verify, queue for Carbon.
         True if it read something and did not see the end of the stream."""
-        if conn.handshake_since is not None:
+        if conn.state == HANDSHAKE:
             self._handshake(conn)
             return
         try:
@@ -414,7 +408,7 @@ class Worker:
             return
         except OSError:
             data = b""
-        if conn.awaiting_header_since is not None:
+        if conn.state == HEADER:
             data = self._after_proxy_header(conn, data)
             if not data:
                 return
@@ -425,21 +419,12 @@ class Worker:
                 self._close(conn)
                 return
         if data:
-            if conn.partial:
-                data = conn.partial + data
-            end = data.rfind(b"\n") + 1
-            conn.partial = data[end:]
-            # splitlines also ends lines at \r, so \r\n endings cost nothing.
-            lines = data[:end].splitlines()
-            max_length = self.options.max_line_length
-            if len(conn.partial) > max_length or (
-                    end > max_length and max(map(len, lines)) > max_length):
-                lines = self._cut_long_lines(conn, lines)
+            lines, too_long = conn.split(data, self.options.max_line_length)
+            if too_long:
+                self._close_too_long(conn, too_long)
                 data = b""  # the connection is closed: nothing more to read
         else:
-            # The client closed: its last line counts even without a newline.
-            lines = conn.partial.splitlines()
-            conn.partial = b""
+            lines = conn.last_lines()
             self._close(conn)
         db = self.auth_file.db
         keys = db.keys
@@ -484,20 +469,16 @@ class Worker:
             log.exception("unexpected error while checking a client's lines; they are "
                           "dropped", extra={"remote": conn.remote, "lines": lines})
 
-    def _cut_long_lines(self, conn, lines):
-        """The lines of a read that are not too long; each one that is (and an
-        unfinished one past the limit) is counted, and the connection is closed
-        once the rest are checked: a gateway's other devices' lines still go on."""
-        max_length = self.options.max_line_length
-        kept = [line for line in lines if len(line) <= max_length]
+    def _close_too_long(self, conn, too_long):
+        """Lines past --max-line-length: each is counted, and the connection closed once
+        the other lines of the read are checked (a gateway's other devices go on)."""
         reject = self._rejecter(conn, {})
-        for _ in range(len(lines) - len(kept) + (len(conn.partial) > max_length)):
+        for _ in range(too_long):
             reject(LINE_TOO_LONG, None, None)
         log.warning("closing client connection: line longer than --max-line-length",
-                    extra={"remote": conn.remote, "max_line_length": max_length})
-        conn.partial = b""
+                    extra={"remote": conn.remote,
+                           "max_line_length": self.options.max_line_length})
         self._close(conn)
-        return kept
 
     # -- stopping --------------------------------------------------------------
 
@@ -522,9 +503,9 @@ class Worker:
                 self._close_if_drained(conn)  # a PROXY header and lines may be waiting
             elif stopping_for >= PARTIAL_LINE_GRACE:
                 self._on_readable(conn)  # what already arrived may finish the line
-                if conn.sock.fileno() not in self.connections or not conn.partial:
+                if conn.state == CLOSED or not conn.partial:
                     continue
-                if conn.awaiting_header_since is not None:
+                if conn.state == HEADER:
                     self.proxy_headers.error(conn, "stopping, and its PROXY header is "
                                              "not complete")
                 else:
