@@ -133,6 +133,7 @@ class AuthDB:
         self.keys = KeyMap((k.name.encode("utf-8"), k) for k in keys)
         self.warnings = list(warnings)  # about keys that share a secret
         self.rate_limited = any(k.max_rate for k in self.keys.values())
+        self.rate_total = sum(k.max_rate for k in self.keys.values())
 
     def __len__(self):
         return len(self.keys)
@@ -227,14 +228,19 @@ def _check_name(name, entry, path):
 
 
 def _expanded_size(name, entry):
-    """About the bytes of a key's entry once aliases are expanded (items count as one
-    more each, for their line)."""
-    size = len(name)
+    """About the bytes of a key's entry once aliases are expanded, in UTF-8 (items
+    count as one more each, for their line)."""
+    size = _utf8_length(name)
     for value in entry.values():
-        size += len(value)
+        size += _utf8_length(value) if isinstance(value, str) else len(value)
         if isinstance(value, list):
-            size += sum(map(len, value))
+            size += sum(_utf8_length(item) if isinstance(item, str) else len(item)
+                        for item in value)
     return size
+
+
+def _utf8_length(text):
+    return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
 
 
 def _entry_fields(name, entry, path):
@@ -381,6 +387,9 @@ def parse_auth_file(raw, path):
         where = getattr(e, "problem_mark", None)
         line = " at line %d" % (where.line + 1) if where is not None else ""
         raise AuthFileError("auth file %s is not valid YAML%s" % (path, line)) from None
+    except RecursionError:
+        raise AuthFileError("auth file %s nests lists or mappings hundreds deep; an auth "
+                            "file has three levels" % path) from None
     return parse_auth_data(data, path, len(raw))
 
 

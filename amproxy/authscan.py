@@ -117,6 +117,7 @@ class Scan:
         self.metric_count = 0
         self.pattern_count = 0
         self.rate_limited = False
+        self.rate_total = 0.0  # lines/s of the keys with a max_rate, together
         self.found = None
         self.marked = []
         self.warnings = []  # about keys that share a secret
@@ -187,6 +188,7 @@ def scan(data, path, want=None, mark=None):
         if previous or rate or patterns:
             try:
                 result.pattern_count += _check_entry(result.layout, m, path, compiled)
+                result.rate_total += float(rate or 0)
             except AuthFileError as e:
                 error = error or e  # raised if the rest of the file is the standard layout
             result.rate_limited = result.rate_limited or rate is not None

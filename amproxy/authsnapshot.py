@@ -79,12 +79,13 @@ def write_snapshot(path, fd):
     found = scan(raw, path)
     if found is not None:
         text, layout, offsets, hashes = raw, found.layout, found.offsets, found.hashes
-        counts = len(found), found.metric_count, found.pattern_count, found.rate_limited
+        counts = (len(found), found.metric_count, found.pattern_count, found.rate_limited,
+                  found.rate_total)
         warnings = found.warnings
     else:
         db = parse_auth_file(raw, path)
         del raw
-        counts = len(db), db.metric_count, db.pattern_count, db.rate_limited
+        counts = len(db), db.metric_count, db.pattern_count, db.rate_limited, db.rate_total
         text, layout, offsets, hashes = _standard_layout_of(db)
         warnings = db.warnings
     for warning in warnings:  # at each load: the file still loads
@@ -101,7 +102,7 @@ def write_snapshot(path, fd):
         slots[i] = offset + 1  # 0: an empty slot
     fields = {
         "format": FORMAT, "standard": found is not None, "keys": counts[0], "metrics": counts[1], "patterns": counts[2],
-        "rate_limited": counts[3], "key_indent": layout.key_indent.decode(),
+        "rate_limited": counts[3], "rate_total": counts[4], "key_indent": layout.key_indent.decode(),
         "field_indent": layout.field_indent.decode(),
         "item_prefix": layout.item_prefix.decode(), "slots": size}
     # The header is one line of JSON, padded to whole pages (room left for two fields).
@@ -288,6 +289,7 @@ class AuthSnapshot:
         self.metric_count = index.header["metrics"]
         self.pattern_count = index.header["patterns"]
         self.rate_limited = index.header["rate_limited"]
+        self.rate_total = index.header["rate_total"]
         self.standard = index.header["standard"]  # read in place, not by YAML
         # The cache refers to the index and not to this object: dropping the
         # snapshot unmaps it at once, with no cycle left for the GC to find.
@@ -403,15 +405,16 @@ class AuthFile:
         return self._current_identity() != self._identity
 
     def settled_change(self, now):
-        """Whether to read the file again: it was renamed into place (whole, then), or
-        rewritten in place and has not changed for SETTLE_SECONDS since (by its mtime,
-        or as seen here), so that a file still being written is not taken half-written."""
+        """Whether to read the file again: it changed, and has not changed for
+        SETTLE_SECONDS since (by its mtime, or as seen here), so that a file still
+        being written is not taken half-written, whether in place or to a new inode
+        (``install``, ``rm; gen >``): a rename cannot be told from those."""
         identity = self._current_identity()
         if identity == self._identity:
             self._seen = None
             return False
-        if None in (identity, self._identity) or identity[:2] != self._identity[:2]:
-            return True  # another inode, or none: nothing to wait for
+        if identity is None:
+            return True  # gone: the read says so, once
         if self._seen is None or self._seen[0] != identity:
             self._seen = (identity, now)  # changed (again): wait until it holds still
         return (now - self._seen[1] >= SETTLE_SECONDS

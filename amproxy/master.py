@@ -135,7 +135,9 @@ class Master:
         self._check_as_user()
         self.live_options = LiveOptions()
         self.connection_table = ConnectionTable()
-        self.rate_table = RateTable(len(db))
+        # Replays are remembered for twice the skew, of every line the limits allow.
+        self.rate_table = RateTable(len(db), (db.rate_total + options.key_max_rate * len(db))
+                                    * 2 * options.skew)
         self.stats = StatsService(options, stats_socket_path(options))
         self._signal_pipe = self._nonblocking_pipe()
         self._boot_pipe = self._nonblocking_pipe()

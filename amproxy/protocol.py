@@ -217,7 +217,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
         budgets = {}
     if rate_limiter is not None:
         replayed = rate_limiter.table.replays.replayed
-        replay_until = int(now + 2 * max_skew)  # a line passes for at most twice the skew
+        replay_window = int(2 * max_skew) + 1  # a line passes for at most twice the skew
     compare = hmac.compare_digest
     oldest, newest = int(now - max_skew), int(now + max_skew)
     # Timestamps of the same number of digits compare as bytes, which is much
@@ -292,7 +292,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
                 left = budgets[public_key] = rate_limiter.budget(public_key, key)
             if left != _UNLIMITED:
                 # Remembered only if it passes: a line refused now may come again.
-                if replayed(hash(signature), now, replay_until, left >= 1.0):
+                if replayed(hash(signature), now, replay_window, left >= 1.0):
                     reject(REPLAYED, public_key, metric)
                     continue
                 if left < 1.0:

@@ -27,8 +27,9 @@ MIN_SLOTS = 1 << 16
 HEADROOM = 4
 _PROBES = 64
 # Lines of rate-limited keys remembered to refuse replays (16 bytes each, shared by
-# the workers), and the slots a line may take.
-REPLAY_SLOTS = 1 << 20
+# the workers): four slots per line the limits allow in a window, within these bounds.
+MIN_REPLAY_SLOTS = 1 << 20
+MAX_REPLAY_SLOTS = 1 << 23
 
 
 def _key_hash(public_key):
@@ -40,7 +41,8 @@ def _key_hash(public_key):
 class RateTable:
     """Made by the master before it forks; ``take`` is called by the workers."""
 
-    def __init__(self, expected_keys=0):
+    def __init__(self, expected_keys=0, replay_lines=0):
+        """``replay_lines``: the lines the keys' limits allow in a replay window."""
         slots = MIN_SLOTS
         while slots < HEADROOM * expected_keys:
             slots *= 2
@@ -51,7 +53,7 @@ class RateTable:
         self._values = memoryview(self._memory).cast("d")
         self.now = time.monotonic()
         self._crowded_logged = False
-        self.replays = ReplayTable()
+        self.replays = ReplayTable(replay_slots(replay_lines))
 
     def begin(self):
         """Read the clock once for a batch of lines."""
@@ -147,49 +149,59 @@ class RateLimiter:
 
 
 
+def replay_slots(lines):
+    """Slots for ``lines`` remembered at once: four each, as a power of two, bounded."""
+    slots = MIN_REPLAY_SLOTS
+    while slots < 4 * lines and slots < MAX_REPLAY_SLOTS:
+        slots *= 2
+    return slots
+
+
 class ReplayTable:
     """The lines accepted for rate-limited keys while they could be replayed.
 
     A signed line passes while its timestamp is within --skew of now, so a
     captured line re-sent a hundred times a second would drain its key's
     bucket.  (brubeck's statsd-secure keeps such a cache.)  Each accepted line
-    is remembered, by the hash of its signature, until its window is over (at
-    most twice the skew from now), in shared memory made before the fork, so
+    is remembered, by the hash of its signature, for as long as it could pass
+    again (twice the skew), in shared memory made before the fork, so
     a replay to another worker is seen too.  The table has a fixed size: when a
-    line finds its two slots taken, it takes the one that expires first (said
+    line finds its two slots taken, it takes the older one (said
     in a warning, at most once a minute).  Two workers accepting the same line
     at the same instant may both pass it.
     """
 
-    def __init__(self, slots=REPLAY_SLOTS):
-        # Per slot: the hash, and until when (Unix time; 0: never used); two per place.
+    def __init__(self, slots=MIN_REPLAY_SLOTS):
+        # Per slot: the hash, and when it was accepted (Unix time; 0: never); two a place.
         self._memory = mmap.mmap(-1, slots * 16)
         self._cells = memoryview(self._memory).cast("q")
         self._mask = slots // 2 - 1
         self.evicted = 0
         self._evicted_logged_at = None
 
-    def replayed(self, fingerprint, now, until, remember=True):
-        """Whether the line was accepted before (and is still in its window); if not,
-        and ``remember``, it is remembered until ``until``.
+    def replayed(self, fingerprint, now, window, remember=True):
+        """Whether the line was accepted within the last ``window`` seconds; if not, and
+        ``remember``, it is remembered as accepted ``now``.
 
         A line has one place, a pair of slots (two probes at most: this runs for
         every line of a limited key).  A new line takes the one that is free or
-        expired, else the one that expires first: then an accepted line is
-        forgotten early (counted), which is rare while the table is far from full.
+        past the window, else the older one: then an accepted line is forgotten
+        early (counted), which is rare while the table is far from full.  The
+        window is the one in force now, so a larger --skew keeps lines longer.
         """
         cells = self._cells
         first = (fingerprint & self._mask) << 2
-        first_expires, second_expires = cells[first + 1], cells[first + 3]
-        if (first_expires >= now and cells[first] == fingerprint) or (
-                second_expires >= now and cells[first + 2] == fingerprint):
+        since = now - window
+        first_at, second_at = cells[first + 1], cells[first + 3]
+        if (first_at >= since and cells[first] == fingerprint) or (
+                second_at >= since and cells[first + 2] == fingerprint):
             return True
         if remember:
-            slot = first if first_expires <= second_expires else first + 2
-            if cells[slot + 1] >= now:
+            slot = first if first_at <= second_at else first + 2
+            if cells[slot + 1] >= since:
                 self._log_eviction(now)
             cells[slot] = fingerprint
-            cells[slot + 1] = until
+            cells[slot + 1] = now
         return False
 
     def _log_eviction(self, now):

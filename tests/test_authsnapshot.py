@@ -261,13 +261,18 @@ def _duplicate_key(node, seen=None):
     return False
 
 
+# PyYAML as it is installed: with libyaml, as Debian's python3-yaml and PyPI's wheels
+# ship it (the pure-Python parser refuses a few files with tabs that libyaml takes).
+LOADER = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
+
+
 def pure_yaml(raw):
-    """What PyYAML's pure-Python parser (base schema) reads, the keys' summaries, or None
-    where it refuses the file, or YAML 1.2 would (a duplicate key), or the checks do."""
+    """What PyYAML alone (base schema) reads, the keys' summaries, or None where it
+    refuses the file, or YAML 1.2 would (a duplicate key), or the checks do."""
     try:
-        if _duplicate_key(yaml.compose(raw, Loader=yaml.BaseLoader)):
+        if _duplicate_key(yaml.compose(raw, Loader=LOADER)):
             return None
-        db = parse_auth_data(yaml.load(raw, Loader=yaml.BaseLoader), PATH)
+        db = parse_auth_data(yaml.load(raw, Loader=LOADER), PATH)
     except (yaml.YAMLError, AuthFileError, RecursionError):
         return None
     return {name: summary(key) for name, key in db.keys.items()}
@@ -336,6 +341,15 @@ FINDINGS = [
     b"  alice:\n    secret_key: s2\n    metrics: [home.bob.temp]\n",
     b"apikeys:\n  alice:\n    secret_key: s1\n    metrics: []\n    secret_key: s2\n",
 ]
+
+
+@pytest.mark.parametrize("raw", [
+    b"apikeys:\n  alice:\n    secret_key: alice\tsecret\n    metrics: [home.a]\n",
+    b"apikeys:\n  alice:\n    secret_key: s\n    metrics:\n    - home.a\t#x\n",
+    b"apikeys:\n  alice:\n    secret_key:\ts\n    metrics: []\n",
+    b"apikeys:\n  alice\t:\n    secret_key: s\n    metrics: []\n"])
+def test_tabs_are_read_as_the_installed_yaml_reads_them(raw, tmp_path):
+    assert_read_as_yaml_reads_it(raw, tmp_path)
 
 
 @pytest.mark.parametrize("raw", FINDINGS)
