@@ -21,7 +21,10 @@ def main():
     carbon = CarbonCache(os.path.join(run_dir, "carbon"),
                          line_port=int(os.environ.get("CARBON_PORT", 0)) or None).start()
     proxy_port = int(os.environ.get("PROXY_PORT", 0)) or free_port()
-    env = dict(os.environ, AUTH_FILE=os.path.join(ROOT, "etc", "auth_file.yaml"),
+    auth_file = os.path.join(ROOT, "etc", "auth_file.yaml")
+    # git checks files out world-readable; an auth file holds secrets (amproxy warns).
+    os.chmod(auth_file, os.stat(auth_file).st_mode & ~0o007)
+    env = dict(os.environ, AUTH_FILE=auth_file,
                ADDR="127.0.0.1:%d" % proxy_port, CARBON_ADDR=carbon.address, WORKERS="2")
     # The sample config, with paths a user without root can write.
     proxy = subprocess.Popen([os.path.join(BIN, "amproxy"), "server", "--config",
