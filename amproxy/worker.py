@@ -8,18 +8,17 @@ import logging
 import os
 import selectors
 import signal
-import socket
 import time
 
 from .config import LIVE_OPTIONS
-from .connections import (CLOSED, HANDSHAKE, HEADER, LINES, PROXY_HEADER_TIMEOUT, Connection,
-                          ProxyHeaders, SourceSlots)
+from .clients import Clients
+from .connections import CLOSED, HANDSHAKE, HEADER
 from .destinations import Destinations
 from .errors import CloseConnection
 from .listeners import Acceptor, connection_limit
-from .logs import ClosedConnectionLog, RejectionLog, reopen_log_files, set_level
+from .logs import RejectionLog, reopen_log_files, set_level
 from .ratelimit import RateLimiter
-from .tls import HANDSHAKE_TIMEOUT, TLS_HANDSHAKE_RECORD, CertificateFiles, TlsConnections
+from .tls import TLS_HANDSHAKE_RECORD, CertificateFiles, TlsConnections
 from .protocol import LINE_TOO_LONG, MALFORMED, REJECTION_REASONS, filter_lines
 from .stats import WorkerStats
 
@@ -65,16 +64,10 @@ class Worker:
         self.stop_deadline = None
         self.paused = False
         self._next_stats_report = 0.0
-        self.connections = {}
-        self.source_slots = SourceSlots(options.source_ipv6_prefix)
+        self.clients = None  # clients.Clients, made in the child
         self.forwarded = 0
         self.internal_errors = 0
         self._internal_error_logged_at = None
-        self.connections_opened = 0
-        self.proxy_headers = ProxyHeaders(time.monotonic, options.proxy_protocol_from)
-        # Closed at once by --max-connections-per-source (an abuse limit).
-        self.refusals = ClosedConnectionLog(log, time.monotonic,
-                                            " (--max-connections-per-source)")
         self.rejected = dict.fromkeys(REJECTION_REASONS, 0)
         self._signals = []
 
@@ -107,8 +100,10 @@ class Worker:
         tls = next((listener for listener in self.listeners if listener.tls), None)
         self.tls = TlsConnections(options, self.clock, tls and tls.ticket_keys,
                                   tls and tls.certificate)  # the master's last good pair
+        self.clients = Clients(options, self.selector, self.clock, self.tls, self._on_readable)
         self.acceptor = Acceptor(self.listeners, self.selector, self.connection_table,
-                                 self.slot, self.clock, self._admit, self.connections.__len__)
+                                 self.slot, self.clock, self.clients.admit,
+                                 self.clients.__len__)
         if self.tls.context is None:
             self.acceptor.drop("tls")  # no TLS clients for this worker (logged)
         if options.spool_dir:
@@ -177,23 +172,9 @@ class Worker:
             log.warning("master process is gone; worker stopping",
                         extra={"master_pid": self.ppid})
             self.begin_stop(graceful=True, seconds=ORPHAN_STOP_SECONDS)
-        for conn in [] if self.paused else list(self.connections.values()):
-            # Paused, nothing is read: no client is late or idle meanwhile.
-            late = conn.late(now, self.options.idle_timeout)
-            if late is not None:
-                self._close_late(conn, late, now)
+        self.clients.close_late(now)
         if self.stopping_since is not None:
             self._check_stop_done(now)
-
-    def _close_late(self, conn, late, now):
-        if late == "idle":
-            log.info("closing idle client connection", extra={
-                "remote": conn.remote, "idle_seconds": round(now - conn.last_active)})
-        elif conn.state == HEADER:  # counted and logged as a failed header or handshake
-            self.proxy_headers.error(conn, "no PROXY header within %d s" % PROXY_HEADER_TIMEOUT)
-        else:
-            self.tls.error(conn, "no TLS handshake within %d s" % HANDSHAKE_TIMEOUT)
-        self._close(conn)
 
     def _handle_signals(self):
         signals, self._signals = self._signals, []
@@ -228,21 +209,19 @@ class Worker:
         counters.update({
             "linesReceived": self.forwarded + sum(rejected.values()) + self.internal_errors,
             "linesForwarded": self.forwarded,
-            "connectionsOpened": self.connections_opened,
-            "connectionsRefused": self.refusals.count,
             "maxConnectionsReached": self.acceptor.cap_reached,
-            "proxyHeaderErrors": self.proxy_headers.count,
             "tlsHandshakeErrors": self.tls.count,
             "internalErrors": self.internal_errors,
             "authReloads": self.auth_file.reloads,
             "authReloadErrors": self.auth_file.reload_errors,
         })
+        counters.update(self.clients.counters())
         counters.update(self.destinations.counters())
         return counters
 
     def report_stats(self):
         gauges = self.destinations.gauges()
-        gauges["activeConnections"] = len(self.connections)
+        gauges["activeConnections"] = len(self.clients)
         self.stats.report(self.counters(), gauges)
 
     def _on_stats_lines(self, mask):
@@ -268,125 +247,21 @@ class Worker:
 
     def _apply_connection_limits(self):
         self.max_connections = connection_limit(self.options.max_connections)
-        self.source_slots.limit(self.max_connections, self.options.max_connections_per_source,
-                                self.options.source_ipv6_prefix)
+        self.clients.limit(self.max_connections)
 
     # -- clients -------------------------------------------------------------
-
-    def _admit(self, listener, sock, address):
-        """A client the acceptor took: refuse it, or read what it sent and watch it."""
-        # Behind a balancer the address is the balancer's; the client's comes with the header.
-        conn = Connection(sock, address, self.clock(), listener.tls, self.options.proxy_protocol)
-        if conn.state == HEADER and self.proxy_headers.refuses(conn):
-            sock.close()
-            return
-        waiting = conn.state == HEADER
-        slot = self.source_slots.room(conn.source, waiting)
-        if slot is None:
-            self.refusals.error(conn, "too many connections from its address" + (
-                " waiting for their PROXY header" if waiting else ""))
-            sock.close()
-            return
-        sock.setblocking(False)
-        if conn.tls:
-            try:
-                sock = conn.sock = self.tls.wrap(sock)
-            except OSError:  # reset before it could be wrapped: a health check, say
-                sock.close()
-                return
-        fd = sock.fileno()
-        self.connections[fd] = conn
-        conn.slot = slot
-        self.source_slots.add(slot)
-        self.connections_opened += 1
-        # A device sends as soon as it is connected: its line (and, from a client that
-        # sends one line and closes, the end of the stream) is often here already, and
-        # reading it now saves watching the connection at all.
-        if self._on_readable(conn) and conn.state != CLOSED:
-            self._on_readable(conn)
-        if conn.state != CLOSED and not conn.watched and not self.paused:
-            self._watch(conn)
-
-    def _watch(self, conn, events=selectors.EVENT_READ):
-        self.selector.register(conn.sock, events, lambda mask, conn=conn: self._on_readable(conn))
-        conn.watched = True
 
     @property
     def accepting(self):
         """Taking new clients: not paused by back-pressure, not stopping."""
         return not self.paused and self.stopping_since is None
 
-    def _handshake(self, conn):
-        """Go on with a TLS handshake; once done, read what came with it."""
-        if conn.fresh:
-            try:
-                first = socket.socket.recv(conn.sock, 1, socket.MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                first = b""
-            if not first:  # connected and closed: a balancer's health check, not an error
-                self._close(conn)
-                return
-            conn.fresh = False
-        try:
-            wait = self.tls.handshake(conn)
-        except CloseConnection:
-            self._close(conn)
-            return
-        events = selectors.EVENT_WRITE if wait == "write" else selectors.EVENT_READ
-        if conn.watched:
-            self.selector.modify(conn.sock, events,
-                                 lambda mask, conn=conn: self._on_readable(conn))
-        elif wait == "write" and not self.paused:
-            self._watch(conn, events)  # while it is admitted: it waits to write
-        if wait is None:
-            conn.enter(LINES, self.clock())
-            self._on_readable(conn)  # lines may have come with the last handshake record
-
-    def _after_proxy_header(self, conn, data):
-        """What the client sent after its PROXY header, once its source is admitted; else None."""
-        try:
-            rest = self.proxy_headers.take(conn, data)
-        except CloseConnection:
-            self._close(conn)
-            return None
-        if rest is None:
-            return None
-        # The slot it held as its peer's becomes the client's, if the client has room.
-        conn.enter(LINES, self.clock())
-        conn.slot = self.source_slots.move(conn.slot, conn.source)
-        if conn.slot is None:
-            self.refusals.error(conn, "too many connections from its address")
-            self._close(conn)
-            return None
-        return rest
-
-    def _close(self, conn):
-        if conn.watched:
-            self.selector.unregister(conn.sock)
-        del self.connections[conn.sock.fileno()]
-        if conn.slot is not None:
-            self.source_slots.remove(conn.slot)
-        conn.sock.close()
-        conn.state = CLOSED
-
     def _set_paused(self, paused):
         """Stop or resume reading clients: back-pressure while Carbon cannot keep up."""
         self.paused = paused
         if paused:
             self.acceptor.stop()
-        for conn in self.connections.values():
-            if paused:
-                if conn.watched:
-                    self.selector.unregister(conn.sock)
-                    conn.watched = False
-            else:
-                conn.resume(self.clock())
-                events = selectors.EVENT_READ
-                if conn.state == HANDSHAKE:
-                    events |= selectors.EVENT_WRITE  # it may have been waiting to write
-                self._watch(conn, events)
+        self.clients.set_paused(paused)
         if paused:
             log.warning("Carbon backlog is full (memory and spool); pausing reads from "
                         "clients", extra=self.destinations.backlog())
@@ -397,26 +272,26 @@ class Worker:
         """The hot path: read a chunk, split it into lines, verify, queue for Carbon.
         True if it read something and did not see the end of the stream."""
         if conn.state == HANDSHAKE:
-            self._handshake(conn)
+            self.clients.handshake(conn)
             return
         try:
             data = self.tls.recv(conn, RECV_SIZE) if conn.tls else conn.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except CloseConnection:
-            self._close(conn)
+            self.clients.close(conn)
             return
         except OSError:
             data = b""
         if conn.state == HEADER:
-            data = self._after_proxy_header(conn, data)
+            data = self.clients.after_proxy_header(conn, data)
             if not data:
                 return
         if conn.fresh and data:
             conn.fresh = False
             if data[:2] == TLS_HANDSHAKE_RECORD and not conn.tls:
                 self.tls.error(conn, "TLS on the plain port (use --tls-addr's port)")
-                self._close(conn)
+                self.clients.close(conn)
                 return
         if data:
             lines, too_long = conn.split(data, self.options.max_line_length)
@@ -425,7 +300,7 @@ class Worker:
                 data = b""  # the connection is closed: nothing more to read
         else:
             lines = conn.last_lines()
-            self._close(conn)
+            self.clients.close(conn)
         db = self.auth_file.db
         keys = db.keys
         try:
@@ -442,7 +317,7 @@ class Worker:
             self.destinations.send(accepted)
         if (self.stopping_since is not None and data and len(data) < RECV_SIZE
                 and not conn.partial):
-            self._close(conn)  # stopping, and everything the client sent is read
+            self.clients.close(conn)  # stopping, and everything the client sent is read
         return bool(data)
 
     def _rejecter(self, conn, keys):
@@ -478,7 +353,7 @@ class Worker:
         log.warning("closing client connection: line longer than --max-line-length",
                     extra={"remote": conn.remote,
                            "max_line_length": self.options.max_line_length})
-        self._close(conn)
+        self.clients.close(conn)
 
     # -- stopping --------------------------------------------------------------
 
@@ -498,40 +373,24 @@ class Worker:
 
     def _check_stop_done(self, now):
         stopping_for = now - self.stopping_since
-        for conn in list(self.connections.values()):
+        for conn in list(self.clients.connections.values()):
             if not conn.partial:
-                self._close_if_drained(conn)  # a PROXY header and lines may be waiting
+                self.clients.close_if_drained(conn)  # a PROXY header and lines may be waiting
             elif stopping_for >= PARTIAL_LINE_GRACE:
                 self._on_readable(conn)  # what already arrived may finish the line
                 if conn.state == CLOSED or not conn.partial:
                     continue
                 if conn.state == HEADER:
-                    self.proxy_headers.error(conn, "stopping, and its PROXY header is "
-                                             "not complete")
+                    self.clients.proxy_headers.error(conn, "stopping, and its PROXY header "
+                                                     "is not complete")
                 else:
                     self._rejecter(conn, {})(MALFORMED, None, None)
                     log.warning("closing client connection at stop: it did not finish its "
                                 "line", extra={"remote": conn.remote})
-                self._close(conn)
+                self.clients.close(conn)
         deadline_passed = stopping_for >= self.stop_deadline
-        if deadline_passed or (not self.connections and self.destinations.memory_empty):
+        if deadline_passed or (not self.clients and self.destinations.memory_empty):
             self.alive = False
-
-    def _close_if_drained(self, conn):
-        """Close a client once nothing it sent is left unread (it reconnects later)."""
-        if conn.tls and conn.sock.pending():
-            return  # decrypted and waiting: the next read takes it
-        try:
-            # The bytes on the socket (for TLS, still encrypted) tell whether any are left.
-            pending = socket.socket.recv(conn.sock, 1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            pending = None
-        except OSError:
-            pending = b""
-        if pending == b"":
-            self._on_readable(conn)  # reads the end of the stream and closes
-        elif pending is None:
-            self._close(conn)
 
     def save_what_is_held(self):
         """After a crash: keep the lines not yet sent for the next worker, if there is a spool."""
@@ -546,8 +405,7 @@ class Worker:
                       extra={"lines": lines, "carbon": carbon})
 
     def _shutdown(self):
-        for conn in list(self.connections.values()):
-            self._close(conn)
+        self.clients.close_all()
         self.reject_log.flush()
         self.destinations.flush()
         lost = self.destinations.save_to_spool()

@@ -15,10 +15,11 @@ FLOORS = [
     # Pure: the wire protocol, names and patterns, placement; no I/O, no state.
     ("pure", ["errors", "protocol", "patterns", "placement", "proxyprotocol"]),
     # What a worker is built from: the auth file, logs, TLS, limits, the Carbon
-    # senders and their backlog, the listeners, and the links to the master.
+    # senders and their backlog, the listeners, the links to the master, and the
+    # client connections.
     ("parts", ["logs", "tls", "config", "links", "daemon", "balance", "ratelimit", "buffer",
                "deadletter", "auth", "authscan", "authsnapshot", "stats", "carbon",
-               "destinations", "listeners", "connections"]),
+               "destinations", "listeners", "connections", "clients"]),
     ("worker", ["worker"]),
     ("master", ["master"]),
     # Commands: the device client, the key tool, the command line.
