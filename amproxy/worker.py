@@ -14,12 +14,13 @@ from .config import LIVE_OPTIONS
 from .clients import Clients
 from .connections import CLOSED, HANDSHAKE, HEADER
 from .destinations import Destinations
+from .outcomes import LineOutcomes
 from .errors import CloseConnection
 from .listeners import Acceptor, connection_limit
-from .logs import RejectionLog, reopen_log_files, set_level
+from .logs import reopen_log_files, set_level
 from .ratelimit import RateLimiter
 from .tls import TLS_HANDSHAKE_RECORD, CertificateFiles, TlsConnections
-from .protocol import LINE_TOO_LONG, MALFORMED, REJECTION_REASONS, filter_lines
+from .protocol import LINE_TOO_LONG, MALFORMED, filter_lines
 from .stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,7 @@ class Worker:
         self.paused = False
         self._next_stats_report = 0.0
         self.clients = None  # clients.Clients, made in the child
-        self.forwarded = 0
-        self.internal_errors = 0
-        self._internal_error_logged_at = None
-        self.rejected = dict.fromkeys(REJECTION_REASONS, 0)
+        self.lines = None  # outcomes.LineOutcomes, made in the child
         self._signals = []
 
     # -- start-up (after fork) ---------------------------------------------
@@ -108,8 +106,8 @@ class Worker:
             self.acceptor.drop("tls")  # no TLS clients for this worker (logged)
         if options.spool_dir:
             self.destinations.replay_stranded(options.spool_dir, options.spool_max_bytes)
-        self.reject_log = RejectionLog(log, self.options.log_rejections, self.rejected)
         self.stats = WorkerStats(self.stats_channels, options.stats_per_key)
+        self.lines = LineOutcomes(options.log_rejections, self.stats, self.clock)
         self.selector.register(self.stats_channels.outbox_out, selectors.EVENT_READ,
                                self._on_stats_lines)
         self.destinations.flush()
@@ -167,7 +165,7 @@ class Worker:
         if now >= self._next_stats_report:
             self._next_stats_report = now + STATS_REPORT_INTERVAL
             self.report_stats()
-        self.reject_log.tick(int(time.time()))
+        self.lines.log.tick(int(time.time()))
         if os.getppid() != self.ppid and self.stop_deadline != ORPHAN_STOP_SECONDS:
             log.warning("master process is gone; worker stopping",
                         extra={"master_pid": self.ppid})
@@ -204,14 +202,10 @@ class Worker:
             self._reload_options(live)
 
     def counters(self):
-        rejected = self.rejected
-        counters = {"rejected." + reason: count for reason, count in rejected.items()}
+        counters = self.lines.counters()
         counters.update({
-            "linesReceived": self.forwarded + sum(rejected.values()) + self.internal_errors,
-            "linesForwarded": self.forwarded,
             "maxConnectionsReached": self.acceptor.cap_reached,
             "tlsHandshakeErrors": self.tls.count,
-            "internalErrors": self.internal_errors,
             "authReloads": self.auth_file.reloads,
             "authReloadErrors": self.auth_file.reload_errors,
         })
@@ -240,7 +234,7 @@ class Worker:
                 setattr(self.options, name, value)
         set_level(self.options.log_level)
         self._apply_connection_limits()
-        self.reject_log.per_second = self.options.log_rejections  # from the next second
+        self.lines.log.per_second = self.options.log_rejections  # from the next second
         self.destinations.set_live_options(self.options)
         log.debug("options re-read", extra={"skew": self.options.skew,
                                             "log_level": self.options.log_level})
@@ -305,49 +299,25 @@ class Worker:
         keys = db.keys
         try:
             accepted = filter_lines(lines, keys, int(time.time()), self.options.skew,
-                                    self._rejecter(conn, keys),
+                                    self.lines.rejecter(conn, keys),
                                     self.stats.forwarded_per_key, self.options.allow_tags,
                                     self.rate_limiter.for_batch(db, self.options.key_max_rate))
         except Exception:  # a bug must cost this read's lines, not the worker
-            self._internal_error(conn, len(lines))
+            self.lines.internal_error(conn, len(lines))
             return
         if accepted:
             conn.last_active = self.clock()
-            self.forwarded += len(accepted)
+            self.lines.forwarded += len(accepted)
             self.destinations.send(accepted)
         if (self.stopping_since is not None and data and len(data) < RECV_SIZE
                 and not conn.partial):
             self.clients.close(conn)  # stopping, and everything the client sent is read
         return bool(data)
 
-    def _rejecter(self, conn, keys):
-        """The callback that counts (and within the log budget, logs) a rejected line."""
-        rejected = self.rejected
-        budget = self.reject_log.budget
-        log_rejection = self.reject_log.log
-        rejected_per_key = self.stats.rejected_per_key
-
-        def reject(reason, public_key, metric):
-            rejected[reason] += 1
-            if budget[reason]:
-                budget[reason] -= 1
-                log_rejection(reason, conn.remote, public_key, metric)
-            if rejected_per_key is not None and public_key in keys:
-                rejected_per_key[public_key] = rejected_per_key.get(public_key, 0) + 1
-        return reject
-
-    def _internal_error(self, conn, lines):
-        self.internal_errors += lines
-        now = self.clock()
-        if self._internal_error_logged_at is None or now - self._internal_error_logged_at >= 1:
-            self._internal_error_logged_at = now  # a traceback a second at most
-            log.exception("unexpected error while checking a client's lines; they are "
-                          "dropped", extra={"remote": conn.remote, "lines": lines})
-
     def _close_too_long(self, conn, too_long):
         """Lines past --max-line-length: each is counted, and the connection closed once
         the other lines of the read are checked (a gateway's other devices go on)."""
-        reject = self._rejecter(conn, {})
+        reject = self.lines.rejecter(conn, {})
         for _ in range(too_long):
             reject(LINE_TOO_LONG, None, None)
         log.warning("closing client connection: line longer than --max-line-length",
@@ -384,7 +354,7 @@ class Worker:
                     self.clients.proxy_headers.error(conn, "stopping, and its PROXY header "
                                                      "is not complete")
                 else:
-                    self._rejecter(conn, {})(MALFORMED, None, None)
+                    self.lines.rejecter(conn, {})(MALFORMED, None, None)
                     log.warning("closing client connection at stop: it did not finish its "
                                 "line", extra={"remote": conn.remote})
                 self.clients.close(conn)
@@ -406,7 +376,7 @@ class Worker:
 
     def _shutdown(self):
         self.clients.close_all()
-        self.reject_log.flush()
+        self.lines.log.flush()
         self.destinations.flush()
         lost = self.destinations.save_to_spool()
         for carbon, lines in lost.items():
@@ -414,5 +384,5 @@ class Worker:
                       "to keep them in; they are lost", extra={"lines": lines, "carbon": carbon})
         self.destinations.close()
         self.report_stats()
-        log.info("worker stopped", extra={"forwarded": self.forwarded,
-                                          "rejected": sum(self.rejected.values())})
+        log.info("worker stopped", extra={"forwarded": self.lines.forwarded,
+                                          "rejected": sum(self.lines.rejected.values())})

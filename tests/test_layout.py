@@ -19,7 +19,7 @@ FLOORS = [
     # client connections.
     ("parts", ["logs", "tls", "config", "links", "daemon", "balance", "ratelimit", "buffer",
                "deadletter", "auth", "authscan", "authsnapshot", "stats", "carbon",
-               "destinations", "listeners", "connections", "clients"]),
+               "destinations", "listeners", "connections", "clients", "outcomes"]),
     ("worker", ["worker"]),
     ("master", ["master"]),
     # Commands: the device client, the key tool, the command line.
