@@ -177,14 +177,16 @@ class Destinations:
         for sender in self.senders:
             sender.retry_within(seconds)
 
-    def save_to_spool(self):
-        """Keep what was not sent (see CarbonSender.save_to_spool); {destination: lines lost}."""
-        lost = {}
+    def save_to_spool(self, why):
+        """Keep what was not sent (see CarbonSender.save_to_spool), and close; log what no
+        spool can keep: "``why``, with lines ... they are lost"."""
         for sender in self.senders:
             lines = sender.save_to_spool()
             if lines:
-                lost[str(sender.address)] = lines
-        return lost
+                log.error("%s with lines that Carbon has not taken and no spool to keep them "
+                          "in; they are lost", why,
+                          extra={"lines": lines, "carbon": str(sender.address)})
+        self.close()
 
     def close(self):
         for sender in self.senders:

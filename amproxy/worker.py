@@ -365,24 +365,15 @@ class Worker:
     def save_what_is_held(self):
         """After a crash: keep the lines not yet sent for the next worker, if there is a spool."""
         try:
-            lost = self.destinations.save_to_spool()
-            self.destinations.close()
+            self.destinations.save_to_spool("crashed worker")
         except Exception:
             log.exception("could not save the lines held by the crashed worker")
-            return
-        for carbon, lines in lost.items():
-            log.error("crashed worker held lines that no spool can keep; they are lost",
-                      extra={"lines": lines, "carbon": carbon})
 
     def _shutdown(self):
         self.clients.close_all()
         self.lines.log.flush()
         self.destinations.flush()
-        lost = self.destinations.save_to_spool()
-        for carbon, lines in lost.items():
-            log.error("worker stopping with lines that Carbon has not taken and no spool "
-                      "to keep them in; they are lost", extra={"lines": lines, "carbon": carbon})
-        self.destinations.close()
+        self.destinations.save_to_spool("worker stopping")
         self.report_stats()
         log.info("worker stopped", extra={"forwarded": self.lines.forwarded,
                                           "rejected": sum(self.lines.rejected.values())})

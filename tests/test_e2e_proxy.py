@@ -174,7 +174,7 @@ def test_sigterm_delivers_everything_accepted_and_exits_zero(carbon, tmp_path,
     assert not any(pid_alive(pid) for pid in workers)
     for metric, points in expected.items():
         wait_points(carbon, metric, points, now - 250)
-    assert "worker stopping with lines Carbon has not taken" not in proxy.log()
+    assert "worker stopping with lines that Carbon has not taken" not in proxy.log()
 
 
 def test_missing_auth_file_stops_with_one_clear_error(carbon, tmp_path):
