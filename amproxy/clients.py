@@ -127,7 +127,11 @@ class Clients:
             return None
         return rest
 
-    def close(self, conn):
+    def close(self, conn, why=None, **extra):
+        """Close ``conn``; ``why``, if given, is logged (a warning, with ``extra``)."""
+        if why is not None:
+            log.warning("closing client connection: %s", why,
+                        extra=dict(extra, remote=conn.remote))
         if conn.watched:
             self.selector.unregister(conn.sock)
         del self.connections[conn.sock.fileno()]
@@ -170,6 +174,26 @@ class Clients:
                 else:
                     self.tls.error(conn, "no TLS handshake within %d s" % HANDSHAKE_TIMEOUT)
             if late is not None:
+                self.close(conn)
+
+    def drain(self, finish_lines, count_unfinished):
+        """Stopping: close each client once what it sent is read.  ``finish_lines``: the
+        grace for a half-sent line is over, so read once more and close what is left
+        unfinished (``count_unfinished(conn)`` counts a line cut off)."""
+        for conn in list(self.connections.values()):
+            if not conn.partial:
+                self.close_if_drained(conn)  # a PROXY header and lines may be waiting
+            elif finish_lines:
+                self.read(conn)  # what already arrived may finish the line
+                if conn.state == CLOSED or not conn.partial:
+                    continue
+                if conn.state == HEADER:
+                    self.proxy_headers.error(conn, "stopping, and its PROXY header is not "
+                                             "complete")
+                else:
+                    count_unfinished(conn)
+                    log.warning("closing client connection at stop: it did not finish its "
+                                "line", extra={"remote": conn.remote})
                 self.close(conn)
 
     def close_if_drained(self, conn):

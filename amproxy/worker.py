@@ -12,7 +12,7 @@ import time
 
 from .config import LIVE_OPTIONS
 from .clients import Clients
-from .connections import CLOSED, HANDSHAKE, HEADER
+from .connections import HANDSHAKE, HEADER
 from .destinations import Destinations
 from .outcomes import LineOutcomes
 from .errors import CloseConnection
@@ -320,10 +320,8 @@ class Worker:
         reject = self.lines.rejecter(conn, {})
         for _ in range(too_long):
             reject(LINE_TOO_LONG, None, None)
-        log.warning("closing client connection: line longer than --max-line-length",
-                    extra={"remote": conn.remote,
-                           "max_line_length": self.options.max_line_length})
-        self.clients.close(conn)
+        self.clients.close(conn, "line longer than --max-line-length",
+                           max_line_length=self.options.max_line_length)
 
     # -- stopping --------------------------------------------------------------
 
@@ -343,21 +341,8 @@ class Worker:
 
     def _check_stop_done(self, now):
         stopping_for = now - self.stopping_since
-        for conn in list(self.clients.connections.values()):
-            if not conn.partial:
-                self.clients.close_if_drained(conn)  # a PROXY header and lines may be waiting
-            elif stopping_for >= PARTIAL_LINE_GRACE:
-                self._on_readable(conn)  # what already arrived may finish the line
-                if conn.state == CLOSED or not conn.partial:
-                    continue
-                if conn.state == HEADER:
-                    self.clients.proxy_headers.error(conn, "stopping, and its PROXY header "
-                                                     "is not complete")
-                else:
-                    self.lines.rejecter(conn, {})(MALFORMED, None, None)
-                    log.warning("closing client connection at stop: it did not finish its "
-                                "line", extra={"remote": conn.remote})
-                self.clients.close(conn)
+        self.clients.drain(stopping_for >= PARTIAL_LINE_GRACE,
+                           lambda conn: self.lines.rejecter(conn, {})(MALFORMED, None, None))
         deadline_passed = stopping_for >= self.stop_deadline
         if deadline_passed or (not self.clients and self.destinations.memory_empty):
             self.alive = False
