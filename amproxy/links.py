@@ -25,6 +25,59 @@ SIGNALS = [getattr(signal, "SIG%s" % name) for name in
            "HUP QUIT INT TERM TTIN TTOU USR1 CHLD".split()]
 SIGNAL_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 
+class SignalQueue:
+    """Signals a process handles in its loop, not in the handler: the handler queues
+    the signal (at most ``limit`` waiting) and wakes the loop through a pipe, which
+    the loop watches (``fileno``) and then ``drain``s."""
+
+    def __init__(self, signals, limit=None):
+        self._read_end, self._write_end = os.pipe()
+        os.set_blocking(self._read_end, False)
+        os.set_blocking(self._write_end, False)
+        self.limit = limit
+        self.pending = []
+        for sig in signals:
+            signal.signal(sig, self.record)
+
+    def record(self, signum, frame=None):
+        if self.limit is None or len(self.pending) < self.limit:
+            self.pending.append(signum)
+        try:
+            os.write(self._write_end, b".")
+        except OSError:
+            pass  # the pipe is full: the loop wakes anyway
+
+    def fileno(self):
+        return self._read_end
+
+    def drain(self, mask=None):
+        """Empty the pipe (the signals themselves stay in ``pending``)."""
+        drain(self._read_end)
+
+    def take(self):
+        """The signals received, oldest first, and none pending any more."""
+        taken, self.pending = self.pending, []
+        return taken
+
+    def close(self):
+        os.close(self._read_end)
+        os.close(self._write_end)
+
+
+def drain(fd):
+    """What a non-blocking pipe holds now."""
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except (BlockingIOError, InterruptedError):
+        pass
+    return b"".join(chunks)
+
+
 class Heartbeat:
     """An unlinked temp file whose mtime the worker refreshes; the master watches it."""
 

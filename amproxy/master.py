@@ -20,7 +20,8 @@ from .balance import NOT_ACCEPTING, ConnectionTable
 from .config import (LIVE_OPTIONS, check_options, config_file_path, reread_server_args,
                      stats_socket_path)
 from .errors import AmproxyError
-from .links import SIGNAL_NAMES, SIGNALS, Heartbeat, LiveOptions, SnapshotChannel
+from .links import (SIGNAL_NAMES, SIGNALS, Heartbeat, LiveOptions, SignalQueue,
+                    SnapshotChannel, drain)
 from .listeners import FILE_LIMIT_IF_UNLIMITED, Listener, bind, connection_limit
 from .logs import reopen_log_files, set_level
 from .proxyprotocol import LOOPBACK
@@ -92,8 +93,7 @@ class Master:
         self.certificates = None  # tls.CertificateReloads, with a TLS listener
         self.pidfile = None
         self.ready = False
-        self._signal_queue = []
-        self._signal_pipe = None
+        self.signals = None  # links.SignalQueue
         self._boot_pipe = None  # workers write their pid here once they are up
         self._ready_fd = None  # --daemon: the first process waits on it
         self._booted = set()
@@ -139,10 +139,8 @@ class Master:
         self.rate_table = RateTable(len(db), (db.rate_total + options.key_max_rate * len(db))
                                     * 2 * options.skew)
         self.stats = StatsService(options, stats_socket_path(options))
-        self._signal_pipe = self._nonblocking_pipe()
         self._boot_pipe = self._nonblocking_pipe()
-        for sig in SIGNALS:
-            signal.signal(sig, self._record_signal)
+        self.signals = SignalQueue(SIGNALS, limit=5)
         log_started(options, self.listeners, self.num_workers, len(db))
 
     def _check_as_user(self):
@@ -178,14 +176,6 @@ class Master:
             log.warning("the open-file limit (%d) is below --max-connections (%d) plus 128; "
                         "raise LimitNOFILE or ulimit -n", new, wanted)
 
-    def _record_signal(self, signum, frame):
-        if len(self._signal_queue) < 5:
-            self._signal_queue.append(signum)
-        try:
-            os.write(self._signal_pipe[1], b".")
-        except OSError:
-            pass
-
     # -- the loop ----------------------------------------------------------------
 
     def run(self):
@@ -194,10 +184,11 @@ class Master:
             self.start()
             self.manage_workers()
             while True:
-                sig = self._signal_queue.pop(0) if self._signal_queue else None
+                pending = self.signals.pending
+                sig = pending.pop(0) if pending else None
                 if sig is None:
                     self.sleep()
-                    if self._signal_queue:
+                    if self.signals.pending:
                         continue  # a TERM must win over respawning
                     self.reap_workers()
                     self.murder_workers()
@@ -225,7 +216,7 @@ class Master:
         ``timeout`` seconds."""
         timeout = self.auth_reloads.timeout(timeout)
         channels = {w.auth_channel.master_end: w.auth_channel for w in self.workers.values()}
-        watched = [self._signal_pipe[0], self._boot_pipe[0], *channels,
+        watched = [self.signals, self._boot_pipe[0], *channels,
                    *self.auth_reloads.readable()] + self.stats.readable()
         try:
             ready, writable, _ = select.select(watched, self.stats.writable(), [],
@@ -233,31 +224,18 @@ class Master:
         except InterruptedError:
             return
         self.stats.on_ready(ready, writable, list(self.workers))
-        if self._signal_pipe[0] in ready:
-            self._drain(self._signal_pipe[0])
+        if self.signals in ready:
+            self.signals.drain()
         self.auth_reloads.on_ready(ready)
         # A SIGHUP sent to a worker is one to the master: one reload, wherever sent
         # (queued as the master's own, so a stop in progress ignores it as well).
         if any([channels[r].update_requested() for r in ready if r in channels]):
-            self._record_signal(signal.SIGHUP, None)
+            self.signals.record(signal.SIGHUP)
         if self._boot_pipe[0] in ready:
-            data = self._drain(self._boot_pipe[0])
+            data = drain(self._boot_pipe[0])
             for (pid,) in _PID.iter_unpack(data[:len(data) - len(data) % _PID.size]):
                 self._booted.add(pid)
             self._check_ready()
-
-    @staticmethod
-    def _drain(fd):
-        chunks = []
-        try:
-            while True:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        except (BlockingIOError, InterruptedError):
-            pass
-        return b"".join(chunks)
 
     def _check_ready(self):
         """Tell systemd we are ready once the first full set of workers is up."""
@@ -370,8 +348,8 @@ class Master:
     def _run_worker(self, worker, signal_mask):
         """In the child: never return into the master's code."""
         try:
-            for fd in self._signal_pipe + (self._boot_pipe[0],):
-                os.close(fd)
+            self.signals.close()
+            os.close(self._boot_pipe[0])
             for other in self.workers.values():
                 other.auth_channel.close_master_end()
             worker.auth_channel.close_master_end()

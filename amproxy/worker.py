@@ -14,6 +14,7 @@ from .config import LIVE_OPTIONS
 from .clients import Clients
 from .connections import HANDSHAKE, HEADER
 from .destinations import Destinations
+from .links import SignalQueue
 from .outcomes import LineOutcomes
 from .errors import CloseConnection
 from .listeners import Acceptor, connection_limit
@@ -67,7 +68,7 @@ class Worker:
         self._next_stats_report = 0.0
         self.clients = None  # clients.Clients, made in the child
         self.lines = None  # outcomes.LineOutcomes, made in the child
-        self._signals = []
+        self.signals = None  # links.SignalQueue, made in the child
 
     # -- start-up (after fork) ---------------------------------------------
 
@@ -82,15 +83,11 @@ class Worker:
         self._live_generation = read_live_options().get("generation", 0)
         self.clock = time.monotonic
         self.selector = selectors.DefaultSelector()
-        self._wakeup_r, self._wakeup_w = os.pipe()
-        os.set_blocking(self._wakeup_r, False)
-        os.set_blocking(self._wakeup_w, False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(sig, self._record_signal)
+        self.signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                                    signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
+                                    signal.SIGTTOU))
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
-        self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
+        self.selector.register(self.signals, selectors.EVENT_READ, self.signals.drain)
         self.selector.register(self.auth_channel.worker_end, selectors.EVENT_READ,
                                self._on_reload)
         options = self.options
@@ -114,16 +111,6 @@ class Worker:
         self.heartbeat.notify()
         self._apply_connection_limits()
         self.acceptor.update(self.accepting, self.max_connections)
-
-    def _record_signal(self, signum, frame):
-        self._signals.append(signum)
-
-    def _on_wakeup(self, mask):
-        try:
-            while os.read(self._wakeup_r, 512):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
 
     # -- the loop ------------------------------------------------------------
 
@@ -152,7 +139,7 @@ class Worker:
             timeout = TICK if look_again is None else min(TICK, look_again)
             if not flush_now:
                 timeout = min(timeout, FLUSH_INTERVAL)
-            if self._signals:
+            if self.signals.pending:
                 self._handle_signals()
             now = self.clock()
             if now >= next_housekeeping:
@@ -175,8 +162,7 @@ class Worker:
             self._check_stop_done(now)
 
     def _handle_signals(self):
-        signals, self._signals = self._signals, []
-        for signum in signals:
+        for signum in self.signals.take():
             if signum == signal.SIGTERM or signum == signal.SIGINT:
                 self.begin_stop(graceful=True)
             elif signum == signal.SIGQUIT:
