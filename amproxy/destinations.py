@@ -73,6 +73,16 @@ class Destinations:
 
     # -- lines ---------------------------------------------------------------
 
+    def send_datagram(self, sock):
+        """A datagram of lines from ``sock`` (the master's self-metrics, unless another
+        worker took them first): they go to Carbon as forwarded lines do."""
+        try:
+            data = sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        if data:
+            self.send(data.splitlines())
+
     def send(self, lines):
         """Queue Carbon lines (``metric value timestamp``, no newline) where they belong."""
         senders = self.senders

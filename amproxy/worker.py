@@ -105,8 +105,9 @@ class Worker:
             self.destinations.replay_stranded(options.spool_dir, options.spool_max_bytes)
         self.stats = WorkerStats(self.stats_channels, options.stats_per_key)
         self.lines = LineOutcomes(options.log_rejections, self.stats, self.clock)
-        self.selector.register(self.stats_channels.outbox_out, selectors.EVENT_READ,
-                               self._on_stats_lines)
+        outbox = self.stats_channels.outbox_out  # the master's self-metrics, to send
+        self.selector.register(outbox, selectors.EVENT_READ,
+                               lambda mask: self.destinations.send_datagram(outbox))
         self.destinations.flush()
         self.heartbeat.notify()
         self._apply_connection_limits()
@@ -203,15 +204,6 @@ class Worker:
         gauges = self.destinations.gauges()
         gauges["activeConnections"] = len(self.clients)
         self.stats.report(self.counters(), gauges)
-
-    def _on_stats_lines(self, mask):
-        """The master's self-metrics: they go to Carbon like forwarded lines."""
-        try:
-            data = self.stats_channels.outbox_out.recv(1 << 20)
-        except (BlockingIOError, InterruptedError):
-            return  # another worker took them
-        if data:
-            self.destinations.send(data.splitlines())
 
     def _reload_options(self, live):
         """Take the live options the master parsed (it logged any error, once)."""
