@@ -460,6 +460,20 @@ def reread_server_args(argv):
     return options
 
 
+def reload_server_args(options, argv):
+    """Parse the options again and take the live ones into ``options``: (the live
+    options that changed, those that changed but wait for a restart).  ConfigError if
+    the config no longer parses, and then nothing changes."""
+    new = reread_server_args(argv)
+    changed = sorted(name for name, value in vars(new).items()
+                     if getattr(options, name, None) != value)
+    for name in changed:
+        if name in LIVE_OPTIONS:
+            setattr(options, name, getattr(new, name))
+    return ([name for name in changed if name in LIVE_OPTIONS],
+            [name for name in changed if name not in LIVE_OPTIONS])
+
+
 def check_options(options):
     """The checks across options, in one place: ConfigError for a combination that
     cannot run; the warnings (sentences) for one that runs but may surprise."""

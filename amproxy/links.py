@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import tempfile
 
 from .config import LIVE_OPTIONS
@@ -31,9 +32,7 @@ class SignalQueue:
     the loop watches (``fileno``) and then ``drain``s."""
 
     def __init__(self, signals, limit=None):
-        self._read_end, self._write_end = os.pipe()
-        os.set_blocking(self._read_end, False)
-        os.set_blocking(self._write_end, False)
+        self._read_end, self._write_end = nonblocking_pipe()
         self.limit = limit
         self.pending = []
         for sig in signals:
@@ -62,6 +61,40 @@ class SignalQueue:
     def close(self):
         os.close(self._read_end)
         os.close(self._write_end)
+
+
+class BootReports:
+    """Each worker writes its pid here once it is up (``report``); the master reads
+    them (``read``, when ``fileno`` is readable) into ``booted``."""
+
+    _PID = struct.Struct("=i")
+
+    def __init__(self):
+        self._read_end, self._write_end = nonblocking_pipe()
+        self.booted = set()
+
+    def fileno(self):
+        return self._read_end
+
+    def report(self):
+        """In a worker, once it is up."""
+        os.write(self._write_end, self._PID.pack(os.getpid()))
+        os.close(self._write_end)
+
+    def close_in_worker(self):
+        os.close(self._read_end)
+
+    def read(self):
+        data = drain(self._read_end)
+        for (pid,) in self._PID.iter_unpack(data[:len(data) - len(data) % self._PID.size]):
+            self.booted.add(pid)
+
+
+def nonblocking_pipe():
+    pipe = os.pipe()
+    for fd in pipe:
+        os.set_blocking(fd, False)
+    return pipe
 
 
 def drain(fd):

@@ -52,6 +52,23 @@ CAP_LOG_INTERVAL = 1.0
 RESERVED_DESCRIPTORS = 128
 
 
+def raise_file_limit(max_connections):
+    """Each worker needs a descriptor per client: take the hard limit, as a Go program
+    does (1024 is a common soft limit; the systemd unit sets 65536)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    new = FILE_LIMIT_IF_UNLIMITED if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < new:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (OSError, ValueError):  # a system call filter, say
+            new = soft
+    else:
+        new = soft
+    if max_connections and new != resource.RLIM_INFINITY and new < max_connections + 128:
+        log.warning("the open-file limit (%d) is below --max-connections (%d) plus 128; "
+                    "raise LimitNOFILE or ulimit -n", new, max_connections)
+
+
 def connection_limit(max_connections):
     """--max-connections, or for 0 as many clients as the open-file limit leaves room for."""
     if max_connections:

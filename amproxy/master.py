@@ -7,22 +7,19 @@ signals it reaps dead workers, kills hung ones and starts missing ones.
 
 import logging
 import os
-import resource
 import select
 import signal
-import struct
 import time
 
 from . import daemon
 from .auth import warn_if_world_readable
 from .authsnapshot import SLOW_LAYOUT, SLOW_LAYOUT_WARNING_KEYS, AuthFile, AuthReloads
 from .balance import NOT_ACCEPTING, ConnectionTable
-from .config import (LIVE_OPTIONS, check_options, config_file_path, reread_server_args,
-                     stats_socket_path)
+from .config import check_options, config_file_path, reload_server_args, stats_socket_path
 from .errors import AmproxyError
-from .links import (SIGNAL_NAMES, SIGNALS, Heartbeat, LiveOptions, SignalQueue,
-                    SnapshotChannel, drain)
-from .listeners import FILE_LIMIT_IF_UNLIMITED, Listener, bind, connection_limit
+from .links import (SIGNAL_NAMES, SIGNALS, BootReports, Heartbeat, LiveOptions, SignalQueue,
+                    SnapshotChannel)
+from .listeners import Listener, bind, connection_limit, raise_file_limit
 from .logs import reopen_log_files, set_level
 from .proxyprotocol import LOOPBACK
 from .ratelimit import RateTable
@@ -34,7 +31,6 @@ log = logging.getLogger(__name__)
 
 # How long workers may take to exit after the graceful timeout, before SIGKILL.
 KILL_GRACE = 5.0
-_PID = struct.Struct("=i")
 
 
 class HaltServer(AmproxyError):
@@ -94,9 +90,8 @@ class Master:
         self.pidfile = None
         self.ready = False
         self.signals = None  # links.SignalQueue
-        self._boot_pipe = None  # workers write their pid here once they are up
+        self.boot = None  # links.BootReports: the workers that are up
         self._ready_fd = None  # --daemon: the first process waits on it
-        self._booted = set()
         self._worker_age = 0
         self.live_options = None
         self.connection_table = None
@@ -120,7 +115,7 @@ class Master:
         self.listeners = [Listener(inherited) if inherited else bind(options.addr)]
         if options.tls_addr:
             self.listeners.append(bind(options.tls_addr, "tls"))
-        self._raise_file_limit()
+        raise_file_limit(options.max_connections)
         if options.pidfile:
             self.pidfile = daemon.Pidfile(options.pidfile)
             self.pidfile.check()
@@ -139,7 +134,7 @@ class Master:
         self.rate_table = RateTable(len(db), (db.rate_total + options.key_max_rate * len(db))
                                     * 2 * options.skew)
         self.stats = StatsService(options, stats_socket_path(options))
-        self._boot_pipe = self._nonblocking_pipe()
+        self.boot = BootReports()
         self.signals = SignalQueue(SIGNALS, limit=5)
         log_started(options, self.listeners, self.num_workers, len(db))
 
@@ -151,30 +146,6 @@ class Master:
             listener = next(listener for listener in self.listeners if listener.tls)
             self.certificates = CertificateReloads(listener, self.options, lambda: [
                 w.auth_channel for w in self.workers.values()])
-
-    @staticmethod
-    def _nonblocking_pipe():
-        pipe = os.pipe()
-        for fd in pipe:
-            os.set_blocking(fd, False)
-        return pipe
-
-    def _raise_file_limit(self):
-        """Each worker needs a descriptor per client: take the hard limit, as a Go program
-        does (1024 is a common soft limit; the systemd unit sets 65536)."""
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        new = FILE_LIMIT_IF_UNLIMITED if hard == resource.RLIM_INFINITY else hard
-        if soft != resource.RLIM_INFINITY and soft < new:
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-            except (OSError, ValueError):  # a system call filter, say
-                new = soft
-        else:
-            new = soft
-        wanted = self.options.max_connections
-        if wanted and new != resource.RLIM_INFINITY and new < wanted + 128:
-            log.warning("the open-file limit (%d) is below --max-connections (%d) plus 128; "
-                        "raise LimitNOFILE or ulimit -n", new, wanted)
 
     # -- the loop ----------------------------------------------------------------
 
@@ -216,7 +187,7 @@ class Master:
         ``timeout`` seconds."""
         timeout = self.auth_reloads.timeout(timeout)
         channels = {w.auth_channel.master_end: w.auth_channel for w in self.workers.values()}
-        watched = [self.signals, self._boot_pipe[0], *channels,
+        watched = [self.signals, self.boot, *channels,
                    *self.auth_reloads.readable()] + self.stats.readable()
         try:
             ready, writable, _ = select.select(watched, self.stats.writable(), [],
@@ -231,15 +202,13 @@ class Master:
         # (queued as the master's own, so a stop in progress ignores it as well).
         if any([channels[r].update_requested() for r in ready if r in channels]):
             self.signals.record(signal.SIGHUP)
-        if self._boot_pipe[0] in ready:
-            data = drain(self._boot_pipe[0])
-            for (pid,) in _PID.iter_unpack(data[:len(data) - len(data) % _PID.size]):
-                self._booted.add(pid)
+        if self.boot in ready:
+            self.boot.read()
             self._check_ready()
 
     def _check_ready(self):
         """Tell systemd we are ready once the first full set of workers is up."""
-        if not self.ready and len(self._booted & set(self.workers)) >= self.num_workers:
+        if not self.ready and len(self.boot.booted & set(self.workers)) >= self.num_workers:
             self.ready = True
             log.info("workers ready", extra={"workers": len(self.workers)})
             daemon.systemd_notify("READY=1\nSTATUS=forwarding with %d workers"
@@ -270,24 +239,18 @@ class Master:
     def reload_options(self):
         """Parse the config once, here; the workers take the live options from ``live_options``."""
         try:
-            new = reread_server_args(self.argv)
+            changed, at_restart = reload_server_args(self.options, self.argv)
         except AmproxyError as e:
             log.error("config file %s not reloaded, keeping the running options: %s",
                       config_file_path(self.argv), e)
             return
-        changed = sorted(name for name, value in vars(new).items()
-                         if getattr(self.options, name, None) != value)
-        for name in changed:
-            if name in LIVE_OPTIONS:
-                setattr(self.options, name, getattr(new, name))
-            else:
-                log.warning("option %s changed; it takes effect at the next restart",
-                            name.replace("_", "-"))
-        if "workers" in changed:
-            self.num_workers = new.workers
+        for name in at_restart:
+            log.warning("option %s changed; it takes effect at the next restart",
+                        name.replace("_", "-"))
+        self.num_workers = self.options.workers
         set_level(self.options.log_level)
         log.info("config reloaded", extra={"changed": ",".join(
-            n.replace("_", "-") for n in changed if n in LIVE_OPTIONS) or "nothing"})
+            name.replace("_", "-") for name in changed) or "nothing"})
 
     def handle_term(self):
         self.stop(graceful=True)
@@ -349,7 +312,7 @@ class Master:
         """In the child: never return into the master's code."""
         try:
             self.signals.close()
-            os.close(self._boot_pipe[0])
+            self.boot.close_in_worker()
             for other in self.workers.values():
                 other.auth_channel.close_master_end()
             worker.auth_channel.close_master_end()
@@ -360,8 +323,7 @@ class Master:
                 signal.signal(sig, signal.SIG_DFL)
             try:
                 worker.init_process(self.live_options.read)
-                os.write(self._boot_pipe[1], _PID.pack(os.getpid()))
-                os.close(self._boot_pipe[1])
+                self.boot.report()
             except Exception as e:
                 log.error("worker failed to start: %s", e)
                 return WORKER_BOOT_ERROR
@@ -386,7 +348,7 @@ class Master:
             if self.auth_reloads.reaped(pid, status):
                 continue
             worker = self.workers.pop(pid, None)
-            self._booted.discard(pid)
+            self.boot.booted.discard(pid)
             self.stats.forget_worker(pid)
             if worker is None:
                 continue
