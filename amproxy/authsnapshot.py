@@ -30,7 +30,7 @@ from array import array
 from zlib import crc32
 
 from .auth import AuthKey, KeyMap, split_patterns, parse_auth_file, parse_rfc3339, \
-    read_auth_file
+    read_auth_file, warn_if_world_readable
 from .authscan import GLOB_BYTES, Layout, block_regex, entry_block, scan
 from .errors import AuthFileError
 from .links import SIGNALS, Update
@@ -386,11 +386,15 @@ class AuthFile:
         self.reload_errors = 0
 
     def load(self):
-        """First load: an error here is fatal, so it propagates."""
+        """First load: an error here is fatal, so it propagates.  What may surprise
+        an operator is said once, here."""
         update = self.compile("start")
         if update.error is not None:
             raise AuthFileError(update.error)
         self.take(update, quiet=True)
+        warn_if_world_readable(self.path)
+        if not self.db.standard and len(self.db) >= SLOW_LAYOUT_WARNING_KEYS:
+            log.warning(SLOW_LAYOUT, self.path, len(self.db))
         return self.db
 
     def _current_identity(self):

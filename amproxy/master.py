@@ -12,8 +12,7 @@ import signal
 import time
 
 from . import daemon
-from .auth import warn_if_world_readable
-from .authsnapshot import SLOW_LAYOUT, SLOW_LAYOUT_WARNING_KEYS, AuthFile, AuthReloads
+from .authsnapshot import AuthFile, AuthReloads
 from .balance import NOT_ACCEPTING, ConnectionTable
 from .config import check_options, config_file_path, reload_server_args, stats_socket_path
 from .errors import AmproxyError
@@ -25,7 +24,7 @@ from .proxyprotocol import LOOPBACK
 from .ratelimit import RateTable
 from .tls import CertificateReloads
 from .stats import StatsService
-from .worker import WORKER_BOOT_ERROR, Worker
+from .worker import WORKER_BOOT_ERROR, Worker, run_worker_process
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +105,7 @@ class Master:
         options = self.options
         self.auth_file = AuthFile(options.auth_file)
         db = self.auth_file.load()
-        self.auth_reloads = AuthReloads(
-            self.auth_file, lambda: [w.auth_channel for w in self.workers.values()])
-        warn_if_world_readable(options.auth_file)
-        if not db.standard and len(db) >= SLOW_LAYOUT_WARNING_KEYS:
-            log.warning(SLOW_LAYOUT, options.auth_file, len(db))
+        self.auth_reloads = AuthReloads(self.auth_file, self._channels)
         inherited = daemon.inherited_listener()
         self.listeners = [Listener(inherited) if inherited else bind(options.addr)]
         if options.tls_addr:
@@ -144,8 +139,10 @@ class Master:
         check_access(self.options)
         if self.options.tls_addr:
             listener = next(listener for listener in self.listeners if listener.tls)
-            self.certificates = CertificateReloads(listener, self.options, lambda: [
-                w.auth_channel for w in self.workers.values()])
+            self.certificates = CertificateReloads(listener, self.options, self._channels)
+
+    def _channels(self):
+        return [worker.auth_channel for worker in self.workers.values()]
 
     # -- the loop ----------------------------------------------------------------
 
@@ -310,7 +307,7 @@ class Master:
 
     def _run_worker(self, worker, signal_mask):
         """In the child: never return into the master's code."""
-        try:
+        def close_the_masters():
             self.signals.close()
             self.boot.close_in_worker()
             for other in self.workers.values():
@@ -319,23 +316,8 @@ class Master:
             if self._ready_fd is not None:
                 os.close(self._ready_fd)  # only the master's exit may close it
             self.stats.close_in_worker()
-            for sig in SIGNALS:
-                signal.signal(sig, signal.SIG_DFL)
-            try:
-                worker.init_process(self.live_options.read)
-                self.boot.report()
-            except Exception as e:
-                log.error("worker failed to start: %s", e)
-                return WORKER_BOOT_ERROR
-            signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
-            worker.run()
-            return 0
-        except Exception:
-            log.exception("worker crashed")
-            worker.save_what_is_held()
-            return 1
-        finally:
-            logging.shutdown()
+        return run_worker_process(worker, close_the_masters, self.live_options.read,
+                                  self.boot, signal_mask)
 
     def reap_workers(self):
         while True:

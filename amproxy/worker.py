@@ -14,7 +14,7 @@ from .config import LIVE_OPTIONS
 from .clients import Clients
 from .connections import HANDSHAKE, HEADER
 from .destinations import Destinations
-from .links import SignalQueue
+from .links import SIGNALS, SignalQueue
 from .outcomes import LineOutcomes
 from .errors import CloseConnection
 from .listeners import Acceptor, connection_limit
@@ -340,3 +340,27 @@ class Worker:
         self.report_stats()
         log.info("worker stopped", extra={"forwarded": self.lines.forwarded,
                                           "rejected": sum(self.lines.rejected.values())})
+
+
+def run_worker_process(worker, close_the_masters, read_live_options, boot, signal_mask):
+    """A worker's process, forked by the master with its signals blocked: the exit
+    status (it never returns into the master's code)."""
+    try:
+        close_the_masters()
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        try:
+            worker.init_process(read_live_options)
+            boot.report()
+        except Exception as e:
+            log.error("worker failed to start: %s", e)
+            return WORKER_BOOT_ERROR
+        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+        worker.run()
+        return 0
+    except Exception:
+        log.exception("worker crashed")
+        worker.save_what_is_held()
+        return 1
+    finally:
+        logging.shutdown()
