@@ -24,6 +24,7 @@ from .proxyprotocol import LOOPBACK
 from .ratelimit import RateTable
 from .tls import CertificateReloads
 from .stats import StatsService
+from .pool import WorkerPool
 from .worker import WORKER_BOOT_ERROR, Worker, run_worker_process
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,8 @@ class Master:
     def __init__(self, options, argv=()):
         self.options = options
         self.argv = list(argv)  # to read the options again on SIGHUP
-        self.num_workers = options.workers
-        self.workers = {}  # pid -> Worker
+        self.pool = WorkerPool(options.workers, self._make_worker, self._run_worker)
+        self.workers = self.pool.workers  # pid -> Worker
         self.listeners = []  # listeners.Listener: the plain one first
         self.auth_file = None
         self.auth_reloads = None  # AuthReloads
@@ -91,7 +92,6 @@ class Master:
         self.signals = None  # links.SignalQueue
         self.boot = None  # links.BootReports: the workers that are up
         self._ready_fd = None  # --daemon: the first process waits on it
-        self._worker_age = 0
         self.live_options = None
         self.connection_table = None
         self.rate_table = None
@@ -131,7 +131,7 @@ class Master:
         self.stats = StatsService(options, stats_socket_path(options))
         self.boot = BootReports()
         self.signals = SignalQueue(SIGNALS, limit=5)
-        log_started(options, self.listeners, self.num_workers, len(db))
+        log_started(options, self.listeners, self.pool.count, len(db))
 
     def _check_as_user(self):
         """What the workers need, checked as the user they run as: the TLS certificate
@@ -150,7 +150,7 @@ class Master:
         """Run until told to stop; return the exit status."""
         try:
             self.start()
-            self.manage_workers()
+            self.pool.manage()
             while True:
                 pending = self.signals.pending
                 sig = pending.pop(0) if pending else None
@@ -159,8 +159,8 @@ class Master:
                     if self.signals.pending:
                         continue  # a TERM must win over respawning
                     self.reap_workers()
-                    self.murder_workers()
-                    self.manage_workers()
+                    self.pool.murder(self.options.worker_timeout)
+                    self.pool.manage()
                     self.stats.tick(list(self.workers))
                     self.auth_reloads.check_file(self.options.auth_reload_interval)
                     continue
@@ -205,7 +205,7 @@ class Master:
 
     def _check_ready(self):
         """Tell systemd we are ready once the first full set of workers is up."""
-        if not self.ready and len(self.boot.booted & set(self.workers)) >= self.num_workers:
+        if not self.ready and len(self.boot.booted & set(self.workers)) >= self.pool.count:
             self.ready = True
             log.info("workers ready", extra={"workers": len(self.workers)})
             daemon.systemd_notify("READY=1\nSTATUS=forwarding with %d workers"
@@ -218,7 +218,7 @@ class Master:
 
     def handle_chld(self):
         self.reap_workers()
-        self.manage_workers()
+        self.pool.manage()
 
     def handle_hup(self):
         """Re-read the config file and the auth file, and tell every worker."""
@@ -230,7 +230,7 @@ class Master:
             self.certificates.reload()
         # Compiled in a child; with it the workers read the live options again.
         self.auth_reloads.request("SIGHUP")
-        self.manage_workers()
+        self.pool.manage()
         daemon.systemd_notify("READY=1")
 
     def reload_options(self):
@@ -244,7 +244,7 @@ class Master:
         for name in at_restart:
             log.warning("option %s changed; it takes effect at the next restart",
                         name.replace("_", "-"))
-        self.num_workers = self.options.workers
+        self.pool.count = self.options.workers
         set_level(self.options.log_level)
         log.info("config reloaded", extra={"changed": ",".join(
             name.replace("_", "-") for name in changed) or "nothing"})
@@ -260,50 +260,28 @@ class Master:
         raise StopIteration(0)
 
     def handle_ttin(self):
-        self.num_workers += 1
-        self.manage_workers()
+        self.pool.count += 1
+        self.pool.manage()
 
     def handle_ttou(self):
-        self.num_workers = max(1, self.num_workers - 1)
-        self.manage_workers()
+        self.pool.count = max(1, self.pool.count - 1)
+        self.pool.manage()
 
     def handle_usr1(self):
         """Reopen log files after logrotate moved them."""
         reopen_log_files()
-        self.kill_workers(signal.SIGUSR1)
+        self.pool.kill_all(signal.SIGUSR1)
 
     # -- workers ---------------------------------------------------------------------
 
-    def manage_workers(self):
-        while len(self.workers) < self.num_workers:
-            self.spawn_worker()
-        if len(self.workers) > self.num_workers:
-            oldest = sorted(self.workers.items(), key=lambda item: item[1].age)
-            for pid, _ in oldest[:len(self.workers) - self.num_workers]:
-                self.kill_worker(pid, signal.SIGTERM)
-
-    def spawn_worker(self):
-        self._worker_age += 1
-        used = {w.slot for w in self.workers.values()}
-        slot = min(set(range(len(self.workers) + 1)) - used)
-        worker = Worker(slot, self._worker_age, self.listeners, self.options,
-                        self.auth_file, SnapshotChannel(), Heartbeat(), self.stats.channels,
-                        self.connection_table, self.rate_table)
+    def _make_worker(self, slot, age):
         if not self.ready:
             # Devices cut off by a restart reconnect all at once: a slot still
             # booting counts as empty, so the first worker up does not take them all.
             self.connection_table.publish(slot, 0)
-        # Signals stay blocked across the fork until the child has its own
-        # handlers, so none is lost to the master's handler in the child.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-        pid = os.fork()
-        if pid:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            worker.auth_channel.close_worker_end()
-            self.workers[pid] = worker
-            log.debug("worker started", extra={"worker_pid": pid, "slot": slot})
-            return pid
-        os._exit(self._run_worker(worker, old_mask))
+        return Worker(slot, age, self.listeners, self.options, self.auth_file,
+                      SnapshotChannel(), Heartbeat(), self.stats.channels,
+                      self.connection_table, self.rate_table)
 
     def _run_worker(self, worker, signal_mask):
         """In the child: never return into the master's code."""
@@ -348,32 +326,6 @@ class Master:
                 log.error("worker exited with status %d; starting a new one", code,
                           extra={"worker_pid": pid})
 
-    def murder_workers(self):
-        """Kill workers whose heartbeat stopped: they are hung."""
-        timeout = self.options.worker_timeout
-        if not timeout:
-            return
-        now = time.time()
-        for pid, worker in list(self.workers.items()):
-            try:
-                silent = now - worker.heartbeat.last_update()
-            except OSError:
-                continue
-            if silent > timeout:
-                log.error("worker hung (no heartbeat for %.0f s); killing it", silent,
-                          extra={"worker_pid": pid})
-                self.kill_worker(pid, signal.SIGKILL)
-
-    def kill_workers(self, sig):
-        for pid in list(self.workers):
-            self.kill_worker(pid, sig)
-
-    def kill_worker(self, pid, sig):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
     def stop(self, graceful=True):
         """Stop accepting, ask every worker to stop, wait, then kill stragglers."""
         daemon.systemd_notify("STOPPING=1")
@@ -382,7 +334,7 @@ class Master:
         self.listeners = []
         if self.auth_reloads is not None:
             self.auth_reloads.stop()
-        self.kill_workers(signal.SIGTERM if graceful else signal.SIGQUIT)
+        self.pool.kill_all(signal.SIGTERM if graceful else signal.SIGQUIT)
         limit = (self.options.graceful_timeout if graceful else 0) + KILL_GRACE
         deadline = time.monotonic() + limit
         while self.workers and time.monotonic() < deadline:
@@ -391,7 +343,7 @@ class Master:
         if self.workers:
             log.error("workers did not stop in time; killing them",
                       extra={"workers": len(self.workers)})
-            self.kill_workers(signal.SIGKILL)
+            self.pool.kill_all(signal.SIGKILL)
             while self.workers:
                 self._reap_quietly()
                 self.sleep(0.1)

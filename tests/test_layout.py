@@ -20,7 +20,7 @@ FLOORS = [
     ("parts", ["logs", "tls", "config", "links", "daemon", "balance", "ratelimit", "buffer",
                "deadletter", "auth", "authscan", "authsnapshot", "stats", "carbon",
                "destinations", "listeners", "connections", "clients", "outcomes"]),
-    ("worker", ["worker"]),
+    ("worker", ["worker", "pool"]),
     ("master", ["master"]),
     # Commands: the device client, the key tool, the command line.
     ("commands", ["client", "keytool", "cli", "__main__"]),
