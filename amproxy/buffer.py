@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 
 # Chunks appended while the last one is smaller than this are merged into it.
 MERGE_BYTES = 16 << 10
+# A chunk of Carbon lines once sent: when it was first sent (None: never), its
+# bytes, its number of lines.
+Chunk = collections.namedtuple("Chunk", "sent_at data lines")
 
 
 class LineBuffer:

@@ -27,7 +27,7 @@ import logging
 import selectors
 import socket
 
-from .buffer import LineBuffer, SpoolError
+from .buffer import Chunk, LineBuffer, SpoolError
 from .deadletter import SEARCH_COOLDOWN, DeadLetters, PoisonSearch, PoisonWatch
 from .placement import Destination
 
@@ -44,6 +44,78 @@ RESUME_FILL = 0.8
 _DRAIN_SIZE = 4096
 
 
+class ResendWindow:
+    """What Carbon may still lose (it acknowledges nothing): the chunks sent in the last
+    ``window`` seconds (``recent``, at most ``max_lines`` lines), those sent on a
+    connection not yet proved healthy (``unconfirmed``, never taken as delivered,
+    however old), and after a break, those to send again first (``resend``)."""
+
+    def __init__(self, window, max_lines, clock):
+        self.window = window
+        self.max_lines = max_lines
+        self.clock = clock
+        self.recent = collections.deque()
+        self.recent_lines = 0
+        self.unconfirmed = []
+        self.unconfirmed_lines = 0  # checked at every write, so kept, not summed
+        self.resend = collections.deque()  # goes first
+        self._cut_logged = False
+
+    def add(self, chunks, healthy):
+        """Keep sent chunks for the window (their first send time counts)."""
+        if not self.window:
+            return
+        if not healthy:
+            self.unconfirmed.extend(chunks)
+            self.unconfirmed_lines += sum(chunk.lines for chunk in chunks)
+            return
+        now = self.clock()
+        for chunk in chunks:
+            self.recent.append(chunk)
+            self.recent_lines += chunk.lines
+        horizon = now - self.window
+        recent = self.recent
+        # Kept sent lines are bounded by --buffer-size too, oldest go first.
+        while recent and (recent[0].sent_at < horizon or self.recent_lines > self.max_lines):
+            chunk = recent.popleft()
+            self.recent_lines -= chunk.lines
+            if chunk.sent_at >= horizon and not self._cut_logged:
+                self._cut_logged = True
+                log.warning("--buffer-size cannot hold --resend-window of sent lines; "
+                            "a Carbon crash may lose the older ones", extra={
+                                "buffer_lines": self.max_lines, "resend_window": self.window,
+                                "kept_seconds": round(now - chunk.sent_at, 2)})
+
+    def confirm(self):
+        """The connection proved healthy: what it carried joins the window."""
+        unconfirmed, self.unconfirmed = self.unconfirmed, []
+        self.unconfirmed_lines = 0
+        self.add(unconfirmed, True)
+
+    def requeue(self):
+        """After a break: what Carbon may have lost goes to ``resend``, in order; its lines."""
+        horizon = self.clock() - self.window
+        recent = [chunk for chunk in self.recent if chunk.sent_at >= horizon] + self.unconfirmed
+        self.resend.extendleft(reversed(recent))
+        self.recent.clear()
+        self.recent_lines = 0
+        self.unconfirmed = []
+        self.unconfirmed_lines = 0
+        return sum(chunk.lines for chunk in recent)
+
+    def take_held(self):
+        """On the way out: the chunks not known delivered (unconfirmed, then resend)."""
+        held = self.unconfirmed + list(self.resend)
+        self.unconfirmed = []
+        self.unconfirmed_lines = 0
+        self.resend.clear()
+        return held
+
+    @property
+    def empty(self):
+        return not self.resend and not self.unconfirmed
+
+
 class CarbonSender:
     def __init__(self, address, selector, clock, buffer_lines, spool=None,
                  replay_rate=0, resend_window=0.0, dead_letters=None):
@@ -54,7 +126,6 @@ class CarbonSender:
         self.spool = spool
         self.dead_letters = dead_letters or DeadLetters(None)
         self.replay_rate = replay_rate
-        self.resend_window = resend_window
         self.sock = None
         self.connected = False
         self._events = 0
@@ -69,20 +140,13 @@ class CarbonSender:
         self._current = None  # (data, line_count) being written
         self._current_sent_at = None  # when a resent chunk was first sent
         self._offset = 0
-        self._recent = collections.deque()  # (sent_at, data, line_count)
-        self._recent_lines = 0
-        # Sent on this connection before it proved healthy: never taken as
-        # delivered, however old (a front that accepts and drops everything).
-        self._unconfirmed = []
-        self._unconfirmed_lines = 0  # their lines: checked at every write, so kept, not summed
-        self._resend = collections.deque()  # (sent_at, data, line_count), goes first
+        self.window = ResendWindow(resend_window, buffer_lines, clock)
         self._search = None  # a PoisonSearch while one runs
         self._replaying = False  # sending a backlog: the replay rate applies
         self._tokens = 0.0
         self._tokens_at = 0.0
         self._spilling = False
         self._spool_unreadable = False
-        self._window_cut_logged = False
         self.full = False
         self.reconnects = 0
         self.dropped_lines = 0
@@ -92,12 +156,12 @@ class CarbonSender:
 
     def _held_for_resend(self):
         """Chunks to send before the queue: a search's suspects, then resent ones."""
-        held = list(self._unconfirmed)
+        held = list(self.window.unconfirmed)
         if self._search is not None:
             if self._search.candidate is not None:
                 held.append(self._search.candidate)
             held.extend(self._search.suspects)
-        return held + list(self._resend)
+        return held + list(self.window.resend)
 
     @property
     def queued_lines(self):
@@ -111,8 +175,8 @@ class CarbonSender:
 
     @property
     def memory_empty(self):
-        return (not self.buffer and self._current is None and not self._resend
-                and not self._unconfirmed and self._search is None)
+        return (not self.buffer and self._current is None and self.window.empty
+                and self._search is None)
 
     def enqueue(self, data, line_count):
         """Queue a chunk of Carbon lines.  Never drops: may set ``full``."""
@@ -152,13 +216,11 @@ class CarbonSender:
         if not self._healthy and now - self._connected_at >= PROBATION:
             self._healthy = True
             self._backoff = INITIAL_BACKOFF
-            unconfirmed, self._unconfirmed = self._unconfirmed, []
-            self._unconfirmed_lines = 0
-            self._recent_add(unconfirmed)
+            self.window.confirm()
         search = self._search
         if search is not None and search.written_at is not None and \
                 now - search.written_at >= search.probe_wait:
-            self._recent_add(search.passed())
+            self.window.add(search.passed(), self._healthy)
             if search.done:
                 self._end_search()
         try:
@@ -190,12 +252,12 @@ class CarbonSender:
             self._current = self._search.next_probe()
             self._offset = 0
             return True
-        if self._resend:
-            self._current_sent_at, data, line_count = self._resend.popleft()
+        if self.window.resend:
+            self._current_sent_at, data, line_count = self.window.resend.popleft()
             self._current = (data, line_count)
             self._offset = 0
             return True
-        if not self._healthy and self._unconfirmed_lines >= self.buffer.max_lines:
+        if not self._healthy and self.window.unconfirmed_lines >= self.buffer.max_lines:
             # The rest waits until this connection has stayed up: a front that
             # accepts and drops would otherwise pull the whole spool into memory.
             return False
@@ -261,49 +323,17 @@ class CarbonSender:
             return
         if self.spool is not None:
             self.spool.release_read()
-        self._recent_add([(self._current_sent_at or self.clock(), data, line_count)])
-
-    def _recent_add(self, chunks):
-        """Keep sent chunks for the resend window (their first send time counts)."""
-        if not self.resend_window:
-            return
-        if not self._healthy:
-            self._unconfirmed.extend(chunks)
-            self._unconfirmed_lines += sum(chunk[2] for chunk in chunks)
-            return
-        now = self.clock()
-        for chunk in chunks:
-            self._recent.append(chunk)
-            self._recent_lines += chunk[2]
-        horizon = now - self.resend_window
-        recent = self._recent
-        # Kept sent lines are bounded by --buffer-size too, oldest go first.
-        while recent and (recent[0][0] < horizon or
-                          self._recent_lines > self.buffer.max_lines):
-            sent_at, _, lines = recent.popleft()
-            self._recent_lines -= lines
-            if sent_at >= horizon and not self._window_cut_logged:
-                self._window_cut_logged = True
-                log.warning("--buffer-size cannot hold --resend-window of sent lines; "
-                            "a Carbon crash may lose the older ones", extra={
-                                "buffer_lines": self.buffer.max_lines,
-                                "resend_window": self.resend_window,
-                                "kept_seconds": round(now - sent_at, 2)})
+        self.window.add([Chunk(self._current_sent_at or self.clock(), data, line_count)],
+                        self._healthy)
 
     def _requeue_recent(self):
         """After a break: what Carbon may have lost is sent first, in order."""
         if self._current is not None and self._search is None:
             data, line_count = self._current
-            self._resend.appendleft((self._current_sent_at or self.clock(), data, line_count))
+            self.window.resend.appendleft(
+                Chunk(self._current_sent_at or self.clock(), data, line_count))
         self._current = None
-        horizon = self.clock() - self.resend_window
-        recent = [chunk for chunk in self._recent if chunk[0] >= horizon] + self._unconfirmed
-        self._resend.extendleft(reversed(recent))
-        self._recent.clear()
-        self._unconfirmed = []
-        self._unconfirmed_lines = 0
-        self._recent_lines = 0
-        return sum(count for _, _, count in recent)
+        return self.window.requeue()
 
     def _after_break(self):
         """A connection broke: a probe failed, or maybe a search must start."""
@@ -316,11 +346,11 @@ class CarbonSender:
             return
         now = self.clock()
         wait = self._poison_watch.search_wait_after_break(
-            self._resend[0][1] if self._resend else None,
+            self.window.resend[0].data if self.window.resend else None,
             now - self._first_write_at if self._first_write_at else 0.0, now)
         if wait is not None:
-            self._search = PoisonSearch(self._resend, wait)
-            self._resend.clear()
+            self._search = PoisonSearch(self.window.resend, wait)
+            self.window.resend.clear()
             log.warning("Carbon dropped the connection twice on the same lines; looking "
                         "for the line it refuses", extra={
                             "carbon": self._where(), "lines": self._search.lines,
@@ -331,7 +361,7 @@ class CarbonSender:
         self._poison_watch.search_ended(search.aborted, self.clock())
         if self.connected:
             self._down_since = None  # the outage kept open for the search is over
-        self._resend.extendleft(reversed(search.suspects))  # not delivered yet: sent next
+        self.window.resend.extendleft(reversed(search.suspects))  # not delivered: sent next
         if search.culprit is not None:
             self.dead_letters.add(search.culprit[1], self._where())
         elif search.aborted:
@@ -348,13 +378,11 @@ class CarbonSender:
         Returns the number of lines that could not be kept (no spool, or it failed).
         """
         if self._current is not None and self._search is None:  # a probe is a suspect
-            self._resend.appendleft((None,) + self._current)
+            self.window.resend.appendleft(Chunk(None, *self._current))
         self._current = None
         held = self._held_for_resend()
         self._search = None
-        self._resend.clear()
-        self._unconfirmed = []
-        self._unconfirmed_lines = 0
+        self.window.take_held()
         for _, chunk, line_count in reversed(held):
             self.buffer.appendleft(chunk, line_count)
         data, lines = self.buffer.pop_all()

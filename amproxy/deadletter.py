@@ -12,6 +12,8 @@ a time, until one line alone breaks the connection; that line goes to
 import logging
 import os
 
+from .buffer import Chunk
+
 log = logging.getLogger(__name__)
 
 # How long a probe must survive to count as delivered: carbon-cache drops the
@@ -148,7 +150,7 @@ class PoisonSearch:
             return b"", 0
         if self.span == 1 and self.suspects[0][2] > 1:
             sent_at, data, _ = self.suspects.pop(0)
-            lines = [(sent_at, line + b"\n", 1) for line in data.split(b"\n") if line]
+            lines = [Chunk(sent_at, line + b"\n", 1) for line in data.split(b"\n") if line]
             self.suspects[0:0] = lines
             self.span = len(lines)
         self.probe = (self.span + 1) // 2

@@ -181,7 +181,7 @@ class Destinations:
     def set_live_options(self, options):
         for sender in self.senders:
             sender.replay_rate = options.replay_rate
-            sender.resend_window = options.resend_window
+            sender.window.window = options.resend_window
 
     def retry_within(self, seconds):
         for sender in self.senders:
