@@ -126,14 +126,7 @@ class CarbonSender:
         self.spool = spool
         self.dead_letters = dead_letters or DeadLetters(None)
         self.replay_rate = replay_rate
-        self.sock = None
-        self.connected = False
-        self._events = 0
-        self._backoff = INITIAL_BACKOFF
-        self._max_backoff = MAX_BACKOFF
-        self._next_attempt = 0.0
-        self._down_since = None
-        self._connected_at = None
+        self.carbon = CarbonConnection(self.address, selector, clock, self)
         self._first_write_at = None  # on this connection
         self._healthy = False  # up for PROBATION seconds
         self._poison_watch = PoisonWatch()
@@ -203,19 +196,19 @@ class CarbonSender:
 
     def flush(self):
         """Write what the socket takes now; connect first if it is time to."""
-        if self.connected:
+        if self.carbon.connected:
             self._write()
-        elif self.sock is None and self.clock() >= self._next_attempt:
-            self._connect()
+        elif self.carbon.due(self.clock()):
+            self.carbon.connect()
         if self.full:
             self._spill()  # the spool may have room again
             self.full = self.buffer.lines > self.buffer.max_lines * RESUME_FILL
 
     def _write(self):
         now = self.clock()
-        if not self._healthy and now - self._connected_at >= PROBATION:
+        if not self._healthy and now - self.carbon.connected_at >= PROBATION:
             self._healthy = True
-            self._backoff = INITIAL_BACKOFF
+            self.carbon.healthy()
             self.window.confirm()
         search = self._search
         if search is not None and search.written_at is not None and \
@@ -228,7 +221,7 @@ class CarbonSender:
                 if self._first_write_at is None:
                     self._first_write_at = now
                 data, line_count = self._current
-                sent = self.sock.send(memoryview(data)[self._offset:])
+                sent = self.carbon.sock.send(memoryview(data)[self._offset:])
                 self._offset += sent
                 if self._offset < len(data):
                     break
@@ -236,10 +229,10 @@ class CarbonSender:
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:
-            self._lost(e.strerror or str(e))
+            self.lost(e.strerror or str(e))
             return
         waiting = self._current is not None
-        self._watch(selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0))
+        self.carbon.watch(selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0))
 
     def _next_chunk(self):
         """Make sure ``_current`` holds the next chunk to write; False if none may go now."""
@@ -303,10 +296,10 @@ class CarbonSender:
 
     def seconds_to_next_write(self, now):
         """How long the worker may sleep before ``flush`` has work it cannot get by event."""
-        if self.sock is None:
-            return max(0.0, self._next_attempt - now)
-        if self.connected and not self._healthy:
-            return max(0.0, self._connected_at + PROBATION - now) + 0.001
+        if self.carbon.sock is None:
+            return self.carbon.seconds_to_attempt(now)
+        if self.carbon.connected and not self._healthy:
+            return max(0.0, self.carbon.connected_at + PROBATION - now) + 0.001
         if self._search is not None and self._search.written_at is not None:
             search = self._search
             return max(0.0, search.written_at + search.probe_wait - now) + 0.001
@@ -359,8 +352,8 @@ class CarbonSender:
     def _end_search(self):
         search, self._search = self._search, None
         self._poison_watch.search_ended(search.aborted, self.clock())
-        if self.connected:
-            self._down_since = None  # the outage kept open for the search is over
+        if self.carbon.connected:
+            self.carbon.down_since = None  # the outage kept open for the search is over
         self.window.resend.extendleft(reversed(search.suspects))  # not delivered: sent next
         if search.culprit is not None:
             self.dead_letters.add(search.culprit[1], self._where())
@@ -400,13 +393,79 @@ class CarbonSender:
         return lines
 
     def close(self):
-        if self.sock is not None:
-            self.selector.unregister(self.sock)
-            self.sock.close()
-            self.sock = None
-            self.connected = False
+        self.carbon.close()
 
-    # -- socket events -----------------------------------------------------
+    @property
+    def connected(self):
+        return self.carbon.connected
+
+    def retry_within(self, seconds):
+        """From now on, never wait longer than ``seconds`` between attempts (for a stop)."""
+        self.carbon.retry_within(seconds)
+
+    # -- what the connection tells -----------------------------------------
+
+    def connected_to_carbon(self):
+        """The connection is up: on probation, and what it sends first depends why."""
+        self._first_write_at = None
+        self._healthy = False
+        if self._search is not None:
+            log.debug("connected to Carbon to send a probe", extra={"carbon": self._where()})
+        elif self.carbon.down_since is not None:
+            self._replaying = True
+            self._tokens, self._tokens_at = 0.0, self.clock()
+            log.warning("Carbon connection restored; sending the backlog", extra={
+                "carbon": self._where(), "buffered_lines": self.queued_lines,
+                "spooled_bytes": self.spooled_bytes,
+                "down_seconds": round(self.clock() - self.carbon.down_since, 1)})
+            self.carbon.down_since = None
+        else:
+            log.debug("connected to Carbon", extra={"carbon": self._where()})
+        self.flush()
+
+    def lost(self, why):
+        """An established connection broke."""
+        self.carbon.close()
+        self.reconnects += 1
+        resent = self._requeue_recent()
+        self._after_break()
+        if self._search is not None:
+            self.carbon.healthy()  # the probes break it on purpose: no backoff
+        self.carbon.down("lost the connection to Carbon", why, resent_lines=resent)
+
+    def _where(self):
+        return str(self.address)
+
+
+class CarbonConnection:
+    """The socket to one Carbon: connecting without blocking, the backoff between
+    attempts (an outage logged once), and its events.  It tells ``sender`` when it is
+    up (``connected_to_carbon``), writable (``flush``) or lost (``lost``)."""
+
+    def __init__(self, address, selector, clock, sender):
+        self.address = address
+        self.selector = selector
+        self.clock = clock
+        self.sender = sender
+        self.sock = None
+        self.connected = False
+        self.connected_at = None
+        self.down_since = None  # the outage, logged when it began
+        self._events = 0
+        self._backoff = INITIAL_BACKOFF
+        self._max_backoff = MAX_BACKOFF
+        self._next_attempt = 0.0
+
+    def due(self, now):
+        """No socket, and time to try again."""
+        return self.sock is None and now >= self._next_attempt
+
+    def seconds_to_attempt(self, now):
+        return max(0.0, self._next_attempt - now)
+
+    def healthy(self):
+        """It stayed up (or broke on purpose): the next attempt waits the least again."""
+        self._backoff = INITIAL_BACKOFF
 
     def on_event(self, mask):
         if not self.connected:
@@ -418,41 +477,36 @@ class CarbonSender:
             except (BlockingIOError, InterruptedError):
                 data = None
             except OSError as e:
-                self._lost(e.strerror or str(e))
+                self.sender.lost(e.strerror or str(e))
                 return
             if data == b"":
-                self._lost("Carbon closed the connection")
+                self.sender.lost("Carbon closed the connection")
                 return
         if mask & selectors.EVENT_WRITE:
-            self.flush()
+            self.sender.flush()
 
-    # -- connection management ---------------------------------------------
-
-    def _where(self):
-        return str(self.address)
-
-    def _watch(self, events):
+    def watch(self, events):
         if events != self._events:
             self.selector.modify(self.sock, events, self.on_event)
             self._events = events
 
-    def _connect(self):
+    def connect(self):
         try:
             family, _, _, _, sockaddr = socket.getaddrinfo(
                 self.address.host, self.address.port, type=socket.SOCK_STREAM)[0]
         except OSError as e:
-            self._down("cannot resolve Carbon's address", str(e))
+            self.down("cannot resolve Carbon's address", str(e))
             return
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as e:  # out of descriptors, say: try again later
-            self._down("cannot open a socket to Carbon", e.strerror or str(e))
+            self.down("cannot open a socket to Carbon", e.strerror or str(e))
             return
         sock.setblocking(False)
         err = sock.connect_ex(sockaddr)
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             sock.close()
-            self._down("cannot reach Carbon", errno.errorcode.get(err, str(err)))
+            self.down("cannot reach Carbon", errno.errorcode.get(err, str(err)))
             return
         self.sock = sock
         self._events = selectors.EVENT_WRITE
@@ -462,47 +516,30 @@ class CarbonSender:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self.close()
-            self._down("cannot reach Carbon", errno.errorcode.get(err, str(err)))
+            self.down("cannot reach Carbon", errno.errorcode.get(err, str(err)))
             return
         self.connected = True
-        self._connected_at = self.clock()
-        self._first_write_at = None
-        self._healthy = False
-        if self._search is not None:
-            log.debug("connected to Carbon to send a probe", extra={"carbon": self._where()})
-        elif self._down_since is not None:
-            self._replaying = True
-            self._tokens, self._tokens_at = 0.0, self.clock()
-            log.warning("Carbon connection restored; sending the backlog", extra={
-                "carbon": self._where(), "buffered_lines": self.queued_lines,
-                "spooled_bytes": self.spooled_bytes,
-                "down_seconds": round(self.clock() - self._down_since, 1)})
-            self._down_since = None
-        else:
-            log.debug("connected to Carbon", extra={"carbon": self._where()})
-        self.flush()
+        self.connected_at = self.clock()
+        self.sender.connected_to_carbon()
 
-    def _lost(self, why):
-        """An established connection broke."""
-        self.close()
-        self.reconnects += 1
-        resent = self._requeue_recent()
-        self._after_break()
-        if self._search is not None:
-            self._backoff = INITIAL_BACKOFF  # the probes break it on purpose
-        self._down("lost the connection to Carbon", why, resent_lines=resent)
+    def close(self):
+        if self.sock is not None:
+            self.selector.unregister(self.sock)
+            self.sock.close()
+            self.sock = None
+            self.connected = False
 
-    def _down(self, what, why, **extra):
+    def down(self, what, why, **extra):
         """Log the outage once, and try again after the backoff."""
-        if self._down_since is None:
-            self._down_since = self.clock()
+        if self.down_since is None:
+            self.down_since = self.clock()
             log.error("%s; keeping lines until it is back", what,
-                      extra=dict(carbon=self._where(), error=why, **extra))
+                      extra=dict(carbon=str(self.address), error=why, **extra))
         self._next_attempt = self.clock() + self._backoff
         self._backoff = min(self._backoff * 2, self._max_backoff)
 
     def retry_within(self, seconds):
-        """From now on, never wait longer than ``seconds`` between attempts (for a stop)."""
+        """From now on, never wait longer than ``seconds`` between attempts."""
         self._max_backoff = seconds
         self._backoff = min(self._backoff, seconds)
         self._next_attempt = min(self._next_attempt, self.clock() + seconds)
