@@ -44,6 +44,79 @@ RESUME_FILL = 0.8
 _DRAIN_SIZE = 4096
 
 
+class Backlog:
+    """Lines not yet sent, oldest first: the spool (on disk, if any), then the memory
+    buffer.  A full buffer is appended to the spool whole (``spill``), so that taking
+    from the spool first keeps arrival order."""
+
+    def __init__(self, buffer_lines, spool=None):
+        self.buffer = LineBuffer(buffer_lines)
+        self.spool = spool
+        self.spilling = False  # since the last time the backlog was delivered
+        self._spool_unreadable = False
+
+    def __bool__(self):
+        return bool(self.spool) or bool(self.buffer)
+
+    def spill(self):
+        """Move the memory buffer to the end of the spool, if it fits."""
+        if self.spool is None or not self.spool.has_room(self.buffer.bytes):
+            return
+        data, lines = self.buffer.pop_all()
+        try:
+            self.spool.append(data)
+        except SpoolError as e:
+            log.error(str(e))
+            self.buffer.append(data, lines)
+            return
+        if not self.spilling:
+            self.spilling = True
+            log.warning("memory buffer full; spilling lines to the spool", extra={
+                "spool": self.spool.directory, "buffer_lines": self.buffer.max_lines})
+
+    def take(self):
+        """The next chunk to send, (data, line_count), or None."""
+        chunk = self._read_spool() if self.spool else None
+        if chunk is None and self.buffer:  # the spool cannot be read now: memory goes first
+            chunk = self.buffer.popleft()
+        return chunk
+
+    def _read_spool(self):
+        """The spool's next chunk; None (logged once) while it cannot be read."""
+        try:
+            chunk = self.spool.read_chunk()
+        except SpoolError as e:
+            if not self._spool_unreadable:
+                self._spool_unreadable = True
+                log.error("%s; sending from memory meanwhile", e)
+            return None
+        self._spool_unreadable = False
+        return chunk
+
+    def sent(self):
+        """What was taken from the spool is delivered."""
+        if self.spool is not None:
+            self.spool.release_read()
+
+    def save(self, held):
+        """On the way out: ``held`` chunks first, then the buffer, into the spool; the
+        number of lines that could not be kept (no spool, or it failed)."""
+        for _, data, line_count in reversed(held):
+            self.buffer.appendleft(data, line_count)
+        data, lines = self.buffer.pop_all()
+        if self.spool is not None:
+            try:
+                if lines:
+                    self.spool.append(data)
+                    self.spool.sync()
+                # What was read from the oldest segment is now sent or saved again.
+                self.spool.release_read()
+                return 0
+            except SpoolError as e:
+                log.error(str(e))
+        return lines
+
+
 class ResendWindow:
     """What Carbon may still lose (it acknowledges nothing): the chunks sent in the last
     ``window`` seconds (``recent``, at most ``max_lines`` lines), those sent on a
@@ -122,8 +195,8 @@ class CarbonSender:
         self.address = Destination(*address)  # (host, port) will do
         self.selector = selector
         self.clock = clock
-        self.buffer = LineBuffer(buffer_lines)
-        self.spool = spool
+        self.backlog = Backlog(buffer_lines, spool)
+        self.buffer, self.spool = self.backlog.buffer, self.backlog.spool
         self.dead_letters = dead_letters or DeadLetters(None)
         self.replay_rate = replay_rate
         self.carbon = CarbonConnection(self.address, selector, clock, self)
@@ -138,8 +211,6 @@ class CarbonSender:
         self._replaying = False  # sending a backlog: the replay rate applies
         self._tokens = 0.0
         self._tokens_at = 0.0
-        self._spilling = False
-        self._spool_unreadable = False
         self.full = False
         self.reconnects = 0
         self.dropped_lines = 0
@@ -175,24 +246,8 @@ class CarbonSender:
         """Queue a chunk of Carbon lines.  Never drops: may set ``full``."""
         self.buffer.append(data, line_count)
         if not self.buffer.has_room(0):
-            self._spill()
+            self.backlog.spill()
             self.full = not self.buffer.has_room()
-
-    def _spill(self):
-        """Move the memory buffer to the end of the spool, if it fits."""
-        if self.spool is None or not self.spool.has_room(self.buffer.bytes):
-            return
-        data, lines = self.buffer.pop_all()
-        try:
-            self.spool.append(data)
-        except SpoolError as e:
-            log.error(str(e))
-            self.buffer.append(data, lines)
-            return
-        if not self._spilling:
-            self._spilling = True
-            log.warning("memory buffer full; spilling lines to the spool", extra={
-                "spool": self.spool.directory, "buffer_lines": self.buffer.max_lines})
 
     def flush(self):
         """Write what the socket takes now; connect first if it is time to."""
@@ -201,7 +256,7 @@ class CarbonSender:
         elif self.carbon.due(self.clock()):
             self.carbon.connect()
         if self.full:
-            self._spill()  # the spool may have room again
+            self.backlog.spill()  # the spool may have room again
             self.full = self.buffer.lines > self.buffer.max_lines * RESUME_FILL
 
     def _write(self):
@@ -254,38 +309,24 @@ class CarbonSender:
             # The rest waits until this connection has stayed up: a front that
             # accepts and drops would otherwise pull the whole spool into memory.
             return False
-        if not self.spool and not self.buffer:
+        if not self.backlog:
             # Checked before the rate limit: an empty backlog with no tokens left
             # would otherwise never be declared delivered.  A connection that
             # has not proved healthy may still break and take it back.
             if self._replaying and self._healthy:
                 self._replaying = False
-                self._spilling = False
+                self.backlog.spilling = False
                 log.info("backlog delivered to Carbon", extra={"carbon": self._where()})
             return False
         if self._replaying and self.replay_rate and not self._take_tokens():
             return False
-        self._current = self._read_spool() if self.spool else None
-        if self._current is None:  # the spool cannot be read now: memory goes first
-            if not self.buffer:
-                return False
-            self._current = self.buffer.popleft()
+        self._current = self.backlog.take()
+        if self._current is None:
+            return False
         self._offset = 0
         if self._replaying and self.replay_rate:
             self._tokens -= self._current[1]
         return True
-
-    def _read_spool(self):
-        """The spool's next chunk; None (logged once) while it cannot be read."""
-        try:
-            chunk = self.spool.read_chunk()
-        except SpoolError as e:
-            if not self._spool_unreadable:
-                self._spool_unreadable = True
-                log.error("%s; sending from memory meanwhile", e)
-            return None
-        self._spool_unreadable = False
-        return chunk
 
     def _take_tokens(self):
         now = self.clock()
@@ -304,7 +345,7 @@ class CarbonSender:
             search = self._search
             return max(0.0, search.written_at + search.probe_wait - now) + 0.001
         if self._replaying and self.replay_rate and self._current is None and (
-                self.spool or self.buffer):
+                self.backlog):
             return max(0.0, -self._tokens / self.replay_rate) + 0.001
         return None
 
@@ -314,8 +355,7 @@ class CarbonSender:
         if self._search is not None:
             self._search.written_at = self.clock()  # the verdict comes in flush()
             return
-        if self.spool is not None:
-            self.spool.release_read()
+        self.backlog.sent()
         self.window.add([Chunk(self._current_sent_at or self.clock(), data, line_count)],
                         self._healthy)
 
@@ -376,19 +416,7 @@ class CarbonSender:
         held = self._held_for_resend()
         self._search = None
         self.window.take_held()
-        for _, chunk, line_count in reversed(held):
-            self.buffer.appendleft(chunk, line_count)
-        data, lines = self.buffer.pop_all()
-        if self.spool is not None:
-            try:
-                if lines:
-                    self.spool.append(data)
-                    self.spool.sync()
-                # What was read from the oldest segment is now sent or saved again.
-                self.spool.release_read()
-                return 0
-            except SpoolError as e:
-                log.error(str(e))
+        lines = self.backlog.save(held)
         self.dropped_lines += lines
         return lines
 
