@@ -127,27 +127,15 @@ class Scan:
 
 
 def scan(data, path, want=None, mark=None):
-    """Scan ``data`` (the file's bytes); a :class:`Scan`, or None if not the standard layout.
-
-    ``mark(layout, match)``, if given, is asked about every entry; the offsets
-    of those it is true for are in ``marked``.
-
-    Raises AuthFileError, with the message the YAML path gives, for a file in
-    the standard layout whose values are invalid.
-    """
-    start = _START.match(data)
-    if start is None or not data.endswith(b"\n"):
+    """Scan ``data`` (the file's bytes): a :class:`Scan`, or None if not the standard
+    layout.  ``mark(layout, match)``, if given, is asked about every entry; the offsets
+    of those it is true for are in ``marked``.  Raises AuthFileError, with the message
+    the YAML path gives, for a file in the standard layout whose values are invalid."""
+    layout, pos = _layout_of(data)
+    if layout is None:
         return None
-    first = _FIRST_KEY.match(data, start.end())
-    item = _FIRST_ITEM.search(data, start.end())
-    if first is None:
-        return None
-    key_indent, field_indent = first.groups()
-    item_prefix = item.group(1) if item else field_indent + b"- "
-    if not len(key_indent) < len(field_indent) <= len(item_prefix) - 2:
-        return None
-    result = Scan(Layout(key_indent, field_indent, item_prefix))
-    match = result.layout.block.match
+    result = Scan(layout)
+    match = layout.block.match
     add_offset, add_hash = result.offsets.append, result.hashes.append
     names = set()
     owners = SecretOwners()
@@ -156,9 +144,8 @@ def scan(data, path, want=None, mark=None):
     error = None
     # Where glob characters are (in most files, nowhere): an entry is searched for
     # patterns only if one lies before its end.
-    globs = _positions(data, b"*?[]{}", start.end())
+    globs = _positions(data, b"*?[]{}", pos)
     next_glob = 0
-    pos = start.end()
     # The loop runs once per key: keep it lean (it is most of the time of a reload).
     while True:
         m = match(data, pos)
@@ -183,23 +170,39 @@ def scan(data, path, want=None, mark=None):
             patterns = items and GLOB_BYTES.search(items)
         else:
             patterns = False
-        if previous:
-            owners.add(name, previous)
         if previous or rate or patterns:
-            try:
-                result.pattern_count += _check_entry(result.layout, m, path, compiled)
-                result.rate_total += float(rate or 0)
-            except AuthFileError as e:
-                error = error or e  # raised if the rest of the file is the standard layout
-            result.rate_limited = result.rate_limited or rate is not None
-    if not names or not _END.match(data, pos):
+            invalid = _check_entry(result, m, path, compiled, owners)
+            error = error or invalid  # raised if the rest of the file is the standard layout
+    return _finished(result, data, pos, error, owners, path) if names else None
+
+
+def _finished(result, data, pos, error, owners, path):
+    """The scan, if the file ends at ``pos`` (else it is not the standard layout)."""
+    if not _END.match(data, pos):
         return None
     if error is not None:
         raise error
     result.warnings = owners.warnings(path)
     # Every line that starts with the item prefix is an item in this layout.
-    result.metric_count = data.count(b"\n" + item_prefix) - result.pattern_count
+    result.metric_count = data.count(b"\n" + result.layout.item_prefix) - result.pattern_count
     return result
+
+
+def _layout_of(data):
+    """(the file's :class:`Layout`, where its first key starts), or (None, 0) if it
+    does not start as the standard layout does."""
+    start = _START.match(data)
+    if start is None or not data.endswith(b"\n"):
+        return None, 0
+    first = _FIRST_KEY.match(data, start.end())
+    item = _FIRST_ITEM.search(data, start.end())
+    if first is None:
+        return None, 0
+    key_indent, field_indent = first.groups()
+    item_prefix = item.group(1) if item else field_indent + b"- "
+    if not len(key_indent) < len(field_indent) <= len(item_prefix) - 2:
+        return None, 0
+    return Layout(key_indent, field_indent, item_prefix), start.end()
 
 
 def _positions(data, chars, start):
@@ -218,21 +221,30 @@ def _positions(data, chars, start):
     return found
 
 
-def _check_entry(layout, m, path, compiled):
-    """Validate what the regex cannot, in the order parse_auth_data does; return the
-    number of patterns."""
+def _check_entry(result, m, path, compiled, owners):
+    """Validate what the regex cannot (an entry with a previous secret, a rate or
+    patterns), in the order parse_auth_data does, and count it; the AuthFileError
+    if it is invalid, else None."""
+    layout, previous, rate = result.layout, m.group(4), m.group(6)
+    if previous:
+        owners.add(m.group(2), previous)
+    result.rate_limited = result.rate_limited or rate is not None
     name = m.group(2).decode()
     metrics = [n.decode() for n in layout.metric_names(m.group(7))]
-    _, patterns, _ = split_patterns(metrics, name, path, compiled)
     entry = {}
-    if m.group(4):
-        entry.update(previous_secret_key=m.group(4).decode(),
+    if previous:
+        entry.update(previous_secret_key=previous.decode(),
                      previous_secret_expires=m.group(5).decode())
-    if m.group(6):
-        entry["max_rate"] = m.group(6).decode()
-    parse_previous_secret(entry, name, path)
-    parse_max_rate(entry, name, path)
-    return len(patterns)
+    if rate:
+        entry["max_rate"] = rate.decode()
+    try:
+        _, patterns, _ = split_patterns(metrics, name, path, compiled)
+        parse_previous_secret(entry, name, path)
+        result.rate_total += parse_max_rate(entry, name, path)
+    except AuthFileError as e:
+        return e
+    result.pattern_count += len(patterns)
+    return None
 
 
 def entry_values(layout, m):

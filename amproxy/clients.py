@@ -14,7 +14,7 @@ from .connections import (CLOSED, HANDSHAKE, HEADER, LINES, PROXY_HEADER_TIMEOUT
                           ProxyHeaders, SourceSlots)
 from .errors import CloseConnection
 from .logs import ClosedConnectionLog
-from .tls import HANDSHAKE_TIMEOUT
+from .tls import HANDSHAKE_TIMEOUT, TLS_HANDSHAKE_RECORD
 
 log = logging.getLogger("amproxy.worker")  # the worker's log: these are its connections
 
@@ -108,6 +108,15 @@ class Clients:
         if wait is None:
             conn.enter(LINES, self.clock())
             self.read(conn)  # lines may have come with the last handshake record
+
+    def first_read(self, conn, data):
+        """The first bytes of a connection: False if they close it (TLS on the plain port)."""
+        conn.fresh = False
+        if data[:2] == TLS_HANDSHAKE_RECORD and not conn.tls:
+            self.tls.error(conn, "TLS on the plain port (use --tls-addr's port)")
+            self.close(conn)
+            return False
+        return True
 
     def after_proxy_header(self, conn, data):
         """What the client sent after its PROXY header, once its source is admitted; else None."""

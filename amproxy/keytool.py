@@ -354,21 +354,8 @@ def _rotate_key(path, public_key, grace_seconds, now):
             return secret, True
         text, current = _existing_key(path, public_key)
     del raw, scanned
-    lines = text.splitlines(keepends=True)
-    first, end = _key_block(lines, public_key)
-    block = [] if first is None else [
-        line for line in lines[first:end] if not _PREVIOUS_LINE.match(line)]
-    for i, line in enumerate(block):
-        match = _SECRET_LINE.match(line)
-        if match:
-            block[i:i + 1] = ["%ssecret_key: %s\n" % (match.group(1), secret)]
-            if grace_seconds:  # no grace: the old secret stops at once, nothing to keep
-                block[i + 1:i + 1] = [
-                    "%sprevious_secret_key: %s\n" % (match.group(1), _yaml_scalar(old_secret)),
-                    "%sprevious_secret_expires: %s\n" % (match.group(1),
-                                                         format_rfc3339(until))]
-            break
-    new_text = "".join(lines[:first] + block + lines[end:]) if first is not None else text
+    new_text = _rotated_text(text, public_key, secret,
+                             grace_seconds and (old_secret, format_rfc3339(until)))
     data = _data_of(path, text)
     entry = data["apikeys"][public_key]
     entry.pop("previous_secret_key", None)
@@ -378,6 +365,27 @@ def _rotate_key(path, public_key, grace_seconds, now):
         entry.update(previous_secret_key=old_secret, previous_secret_expires=format_rfc3339(until))
     return secret, _replace_file(path, new_text, {**current, public_key.encode(): expected},
                                  data)
+
+
+def _rotated_text(text, public_key, secret, previous):
+    """A file outside the standard layout with the key's secret replaced in its lines,
+    ``previous`` (the old secret, its expiry) kept if given; else the text unchanged."""
+    lines = text.splitlines(keepends=True)
+    first, end = _key_block(lines, public_key)
+    if first is None:
+        return text
+    block = [line for line in lines[first:end] if not _PREVIOUS_LINE.match(line)]
+    for i, line in enumerate(block):
+        match = _SECRET_LINE.match(line)
+        if match:
+            indent = match.group(1)
+            block[i:i + 1] = ["%ssecret_key: %s\n" % (indent, secret)]
+            if previous:  # no grace: the old secret stops at once, nothing to keep
+                block[i + 1:i + 1] = [
+                    "%sprevious_secret_key: %s\n" % (indent, _yaml_scalar(previous[0])),
+                    "%sprevious_secret_expires: %s\n" % (indent, previous[1])]
+            break
+    return "".join(lines[:first] + block + lines[end:])
 
 
 def _each_key(path, mark=None):

@@ -20,7 +20,7 @@ from .errors import CloseConnection
 from .listeners import Acceptor, connection_limit
 from .logs import reopen_log_files, set_level
 from .ratelimit import RateLimiter
-from .tls import TLS_HANDSHAKE_RECORD, CertificateFiles, TlsConnections
+from .tls import CertificateFiles, TlsConnections
 from .protocol import LINE_TOO_LONG, MALFORMED, filter_lines
 from .stats import WorkerStats
 
@@ -259,12 +259,8 @@ class Worker:
             data = self.clients.after_proxy_header(conn, data)
             if not data:
                 return
-        if conn.fresh and data:
-            conn.fresh = False
-            if data[:2] == TLS_HANDSHAKE_RECORD and not conn.tls:
-                self.tls.error(conn, "TLS on the plain port (use --tls-addr's port)")
-                self.clients.close(conn)
-                return
+        if conn.fresh and data and not self.clients.first_read(conn, data):
+            return
         if data:
             lines, too_long = conn.split(data, self.options.max_line_length)
             if too_long:
