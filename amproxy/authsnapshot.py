@@ -1,9 +1,8 @@
 """The auth file as a read-only snapshot that the master and every worker map.
 
-A fleet's auth file holds 100,000 keys.  Parsed into Python objects in every
-worker, it took 300 MB per worker after the first reload, since a reload in
-a forked worker copies everything it builds.  Instead, as Postfix's postmap
-does for its tables, the master compiles the file into one indexed snapshot
+Parsed into Python objects in every worker, a fleet's auth file would be in
+memory once per worker after a reload (a forked worker copies everything it
+builds).  Instead, as Postfix's postmap does for its tables, the master compiles the file into one indexed snapshot
 (a sealed memfd: the file's text in the standard layout, see
 :mod:`amproxy.authscan`, and a hash table of the keys' offsets), and hands
 it to the workers over a socket.  Each process maps the same pages, so the

@@ -4,11 +4,10 @@ A file in the standard layout (:mod:`amproxy.authscan`, the one these
 commands write) is edited as bytes: the one key's entry is added, replaced
 or cut out, everything else is copied as it was, and the result is scanned
 back (the key count, and the key as intended) before it replaces the file.
-A fleet's file of 100,000 keys takes about a second and under 150 MB.
 
 Other files keep the operator's comments and layout where the key's entry
-can be found by its lines; otherwise they are rewritten from their data.  Either way the result is parsed back and
-compared with what was intended.  Every file is replaced atomically (temp
+can be found by its lines; otherwise they are rewritten from their data.
+Either way the result is parsed back and compared with what was intended.  Every file is replaced atomically (temp
 file, fsync, rename), with the old file's mode and owner.
 """
 
