@@ -273,9 +273,10 @@ def standard_block(layout, name, secret, metrics, previous=None, max_rate=None):
     return block if layout.block.fullmatch(block) else None
 
 
-def entry_block(layout, name, secret, metrics, previous=None, max_rate=None):
-    """A key's entry (bytes) in ``layout``, the one writer of an entry: for the file
-    (:func:`standard_block`, which checks it) and for the snapshot (escaped values)."""
+def entry_block(layout, name, secret, metrics, previous=None, max_rate=None, quote=None):
+    """A key's entry (bytes) in ``layout``, the one writer of an entry: for a file in
+    the standard layout (:func:`standard_block`, which checks it), for one in another
+    (``quote``: how a metric is written there) and for the snapshot (escaped values)."""
     field = layout.field_indent
     lines = [layout.key_indent + name + b":\n", field + b"secret_key: " + secret + b"\n"]
     if previous:
@@ -284,9 +285,14 @@ def entry_block(layout, name, secret, metrics, previous=None, max_rate=None):
     if max_rate is not None:
         lines.append(field + b"max_rate: " + max_rate + b"\n")
     lines.append(field + (b"metrics:\n" if metrics else b"metrics: []\n"))
-    lines += [layout.item_prefix + (metric if _WRITTEN_AS_IS(metric) else b"'%s'" % metric)
-              + b"\n" for metric in metrics]
+    quote = quote or _quoted_if_needed
+    lines += [layout.item_prefix + quote(metric) + b"\n" for metric in metrics]
     return b"".join(lines)
+
+
+def _quoted_if_needed(metric):
+    """As the standard layout holds a metric: plain, or in single quotes ('*.temp')."""
+    return metric if _WRITTEN_AS_IS(metric) else b"'%s'" % metric
 
 
 def count_entries(data, layout, want=None):

@@ -24,7 +24,8 @@ import yaml
 
 from .auth import (split_patterns, format_rfc3339, load_auth_file, parse_auth_data,
                    parse_auth_file, parse_auth_text, read_auth_file)
-from .authscan import count_entries, entries, entry_values, scan, standard_block
+from .authscan import (Layout, count_entries, entries, entry_block, entry_values, scan,
+                       standard_block)
 from .authsnapshot import SLOW_LAYOUT, SLOW_LAYOUT_WARNING_KEYS
 from .errors import AuthFileError
 from .protocol import metric_problem
@@ -242,12 +243,12 @@ def _add_key(path, public_key, patterns):
     secret = new_secret()
     # The installed file holds no key yet: "apikeys: {}" becomes the usual layout.
     text = _EMPTY_APIKEYS.sub("apikeys:", text, count=1)
-    key_indent, field_indent, item_prefix = _layout(text)
-    block = ["%s%s:" % (key_indent, _yaml_scalar(public_key)),
-             "%ssecret_key: %s" % (field_indent, secret),
-             "%smetrics:" % field_indent]
-    block += ["%s%s" % (item_prefix, _yaml_scalar(p)) for p in patterns]
-    new_text = text + ("" if text.endswith("\n") else "\n") + "\n".join(block) + "\n"
+    def quote(value):  # as YAML needs it written
+        return _yaml_scalar(value.decode()).encode()
+    block = entry_block(Layout(*(part.encode() for part in _layout(text))),
+                        quote(public_key.encode()), secret.encode(),
+                        [pattern.encode() for pattern in patterns], quote=quote)
+    new_text = text + ("" if text.endswith("\n") else "\n") + block.decode()
     expected = dict(current)
     expected[public_key.encode()] = (secret, frozenset(patterns), None, 0, 0.0)
     data = _data_of(path, text)
