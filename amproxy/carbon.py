@@ -176,13 +176,11 @@ class ResendWindow:
         self.unconfirmed_lines = 0
         return sum(chunk.lines for chunk in recent)
 
-    def take_held(self):
-        """On the way out: the chunks not known delivered (unconfirmed, then resend)."""
-        held = self.unconfirmed + list(self.resend)
+    def forget_held(self):
+        """On the way out, once the chunks not known delivered are saved elsewhere."""
         self.unconfirmed = []
         self.unconfirmed_lines = 0
         self.resend.clear()
-        return held
 
     @property
     def empty(self):
@@ -415,7 +413,7 @@ class CarbonSender:
         self._current = None
         held = self._held_for_resend()
         self._search = None
-        self.window.take_held()
+        self.window.forget_held()
         lines = self.backlog.save(held)
         self.dropped_lines += lines
         return lines
