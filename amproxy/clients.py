@@ -79,8 +79,12 @@ class Clients:
             self.watch(conn)
 
     def watch(self, conn, events=selectors.EVENT_READ):
-        self.selector.register(conn.sock, events, lambda mask, conn=conn: self.read(conn))
+        self.selector.register(conn.sock, events, self._reader(conn))
         conn.watched = True
+
+    def _reader(self, conn):
+        """The selector's callback for ``conn``: read it."""
+        return lambda mask: self.read(conn)
 
     def handshake(self, conn):
         """Go on with a TLS handshake; once done, read what came with it."""
@@ -102,7 +106,7 @@ class Clients:
             return
         events = selectors.EVENT_WRITE if wait == "write" else selectors.EVENT_READ
         if conn.watched:
-            self.selector.modify(conn.sock, events, lambda mask, conn=conn: self.read(conn))
+            self.selector.modify(conn.sock, events, self._reader(conn))
         elif wait == "write" and not self.paused:
             self.watch(conn, events)  # while it is admitted: it waits to write
         if wait is None:

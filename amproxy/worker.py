@@ -64,7 +64,6 @@ class Worker:
         self.alive = True
         self.stopping_since = None
         self.stop_deadline = None
-        self.paused = False
         self._next_stats_report = 0.0
         self.clients = None  # clients.Clients, made in the child
         self.lines = None  # outcomes.LineOutcomes, made in the child
@@ -134,7 +133,7 @@ class Worker:
                 flushed_at = now
             # Back-pressure, except when stopping: then clients are read to the end.
             pause = self.destinations.full and self.stopping_since is None
-            if self.paused != pause:
+            if self.clients.paused != pause:
                 self._set_paused(pause)
             look_again = self.acceptor.update(self.accepting, self.max_connections)
             timeout = TICK if look_again is None else min(TICK, look_again)
@@ -226,11 +225,10 @@ class Worker:
     @property
     def accepting(self):
         """Taking new clients: not paused by back-pressure, not stopping."""
-        return not self.paused and self.stopping_since is None
+        return not self.clients.paused and self.stopping_since is None
 
     def _set_paused(self, paused):
         """Stop or resume reading clients: back-pressure while Carbon cannot keep up."""
-        self.paused = paused
         if paused:
             self.acceptor.stop()
         self.clients.set_paused(paused)
