@@ -392,6 +392,9 @@ class AuthFile:
             raise AuthFileError(update.error)
         self.take(update, quiet=True)
         warn_if_world_readable(self.path)
+        if not len(self.db):
+            log.warning("auth file %s has no keys; every line is rejected until one is added "
+                        "(amproxy keys new NAME --metric PATTERN)", self.path)
         if not self.db.standard and len(self.db) >= SLOW_LAYOUT_WARNING_KEYS:
             log.warning(SLOW_LAYOUT, self.path, len(self.db))
         return self.db

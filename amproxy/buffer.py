@@ -83,6 +83,8 @@ class SpoolError(Exception):
 SEGMENT_BYTES = 8 << 20
 # Each worker's spool is <spool-dir>/worker-<slot>.
 SPOOL_PREFIX = "worker-"
+# How many names a worker's spool tries before it waits for its own.
+SPOOL_ALTERNATES = 8
 READ_BYTES = 256 << 10
 _SUFFIX = ".spool"
 
@@ -109,6 +111,18 @@ class Spool:
         self.bytes = 0  # not yet read
 
     # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def of_worker(cls, parent, slot, max_bytes):
+        """Worker ``slot``'s spool under ``parent``: worker-N, or while another process
+        holds that (the draining worker of the master a SIGUSR2 upgrade replaces),
+        worker-N.1, worker-N.2...; what the other leaves is adopted at a later open."""
+        name = os.path.join(parent, "%s%d" % (SPOOL_PREFIX, slot))
+        for alternate in range(SPOOL_ALTERNATES):
+            spool = cls(name + (".%d" % alternate if alternate else ""), max_bytes)
+            if spool.open(wait=False) is not None:
+                return spool
+        return cls(name, max_bytes).open()
 
     def open(self, wait=True):
         """Lock and scan the directory; without ``wait``, None if another process holds it."""

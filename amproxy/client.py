@@ -13,6 +13,7 @@ Over TLS (to the server's ``--tls-addr``)::
 import collections
 import logging
 import random
+import select
 import socket
 import ssl
 import time
@@ -93,6 +94,8 @@ class Client:
             return True
         batch = list(self._queue)
         try:
+            if self._sock is not None and self._server_ended():
+                self._drop_connection()  # the server stops or upgrades: connect again
             if self._sock is None:
                 self._sock = self._connect()
             self._sock.sendall(b"".join(batch))
@@ -106,6 +109,11 @@ class Client:
         for _ in batch:
             self._queue.popleft()
         return True
+
+    def _server_ended(self):
+        """Whether the server ended the stream (or reset it).  amproxy never writes to a
+        client, so anything to read is that end: lines written now would be lost."""
+        return bool(select.select([self._sock], [], [], 0)[0])
 
     def _connect(self):
         sock = socket.create_connection(self.address, timeout=self.timeout)

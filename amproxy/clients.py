@@ -189,13 +189,26 @@ class Clients:
             if late is not None:
                 self.close(conn)
 
+    def half_close(self):
+        """Stopping: tell plain clients that the stream ends.  One that reads sees the end
+        and closes after its last line, which is then read, instead of writing into a
+        socket about to close; it reconnects to a worker still accepting."""
+        for conn in self.connections.values():
+            if conn.state == LINES and not conn.tls:
+                try:
+                    conn.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
     def drain(self, finish_lines, count_unfinished):
         """Stopping: close each client once what it sent is read.  ``finish_lines``: the
-        grace for a half-sent line is over, so read once more and close what is left
-        unfinished (``count_unfinished(conn)`` counts a line cut off)."""
+        grace is over (for a half-sent line, and for a plain client to close its side),
+        so read once more and close what is left unfinished (``count_unfinished(conn)``
+        counts a line cut off)."""
         for conn in list(self.connections.values()):
             if not conn.partial:
-                self.close_if_drained(conn)  # a PROXY header and lines may be waiting
+                if finish_lines or conn.tls or conn.state != LINES:
+                    self.close_if_drained(conn)  # a PROXY header and lines may be waiting
             elif finish_lines:
                 self.read(conn)  # what already arrived may finish the line
                 if conn.state == CLOSED or not conn.partial:

@@ -43,15 +43,16 @@ class Pidfile:
             return None
         return pid if b"amproxy" in cmdline else None
 
-    def check(self):
-        """Refuse to start twice; a stale file (its process is gone) is fine."""
+    def check(self, replacing=None):
+        """Refuse to start twice; a stale file (its process is gone) is fine, and so is
+        the master this one replaces (``replacing``, SIGUSR2)."""
         running = self.running_pid()
-        if running:
+        if running and running != replacing:
             raise AmproxyError("pidfile %s names a running amproxy (pid %d); stop it "
                                "first or use another --pidfile" % (self.path, running))
 
-    def create(self, pid):
-        self.check()
+    def create(self, pid, replacing=None):
+        self.check(replacing)
         directory = os.path.dirname(os.path.abspath(self.path))
         temp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(self.path), pid))
         try:
@@ -127,6 +128,8 @@ def drop_privileges(user=None, group=None):
         gid = grp.getgrnam(group).gr_gid if group else (entry.pw_gid if entry else None)
     except KeyError as e:
         raise AmproxyError("no such user or group: %s" % e.args[0]) from None
+    if (entry is None or entry.pw_uid == os.geteuid()) and gid in (None, os.getegid()):
+        return  # already: a master started by SIGUSR2 runs as the old one did
     chown_log_files(entry.pw_uid if entry else -1)
     try:
         if gid is not None:
@@ -158,25 +161,27 @@ def systemd_notify(message):
     return True
 
 
-def inherited_listener():
-    """The listening socket systemd passed us (socket activation), or None."""
+def inherited_listeners():
+    """The listening sockets systemd (socket activation) or an upgraded master passed
+    us, as (socket, name) pairs; names come from LISTEN_FDNAMES, if set."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
+        return []
     try:
         count = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
-        return None
+        return []
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # not for our children
-    if count < 1:
-        return None
-    if count > 1:
-        log.warning("systemd passed %d sockets; using the first", count)
-    try:
-        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-    except OSError as e:
-        if e.errno == errno.ENOTSOCK:
-            raise AmproxyError("LISTEN_FDS names fd 3, which is not a socket") from None
-        raise
-    sock.setblocking(False)
-    return sock
+    inherited = []
+    for number in range(max(0, count)):
+        fd = SD_LISTEN_FDS_START + number
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            if e.errno in (errno.ENOTSOCK, errno.EBADF):
+                raise AmproxyError("LISTEN_FDS names fd %d, which is not a socket" % fd) from None
+            raise
+        os.set_inheritable(fd, False)
+        inherited.append((sock, names[number] if number < len(names) else ""))
+    return inherited

@@ -61,8 +61,7 @@ class Destinations:
             spool = dead_letters = None
             if options.spool_dir:
                 directory = spool_directory(options.spool_dir, destinations, destination)
-                spool = Spool(os.path.join(directory, "%s%d" % (SPOOL_PREFIX, slot)),
-                              options.spool_max_bytes).open()
+                spool = Spool.of_worker(directory, slot, options.spool_max_bytes)
                 dead_letters = DeadLetters(directory)
             self.senders.append(CarbonSender(
                 destination, selector, clock, options.buffer_size, spool,

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # The master's signals: a worker forwards HUP to it; a child it forks resets them all.
 SIGNALS = [getattr(signal, "SIG%s" % name) for name in
-           "HUP QUIT INT TERM TTIN TTOU USR1 CHLD".split()]
+           "HUP QUIT INT TERM TTIN TTOU USR1 USR2 CHLD".split()]
 SIGNAL_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 
 class SignalQueue:

@@ -19,6 +19,7 @@ accepted and closed.
 """
 
 import errno
+import ipaddress
 import logging
 import resource
 import select
@@ -104,6 +105,58 @@ def bind(address, kind="plain"):
     return Listener(sock, kind)
 
 
+def same_address(sock, address):
+    """Whether ``sock`` listens where ``address`` (host, port) asks; port 0 and a host
+    name match any port and any host."""
+    host, port = address
+    bound_host, bound_port = sock.getsockname()[:2]
+    if port and port != bound_port:
+        return False
+    try:
+        return not host or ipaddress.ip_address(host) == ipaddress.ip_address(bound_host)
+    except ValueError:
+        return True  # a name: resolved at bind time, taken as asked
+
+
+def open_listeners(addr, tls_addr, inherited):
+    """The plain listener, and the TLS one if ``tls_addr`` is set.
+
+    ``inherited`` are (socket, name) pairs passed by an upgraded master (named
+    "plain" and "tls") or by systemd's socket unit (any name): a socket named for
+    its kind is used if it is still on the configured address; systemd's are
+    matched by address, and the plain listener takes the first one that matches
+    neither (the unit's ListenStream= decides it).  Anything else is bound here.
+    """
+    named = {name: sock for sock, name in inherited if name in ("plain", "tls")}
+    others = [sock for sock, name in inherited if name not in ("plain", "tls")]
+    listeners = []
+    wanted = [("plain", addr)] + ([("tls", tls_addr)] if tls_addr else [])
+    for kind, address in wanted:
+        sock = named.pop(kind, None)
+        if sock is not None and not same_address(sock, address):
+            log.warning("the %s address changed; closing the old listening socket", kind,
+                        extra={"old": Listener.describe(sock), "new": "%s:%d" % address})
+            sock.close()
+            sock = None
+        if sock is None:
+            sock = next((s for s in others if same_address(s, address)), None)
+            unclaimed = [s for s in others if not any(same_address(s, a) for _, a in wanted)]
+            if sock is None and kind == "plain" and unclaimed:
+                sock = unclaimed[0]
+                log.warning("listening where systemd's socket unit says, not on addr; set "
+                            "ListenStream= in amproxy.socket to change it",
+                            extra={"listening": Listener.describe(sock),
+                                   "addr": "%s:%d" % address})
+            if sock is not None:
+                others.remove(sock)
+        listeners.append(Listener(sock, kind) if sock is not None else bind(address, kind))
+    for sock in list(named.values()) + others:
+        log.warning("closing an inherited listening socket that no option asks for",
+                    extra={"listening": Listener.describe(sock)})
+        sock.close()
+    return listeners
+
+
 class Listener:
     """One listening socket and the kind of client it serves ("plain" or "tls")."""
 
@@ -120,7 +173,11 @@ class Listener:
         self.certificate = None
 
     def address(self):
-        host, port = self.sock.getsockname()[:2]
+        return self.describe(self.sock)
+
+    @staticmethod
+    def describe(sock):
+        host, port = sock.getsockname()[:2]
         return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
     def waiting(self):

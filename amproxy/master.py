@@ -16,9 +16,10 @@ from .authsnapshot import AuthFile, AuthReloads
 from .balance import NOT_ACCEPTING, ConnectionTable
 from .config import check_options, config_file_path, reload_server_args, stats_socket_path
 from .errors import AmproxyError
+from .handover import Predecessor, Successor
 from .links import (SIGNAL_NAMES, SIGNALS, BootReports, Heartbeat, LiveOptions, SignalQueue,
                     SnapshotChannel)
-from .listeners import Listener, bind, connection_limit, raise_file_limit
+from .listeners import connection_limit, open_listeners, raise_file_limit
 from .logs import reopen_log_files, set_level
 from .proxyprotocol import LOOPBACK
 from .ratelimit import RateTable
@@ -97,6 +98,10 @@ class Master:
         self.rate_table = None
         self.stats = None  # a StatsService
         self.pid = os.getpid()
+        self.stopping = False
+        # SIGUSR2: the new master this one starts, or the old one this one replaces.
+        self.successor = Successor()
+        self.predecessor = Predecessor()
 
     # -- start-up --------------------------------------------------------------
 
@@ -106,20 +111,18 @@ class Master:
         self.auth_file = AuthFile(options.auth_file)
         db = self.auth_file.load()
         self.auth_reloads = AuthReloads(self.auth_file, self._channels)
-        inherited = daemon.inherited_listener()
-        self.listeners = [Listener(inherited) if inherited else bind(options.addr)]
-        if options.tls_addr:
-            self.listeners.append(bind(options.tls_addr, "tls"))
+        self.listeners = open_listeners(options.addr, options.tls_addr,
+                                        daemon.inherited_listeners())
         raise_file_limit(options.max_connections)
         if options.pidfile:
             self.pidfile = daemon.Pidfile(options.pidfile)
-            self.pidfile.check()
+            self.pidfile.check(self.predecessor.pid)
         for warning in check_options(options):  # before stderr goes, when detaching
             log.warning(warning)
-        if options.daemon:
+        if options.daemon and not self.predecessor:  # the old master is detached already
             self._ready_fd = daemon.daemonize()
         self.pid = os.getpid()
-        if self.pidfile is not None:
+        if self.pidfile is not None and not self.predecessor:  # written when it is ready
             self.pidfile.create(self.pid)
         daemon.drop_privileges(options.user, options.group)
         self._check_as_user()
@@ -213,6 +216,19 @@ class Master:
             if self._ready_fd is not None:
                 daemon.ready(self._ready_fd)
                 self._ready_fd = None
+            if self.predecessor:
+                self._take_over()
+
+    def _take_over(self):
+        """Started by SIGUSR2 and ready: the pidfile is ours, and the old master stops."""
+        if self.pidfile is not None:
+            try:
+                self.pidfile.create(self.pid, replacing=self.predecessor.pid)
+            except AmproxyError as e:
+                log.error("%s; the old master goes on serving", e)
+                self.stop(graceful=True)
+                raise StopIteration(1) from None
+        self.predecessor.stop()
 
     # -- signals ---------------------------------------------------------------------
 
@@ -267,6 +283,13 @@ class Master:
         self.pool.count = max(1, self.pool.count - 1)
         self.pool.manage()
 
+    def handle_usr2(self):
+        """Upgrade in place: a new master (the installed code) takes over the sockets."""
+        if self.predecessor or not self.ready:
+            log.warning("SIGUSR2 ignored: this master is not serving yet")
+            return
+        self.successor.start(self.listeners)
+
     def handle_usr1(self):
         """Reopen log files after logrotate moved them."""
         reopen_log_files()
@@ -307,6 +330,9 @@ class Master:
                 return
             if self.auth_reloads.reaped(pid, status):
                 continue
+            if self.successor.reaped(pid, status, self.stopping):
+                self._reclaim_pidfile()
+                continue
             worker = self.workers.pop(pid, None)
             self.boot.booted.discard(pid)
             self.stats.forget_worker(pid)
@@ -326,9 +352,21 @@ class Master:
                 log.error("worker exited with status %d; starting a new one", code,
                           extra={"worker_pid": pid})
 
+    def _reclaim_pidfile(self):
+        """The new master failed: a new pidfile (same pid) tells a waiting restart so."""
+        if self.stopping or self.pidfile is None:
+            return
+        try:
+            self.pidfile.create(self.pid)
+        except AmproxyError as e:
+            log.error("%s", e)
+
     def stop(self, graceful=True):
         """Stop accepting, ask every worker to stop, wait, then kill stragglers."""
-        daemon.systemd_notify("STOPPING=1")
+        self.stopping = True
+        if self.successor.pid is None:
+            daemon.systemd_notify("STOPPING=1")
+        self.successor.tell_systemd()
         for listener in self.listeners:
             listener.close()
         self.listeners = []

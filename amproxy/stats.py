@@ -259,13 +259,17 @@ class StatsService:
                                         default_prefix(), options.stats_per_key,
                                         options.carbon_addr)
         self.listener = self._listen(socket_path) if socket_path else None
+        # The file this listener made: after a SIGUSR2 upgrade the path is the new master's.
+        self._socket_inode = os.stat(socket_path).st_ino if socket_path else None
         self._next_flush = None
 
     @staticmethod
     def _listen(path):
         try:
             if os.path.exists(path):
-                os.unlink(path)  # left by a previous run; the pidfile said it is gone
+                # Left by a previous run (the pidfile said it is gone), or the old
+                # master's, which a SIGUSR2 upgrade replaces.
+                os.unlink(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(path)
             os.chmod(path, 0o660)
@@ -339,6 +343,7 @@ class StatsService:
             self.listener.close()
             self.listener = None
             try:
-                os.unlink(path)
+                if os.stat(path).st_ino == self._socket_inode:
+                    os.unlink(path)
             except OSError:
                 pass

@@ -37,7 +37,8 @@ FLUSH_INTERVAL = 0.001
 WORKER_BOOT_ERROR = 3
 # When the master dies there is no one to wait for: leave quickly.
 ORPHAN_STOP_SECONDS = 1.0
-# On a graceful stop, how long a client may take to finish a half-sent line.
+# On a graceful stop, how long a client may take to finish a half-sent line, and a
+# plain client to close its side once told the stream ends.
 PARTIAL_LINE_GRACE = 1.0
 # On a graceful stop, the longest wait between attempts to reach Carbon.
 STOPPING_MAX_BACKOFF = 1.0
@@ -282,7 +283,7 @@ class Worker:
             self.lines.forwarded += len(accepted)
             self.destinations.send(accepted)
         if (self.stopping_since is not None and data and len(data) < RECV_SIZE
-                and not conn.partial):
+                and not conn.partial and conn.tls):
             self.clients.close(conn)  # stopping, and everything the client sent is read
         return bool(data)
 
@@ -306,6 +307,7 @@ class Worker:
             self.alive = False
             return
         self.stop_deadline = self.options.graceful_timeout if seconds is None else seconds
+        self.clients.half_close()
         # Keep trying Carbon until the deadline; spooling is the last resort.
         self.destinations.retry_within(STOPPING_MAX_BACKOFF)
         # Clients stay open until what they already sent has been read.

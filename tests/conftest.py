@@ -71,9 +71,8 @@ def assert_log_leaks_nothing(text, where):
     assert match is None, "a signature (%s) appears in %s" % (match.group(0), where)
 
 
-def children_of(pid):
-    """The pids whose parent is ``pid``, read from /proc."""
-    found = []
+def _processes():
+    """(pid, the fields of /proc/PID/stat after the command name) of every live process."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -83,9 +82,22 @@ def children_of(pid):
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
+        if fields[0] != "Z":
+            yield int(entry), fields
+
+
+def children_of(pid):
+    """The pids whose parent is ``pid``, read from /proc."""
+    return sorted(child for child, fields in _processes() if int(fields[1]) == pid)
+
+
+def make_install_under(prefix, **variables):
+    """make install under ``prefix`` for this interpreter, with no daemon user."""
+    settings = dict({"PREFIX": "%s/usr" % prefix, "SYSCONFDIR": "%s/etc" % prefix,
+                     "SYSTEMD_UNIT_DIR": "%s/lib/systemd" % prefix,
+                     "INSTALL_PYTHON": sys.executable, "CREATE_USER": "no"}, **variables)
+    subprocess.run(["make", "-C", ROOT, "install"] + ["%s=%s" % item for item in settings.items()],
+                   check=True, capture_output=True, timeout=300)
 
 
 def client_connections(pid, port):
@@ -107,6 +119,25 @@ def client_connections(pid, port):
             if local_port == port and fields[3] == "01" and fields[9] in inodes:
                 count += 1
     return count
+
+
+def process_group(pgid):
+    """The live processes of process group ``pgid``, read from /proc."""
+    return [pid for pid, fields in _processes() if int(fields[2]) == pgid]
+
+
+def stop_process_group(pgid, timeout=40):
+    """SIGTERM to a group this test started; SIGKILL what is left after ``timeout``."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            wait_for(lambda: not process_group(pgid), wait, what="process group to stop")
+            return
+        except TimeoutError:
+            continue
 
 
 def pid_alive(pid):
@@ -199,7 +230,10 @@ class Proxy:
             assert_log_leaks_nothing(self.log(), self.log_path)
 
     def _terminate(self):
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
+            return
+        if self.process.poll() is not None:
+            stop_process_group(self.process.pid)  # a master started by SIGUSR2 lives on
             return
         try:
             os.killpg(self.process.pid, signal.SIGTERM)

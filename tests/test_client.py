@@ -1,3 +1,4 @@
+import select
 import socket
 import subprocess
 import threading
@@ -82,6 +83,33 @@ def test_client_buffers_while_unreachable_and_resends_after_reconnect():
         wait_for(lambda: len(server.lines()) == 2, 5, what="the buffered lines")
         client.close()
     finally:
+        server.close()
+
+
+def test_client_connects_again_when_the_server_ends_the_stream():
+    """A stopping or upgrading amproxy ends the stream to each client; the lines sent
+    after that go on a new connection, not into the one about to close."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(5)
+    client = Client("127.0.0.1:%d" % server.getsockname()[1], "k", "s")
+    try:
+        client.send("m", 1)
+        assert client.flush()
+        first, _ = server.accept()
+        first.shutdown(socket.SHUT_WR)  # as a stopping worker does
+        wait_for(lambda: select.select([client._sock], [], [], 0)[0], 5,
+                 what="the end of the stream to arrive")
+        client.send("m", 2)
+        assert client.flush()
+        second, _ = server.accept()
+        second.settimeout(5)
+        assert b" 2 " in second.recv(4096)
+        first.settimeout(5)
+        assert b" 2 " not in first.recv(4096)
+    finally:
+        client.close()
         server.close()
 
 

@@ -6,14 +6,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
 
 from conftest import (AMPROXY, KEYS, ROOT, SECRETS_USED, auth_yaml, children_of, free_port,
-                      line_for, pid_alive, wait_for, wait_points, write_auth)
+                      line_for, make_install_under, pid_alive, wait_for, wait_points,
+                      write_auth)
 
 
 def test_ttin_and_ttou_change_the_number_of_workers(carbon, auth_file, make_proxy):
@@ -330,10 +330,7 @@ def test_socket_activation_through_listen_fds(carbon, auth_file, tmp_path):
 def test_init_script_against_a_destdir_install(carbon, tmp_path, daemon_cleanup):
     """make install under a prefix of its own (this interpreter, no daemon user)."""
     prefix = tmp_path / "root"
-    subprocess.run(["make", "-C", ROOT, "install", "PREFIX=%s/usr" % prefix,
-                    "SYSCONFDIR=%s/etc" % prefix, "SYSTEMD_UNIT_DIR=%s/lib/systemd" % prefix,
-                    "INSTALL_PYTHON=%s" % sys.executable, "CREATE_USER=no"],
-                   check=True, capture_output=True, timeout=300)
+    make_install_under(prefix)
     etc = prefix / "etc"
     daemon_path = str(prefix / "usr" / "bin" / "amproxy")
     installed_keys = etc / "amproxy" / "auth_file.yaml"

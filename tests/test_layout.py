@@ -21,7 +21,7 @@ FLOORS = [
                "deadletter", "auth", "authscan", "authsnapshot", "stats", "carbon",
                "destinations", "listeners", "connections", "clients", "outcomes"]),
     ("worker", ["worker", "pool"]),
-    ("master", ["master"]),
+    ("master", ["handover", "master"]),
     # Commands: the device client, the key tool, the command line.
     ("commands", ["client", "keytool", "cli", "__main__"]),
 ]

@@ -155,3 +155,104 @@ def tls_wrapper(context, resume, ticket_wait=1.0):
         return tls
     wrap.resumed = 0
     return wrap
+
+
+class Stream:
+    """``devices`` connected devices, each sending ``next_line(device)`` every
+    ``interval`` seconds, as a well-behaved device does: it watches for the end of
+    the stream and, when the server closes, closes too and connects again.
+
+    Counted: ``sent`` (line -> written whole), ``refused`` (connections refused),
+    ``reconnects`` (closed by the server, then connected again), ``resets``
+    (connections reset: the server closed with bytes unread) and ``send_errors``
+    (a write refused; that line is written again on the next connection).
+    """
+
+    def __init__(self, port, devices, next_line, interval=0.5, per_source=40):
+        raise_open_files(devices + 256)
+        self.port = port
+        self.devices = devices
+        self.next_line = next_line
+        self.interval = interval
+        self.per_source = per_source
+        self.sent = []
+        self.refused = self.reconnects = self.resets = self.send_errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._selector = selectors.DefaultSelector()
+        self._unsent = {}  # device -> a line whose write failed
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=30):
+        self._stop.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the device stream did not stop"
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()
+        self._selector.close()
+
+    def _connect(self, device):
+        source = SOURCE_NETWORK_START + device // self.per_source
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind(("127.0.%d.%d" % (source >> 8, source & 255), 0))
+        sock.connect_ex(("127.0.0.1", self.port))
+        self._selector.register(sock, selectors.EVENT_WRITE, [device, False, 0.0])
+
+    def _run(self):
+        for device in range(self.devices):
+            self._connect(device)
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for key, _ in self._selector.select(0.01):
+                self._on_event(key, now)
+            for key in list(self._selector.get_map().values()):
+                device, connected, due = key.data
+                if connected and now >= due:
+                    self._send(key, now)
+
+    def _on_event(self, key, now):
+        sock, (device, connected, _) = key.fileobj, key.data
+        if not connected:
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._selector.unregister(sock)
+            if error:
+                sock.close()
+                self.refused += 1
+                self._connect(device)
+                return
+            # Spread over the interval, so that the lines do not come in waves.
+            due = now + self.interval * (device % 97) / 97
+            self._selector.register(sock, selectors.EVENT_READ, [device, True, due])
+            return
+        try:
+            data = sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.resets += 1
+            data = b""
+        if not data:  # the server ended the stream: connect again
+            self._selector.unregister(sock)
+            sock.close()
+            self.reconnects += 1
+            self._connect(device)
+
+    def _send(self, key, now):
+        device = key.data[0]
+        line = self._unsent.pop(device, None) or self.next_line(device)
+        key.data[2] = now + self.interval
+        try:
+            written = key.fileobj.send(line)
+        except OSError:
+            written = 0
+        if written == len(line):
+            self.sent.append(line)
+            return
+        self.send_errors += 1
+        if written:  # never seen with lines this short; kept honest if it happens
+            raise AssertionError("a line was written in part")
+        self._unsent[device] = line

@@ -1,0 +1,176 @@
+"""Upgrading in place (SIGUSR2, the init script's restart): while 1,000 devices stream
+signed lines, the port never closes, no connection is refused, and every line a
+device wrote reaches a real carbon-cache."""
+import os
+import re
+import signal
+import subprocess
+import time
+
+import fleet
+from conftest import (KEYS, SECRETS_USED, children_of, free_port, line_for, make_install_under,
+                      pid_alive, wait_for, wait_points, write_auth)
+
+DEVICES = 1000
+KEYS_IN_FLEET = 10
+# Each line its own whisper point: line n is metric n % METRICS at a timestamp
+# of its own, within the skew of the test's start.
+METRICS = 100
+OLDEST = 250
+
+
+def fleet_keys():
+    return {"up%02d" % k: ("upgrade-secret-%02d" % k, ["e2e.upgrade.*"])
+            for k in range(KEYS_IN_FLEET)}
+
+
+class Lines:
+    """Numbered lines, each one whisper point, and what whisper must hold for them."""
+
+    def __init__(self, keys):
+        self.keys = sorted(keys.items())
+        self.start = int(time.time())
+        self.count = 0
+
+    def __call__(self, device):
+        n = self.count
+        self.count += 1
+        assert n < METRICS * 2 * OLDEST, "the stream outran its timestamps"
+        name, (secret, _) = self.keys[device % len(self.keys)]
+        return fleet.signed_line(secret, name, "e2e.upgrade.m%02d" % (n % METRICS), device,
+                                 self.start - OLDEST + n // METRICS)
+
+    @staticmethod
+    def expected(sent):
+        points = {}
+        for line in sent:
+            metric, value, timestamp = line.split()[:3]
+            points.setdefault(metric.decode(), {})[int(timestamp)] = float(value)
+        return points
+
+
+def read_pid(path):
+    with open(path) as f:
+        return int(f.read())
+
+
+def upgrade(pidfile):
+    """SIGUSR2 to the master; returns once the new one wrote the pidfile and the old is gone."""
+    old = read_pid(pidfile)
+    os.kill(old, signal.SIGUSR2)
+    new = wait_for(lambda: read_pid(pidfile) != old and read_pid(pidfile), 30,
+                   what="the new master's pid in the pidfile")
+    wait_for(lambda: not pid_alive(old), 40, what="the old master to exit")
+    return new
+
+
+def stream_through(port, carbon, upgrades):
+    """1,000 devices stream while ``upgrades()`` runs; every line they wrote must
+    reach whisper, and none may be refused or reset."""
+    keys = fleet_keys()
+    SECRETS_USED.update(secret for secret, _ in keys.values())
+    lines = Lines(keys)
+    stream = fleet.Stream(port, DEVICES, lines, interval=1.0).start()
+    try:
+        wait_for(lambda: len(stream.sent) >= 2 * DEVICES, 30, what="the fleet to stream")
+        upgrades()
+        sent_before = len(stream.sent)
+        wait_for(lambda: len(stream.sent) >= sent_before + DEVICES, 30,
+                 what="the fleet to stream to the new master")
+    finally:
+        stream.stop()
+    assert stream.refused == 0
+    assert stream.resets == 0
+    assert stream.send_errors == 0
+    # Every device was closed by each old master, and came back.
+    assert stream.reconnects >= DEVICES
+    for metric, points in Lines.expected(stream.sent).items():
+        wait_points(carbon, metric, points, lines.start - OLDEST - 10, timeout=60)
+    return stream
+
+
+def test_usr2_twice_under_a_thousand_streaming_devices_loses_nothing(carbon, tmp_path,
+                                                                      make_proxy):
+    auth = tmp_path / "auth.yaml"
+    write_auth(auth, fleet_keys())
+    pidfile = str(tmp_path / "amproxy.pid")
+    proxy = make_proxy(carbon.address, auth, args=["--pidfile", pidfile])
+    masters = [read_pid(pidfile)]
+
+    def two_upgrades():
+        for _ in range(2):
+            masters.append(upgrade(pidfile))
+
+    stream_through(proxy.port, carbon, two_upgrades)
+    assert len(set(masters)) == 3, masters
+    log = proxy.log()
+    assert log.count("took over the sockets") == 2, log
+    # The old workers drained: each said how many lines it forwarded.
+    assert len(re.findall(r"\"worker stopped\" forwarded=[1-9]", log)) >= 4, log
+
+
+def test_a_new_master_that_fails_leaves_the_old_one_serving(carbon, tmp_path, make_proxy,
+                                                            auth_file):
+    pidfile = str(tmp_path / "amproxy.pid")
+    config = tmp_path / "amproxy.conf"
+    config.write_text("skew = 5m\n")
+    proxy = make_proxy(carbon.address, auth_file, args=["--pidfile", pidfile,
+                                                        "--config", str(config)])
+    old = read_pid(pidfile)
+    inode = os.stat(pidfile).st_ino
+    config.write_text("skew = soon\n")  # the new master refuses to start
+    os.kill(old, signal.SIGUSR2)
+    proxy.wait_log(r"the new master exited with status \d+; this one goes on serving")
+    # A new pidfile with the same pid: what the init script's restart waits for.
+    wait_for(lambda: os.stat(pidfile).st_ino != inode, 10, what="the pidfile written again")
+    assert read_pid(pidfile) == old and pid_alive(old)
+    config.write_text("skew = 5m\n")
+    now = int(time.time())
+    proxy.send(line_for(KEYS, "alpha", "e2e.alpha.temp", 7, now))
+    wait_points(carbon, "e2e.alpha.temp", {now: 7.0}, now - 10)
+
+
+def test_init_script_restart_is_an_upgrade_in_place(carbon, tmp_path):
+    """The init script's restart (what dpkg runs on upgrade), against a make install
+    under a prefix of its own: the installed command is what starts again."""
+    prefix = tmp_path / "root"
+    make_install_under(prefix)
+    etc = prefix / "etc"
+    auth = etc / "amproxy" / "auth_file.yaml"
+    write_auth(auth, fleet_keys())
+    port = free_port()
+    conf = etc / "amproxy" / "amproxy.conf"
+    conf.write_text("addr = 127.0.0.1:%d\ncarbon-addr = %s\nauth-file = %s\nworkers = 2\n"
+                    % (port, carbon.address, auth))
+    pidfile = tmp_path / "run" / "amproxy.pid"
+    defaults = etc / "default" / "amproxy"
+    with open(defaults, "a") as f:
+        f.write("RUN_AS_USER=\nPIDFILE=%s\nLOG_FILE=%s\nCONFIG_FILE=%s\nMAX_OPEN_FILES=4096\n"
+                % (pidfile, tmp_path / "log" / "amproxy.log", conf))
+    env = dict(os.environ, AMPROXY_DEFAULTS=str(defaults))
+    for name in ("AMPROXY_CONFIG", "PYTHONPATH"):
+        env.pop(name, None)
+
+    def init(action):
+        result = subprocess.run([str(etc / "init.d" / "amproxy"), action], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    init("start")
+    masters = [read_pid(pidfile)]
+    try:
+        def restart():
+            init("restart")  # returns once the new master serves
+            masters.append(read_pid(pidfile))
+            wait_for(lambda: not pid_alive(masters[0]), 40, what="the old master to exit")
+
+        stream_through(port, carbon, restart)
+        assert masters[1] != masters[0]
+        init("stop")
+        assert not pid_alive(masters[1])
+    finally:
+        for pid in masters:  # the daemons left our process group: by pid
+            if pid_alive(pid):
+                for child in children_of(pid):
+                    os.kill(child, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)

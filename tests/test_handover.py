@@ -1,0 +1,98 @@
+"""Which inherited socket becomes which listener (an upgraded master's, systemd's),
+and how a master starts itself again."""
+import logging
+import socket
+import sys
+
+import pytest
+
+from amproxy import handover
+from amproxy.listeners import open_listeners
+
+
+def listening(port=0):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    sock.listen(8)
+    return sock
+
+
+def port_of(sock):
+    return sock.getsockname()[1]
+
+
+@pytest.fixture
+def sockets():
+    made = []
+
+    def make(port=0):
+        made.append(listening(port))
+        return made[-1]
+    yield make
+    for sock in made:
+        sock.close()
+
+
+def test_an_upgraded_master_takes_its_sockets_by_name(sockets):
+    plain, tls = sockets(), sockets()
+    listeners = open_listeners(("127.0.0.1", port_of(plain)), ("127.0.0.1", port_of(tls)),
+                               [(tls, "tls"), (plain, "plain")])
+    assert [(l.kind, l.sock) for l in listeners] == [("plain", plain), ("tls", tls)]
+
+
+def test_port_zero_and_a_host_name_match_the_socket_given(sockets):
+    plain = sockets()
+    listeners = open_listeners(("localhost", 0), None, [(plain, "plain")])
+    assert listeners[0].sock is plain
+
+
+def test_a_changed_address_binds_the_new_one_and_closes_the_old(sockets, caplog):
+    old = sockets()
+    wanted = socket.socket()
+    wanted.bind(("127.0.0.1", 0))
+    new_port = port_of(wanted)
+    wanted.close()
+    with caplog.at_level(logging.WARNING):
+        listeners = open_listeners(("127.0.0.1", new_port), None, [(old, "plain")])
+    try:
+        assert port_of(listeners[0].sock) == new_port
+        assert old.fileno() == -1
+        assert "the plain address changed" in caplog.text
+    finally:
+        listeners[0].close()
+
+
+def test_systemds_sockets_are_matched_by_address_and_the_first_left_is_plain(sockets,
+                                                                              caplog):
+    tls, plain = sockets(), sockets()
+    with caplog.at_level(logging.WARNING):
+        listeners = open_listeners(("0.0.0.0", 2005), ("127.0.0.1", port_of(tls)),
+                                   [(tls, "amproxy.socket"), (plain, "amproxy.socket")])
+    assert [(l.kind, l.sock) for l in listeners] == [("plain", plain), ("tls", tls)]
+    # The socket unit decides; the operator is told that it is not addr.
+    assert "not on addr" in caplog.text
+
+
+def test_an_inherited_socket_no_option_asks_for_is_closed(sockets, caplog):
+    plain, extra = sockets(), sockets()
+    with caplog.at_level(logging.WARNING):
+        listeners = open_listeners(("127.0.0.1", port_of(plain)), None,
+                                   [(plain, "plain"), (extra, "tls")])
+    assert [l.sock for l in listeners] == [plain]
+    assert extra.fileno() == -1
+    assert "no option asks for" in caplog.text
+
+
+def test_the_command_line_is_the_installed_script_or_python_m(monkeypatch, tmp_path):
+    script = tmp_path / "amproxy"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), "server", "--workers", "2"])
+    assert handover.command_line() == [str(script), "server", "--workers", "2"]
+    monkeypatch.setattr(sys, "argv", ["/src/amproxy/__main__.py", "server"])
+    assert handover.command_line() == [sys.executable, "-m", "amproxy", "server"]
+
+
+def test_a_stale_predecessor_variable_names_no_one(monkeypatch):
+    monkeypatch.setenv(handover.PREDECESSOR_ENV, "1")  # init, not our parent here
+    assert not handover.Predecessor()
