@@ -13,6 +13,9 @@ INSTALL ?= install
 # The benchmark of the README's performance section; BENCH_ARGS adds to it.
 BENCH_ARGS ?=
 
+# The version's one place; make install writes it into the installed package.
+VERSION := $(shell sed -n 's/^version *= *//p' setup.cfg)
+
 .PHONY: all venv run test bench install uninstall clean
 
 all: venv
@@ -63,6 +66,9 @@ install:
 		|| { echo "amproxy needs its dependencies for $(INSTALL_PYTHON): apt-get install $(DEBIAN_PACKAGES)" >&2; exit 1; }
 	$(INSTALL) -d -m 0755 "$(DESTDIR)$(LIBDIR)/amproxy" "$(DESTDIR)$(BINDIR)"
 	$(INSTALL) -m 0644 amproxy/*.py "$(DESTDIR)$(LIBDIR)/amproxy/"
+	printf '"""Written by make install from setup.cfg."""\nversion = "%s"\n' "$(VERSION)" \
+		> "$(DESTDIR)$(LIBDIR)/amproxy/_version.py"
+	chmod 0644 "$(DESTDIR)$(LIBDIR)/amproxy/_version.py"
 	sed -e 's|@PYTHON@|$(INSTALL_PYTHON)|' -e 's|@LIBDIR@|$(LIBDIR)|' bin/amproxy.in \
 		> "$(DESTDIR)$(BINDIR)/amproxy"
 	chmod 0755 "$(DESTDIR)$(BINDIR)/amproxy"

@@ -90,7 +90,10 @@ def installed(tmp_path):
 
 def test_make_install_then_the_init_script_as_a_sysadmin_would(carbon, installed):
     version = as_admin("amproxy", "--version")
-    assert version.returncode == 0 and version.stdout.startswith("amproxy "), version.stderr
+    with open(os.path.join(ROOT, "setup.cfg")) as f:
+        expected = next(line.split("=")[1].strip() for line in f if line.startswith("version"))
+    assert version.returncode == 0 and version.stdout == "amproxy %s\n" % expected, \
+        version.stdout + version.stderr
     with open("/usr/local/bin/amproxy") as f:
         assert f.readline().startswith("#!%s" % DEBIAN_PYTHON)
     with open("/etc/default/amproxy") as f:
