@@ -54,6 +54,7 @@ bench: venv
 INSTALL_PYTHON ?= /usr/bin/python3
 BINDIR ?= $(PREFIX)/bin
 LIBDIR ?= $(PREFIX)/lib/amproxy
+MANDIR ?= $(PREFIX)/share/man
 DAEMON_USER ?= amproxy
 # A real install makes the daemon's user; a staged one (DESTDIR) leaves it to the package.
 CREATE_USER ?= $(if $(DESTDIR),no,yes)
@@ -62,13 +63,17 @@ DEBIAN_PACKAGES := python3 python3-yaml python3-configargparse python3-pythonjso
 SUBST = sed -e 's|/usr/bin/amproxy|$(BINDIR)/amproxy|g' -e 's|/etc/|$(SYSCONFDIR)/|g'
 
 install:
-	@test -n "$(DESTDIR)" || $(INSTALL_PYTHON) -c 'import yaml, configargparse, pythonjsonlogger' \
+	@$(INSTALL_PYTHON) -c 'import yaml, configargparse, pythonjsonlogger' \
 		|| { echo "amproxy needs its dependencies for $(INSTALL_PYTHON): apt-get install $(DEBIAN_PACKAGES)" >&2; exit 1; }
-	$(INSTALL) -d -m 0755 "$(DESTDIR)$(LIBDIR)/amproxy" "$(DESTDIR)$(BINDIR)"
+	$(INSTALL) -d -m 0755 "$(DESTDIR)$(LIBDIR)/amproxy" "$(DESTDIR)$(BINDIR)" \
+		"$(DESTDIR)$(MANDIR)/man1"
 	$(INSTALL) -m 0644 amproxy/*.py "$(DESTDIR)$(LIBDIR)/amproxy/"
 	printf '"""Written by make install from setup.cfg."""\nversion = "%s"\n' "$(VERSION)" \
 		> "$(DESTDIR)$(LIBDIR)/amproxy/_version.py"
 	chmod 0644 "$(DESTDIR)$(LIBDIR)/amproxy/_version.py"
+	@# amproxy(1), from the option declarations (which is why the dependencies are needed).
+	$(INSTALL_PYTHON) -B tools/manpage.py > "$(DESTDIR)$(MANDIR)/man1/amproxy.1"
+	chmod 0644 "$(DESTDIR)$(MANDIR)/man1/amproxy.1"
 	sed -e 's|@PYTHON@|$(INSTALL_PYTHON)|' -e 's|@LIBDIR@|$(LIBDIR)|' bin/amproxy.in \
 		> "$(DESTDIR)$(BINDIR)/amproxy"
 	chmod 0755 "$(DESTDIR)$(BINDIR)/amproxy"
@@ -97,6 +102,7 @@ install:
 uninstall:
 	rm -rf "$(DESTDIR)$(LIBDIR)"
 	rm -f "$(DESTDIR)$(BINDIR)/amproxy" "$(DESTDIR)$(SYSCONFDIR)/init.d/amproxy" \
+		"$(DESTDIR)$(MANDIR)/man1/amproxy.1" \
 		"$(DESTDIR)$(SYSCONFDIR)/logrotate.d/amproxy" \
 		"$(DESTDIR)$(SYSTEMD_UNIT_DIR)/amproxy.service" "$(DESTDIR)$(SYSTEMD_UNIT_DIR)/amproxy.socket"
 	! cmp -s etc/amproxy.conf "$(DESTDIR)$(SYSCONFDIR)/amproxy/amproxy.conf" || \
