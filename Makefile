@@ -1,4 +1,4 @@
-# amproxy: make run | make test | make bench | make install
+# amproxy: make run | make test | make bench | make install | make deb
 # carbon-cache (for the tests and make run) needs Python 3.11; take it when present.
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV ?= .venv
@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 # The version's one place; make install writes it into the installed package.
 VERSION := $(shell sed -n 's/^version *= *//p' setup.cfg)
 
-.PHONY: all venv run test bench install uninstall clean
+.PHONY: all venv run test bench install uninstall deb lintian clean
 
 all: venv
 
@@ -112,6 +112,46 @@ uninstall:
 	! $(SUBST) etc/default/amproxy | cmp -s - "$(DESTDIR)$(SYSCONFDIR)/default/amproxy" || \
 		rm -f "$(DESTDIR)$(SYSCONFDIR)/default/amproxy"
 	rmdir "$(DESTDIR)$(SYSCONFDIR)/amproxy" 2>/dev/null || true
+
+# make deb: the Debian package, with Debian's own tools (debian/), from a copy of
+# this tree under $(DEB_DIR), where the .deb lands; nothing is written outside
+# it.  The version is setup.cfg's, the Debian revision DEB_REVISION's: a newer
+# build of the same version is `make deb DEB_REVISION=2`.  Lintian checks the
+# package when it is installed (DEB_LINTIAN=no skips it); `make lintian` runs it
+# on the last build.
+DEB_REVISION ?= 1
+DEB_DIR ?= build/deb
+DEB_LINTIAN ?= yes
+DEB_VERSION = $(VERSION)-$(DEB_REVISION)
+DEB_SRC = $(DEB_DIR)/amproxy-$(VERSION)
+DEB_FILE = $(DEB_DIR)/amproxy_$(DEB_VERSION)_all.deb
+DEB_BUILD_PACKAGES := dpkg-dev debhelper dh-python $(DEBIAN_PACKAGES)
+# The changelog's date: the last commit's, so that a build of a commit is the
+# same whenever it runs (now, outside a git checkout).
+DEB_DATE = $(shell date -R -d @$$(git log -1 --format=%ct 2>/dev/null || date +%s))
+
+deb:
+	@command -v dpkg-buildpackage > /dev/null && command -v dh > /dev/null || \
+		{ echo "make deb needs Debian's build tools: apt-get install $(DEB_BUILD_PACKAGES)" >&2; exit 1; }
+	rm -rf "$(DEB_SRC)"
+	mkdir -p "$(DEB_SRC)"
+	tar -cf - --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./run \
+		--exclude=__pycache__ --exclude=.pytest_cache --exclude=.hypothesis \
+		--exclude='*.egg-info' . | tar -xf - -C "$(DEB_SRC)"
+	printf 'amproxy (%s) unstable; urgency=medium\n\n  * amproxy %s, as setup.cfg says%s.\n\n -- %s  %s\n' \
+		"$(DEB_VERSION)" "$(VERSION)" \
+		"$$(git describe --always --dirty 2>/dev/null | sed 's/^/, built from /')" \
+		"$$(sed -n 's/^Maintainer: //p' debian/control)" "$(DEB_DATE)" \
+		> "$(DEB_SRC)/debian/changelog"
+	@# No make variables of this make reach debian/rules (PREFIX=/usr is its own).
+	cd "$(DEB_SRC)" && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL dpkg-buildpackage -b -us -uc
+	rm -rf "$(DEB_SRC)"
+	test "$(DEB_LINTIAN)" = no || ! command -v lintian > /dev/null || \
+		lintian --fail-on error,warning "$(DEB_FILE)"
+	@echo "$(DEB_FILE)"
+
+lintian:
+	lintian --fail-on error,warning "$(DEB_FILE)"
 
 clean:
 	rm -rf $(VENV) run build *.egg-info .pytest_cache .hypothesis
