@@ -114,7 +114,8 @@ LAYOUT_LOST = ("note: %s did not have the usual layout, so it was rewritten from
 
 def cmd_keys_new(argv):
     parser = _keys_parser("amproxy keys new", "Add a key with a new random secret.", argv)
-    parser.add_argument("public_key")
+    parser.add_argument("public_key", help="the new key's name, which devices send as "
+                        "the line's public_key")
     parser.add_argument("--metric", action="append", required=True, metavar="PATTERN",
                         help="a metric name or Graphite pattern the key may write "
                         "(repeat for more)")
@@ -138,7 +139,7 @@ def cmd_keys_list(argv):
 
 def cmd_keys_revoke(argv):
     parser = _keys_parser("amproxy keys revoke", "Remove a key from the auth file.", argv)
-    parser.add_argument("public_key")
+    parser.add_argument("public_key", help="the key to remove")
     args = parser.parse_args(argv)
     if not keytool.revoke_key(args.auth_file, args.public_key):
         print(LAYOUT_LOST % args.auth_file, file=sys.stderr)
@@ -150,7 +151,7 @@ def cmd_keys_rotate(argv):
     parser = _keys_parser("amproxy keys rotate", "Give a key a new random secret; the "
                           "current one stays valid as its previous secret for the grace "
                           "period, so that devices can be updated one by one.", argv)
-    parser.add_argument("public_key")
+    parser.add_argument("public_key", help="the key to rotate")
     parser.add_argument("--grace", type=duration, default="7d",
                         help="how long the old secret still passes (default: 7d)")
     args = parser.parse_args(argv)
@@ -236,8 +237,8 @@ def _client_tls(args):
 def cmd_client_send(argv):
     parser = build_parser("amproxy client send", "Send one signed data point.",
                           [KEY_PUBLIC, KEY_PRIVATE, SERVER_ADDR] + CLIENT_TLS_OPTIONS)
-    parser.add_argument("metric")
-    parser.add_argument("value", type=float)
+    parser.add_argument("metric", help="the metric name")
+    parser.add_argument("value", type=float, help="the value, a number")
     parser.add_argument("timestamp", nargs="?", type=int, help="Unix seconds (default: now)")
     args = parser.parse_args(argv)
     if not args.key_public or not args.key_private:

@@ -22,6 +22,7 @@ from conftest import AMPROXY, ROOT, free_port, wait_points
 
 DEBIAN_PYTHON = "/usr/bin/python3"
 INSTALLED = ["/usr/local/bin/amproxy", "/usr/local/lib/amproxy", "/etc/amproxy",
+             "/usr/local/share/man/man1/amproxy.1",
              "/etc/init.d/amproxy", "/etc/default/amproxy", "/etc/logrotate.d/amproxy",
              "/lib/systemd/system/amproxy.service", "/var/log/amproxy", "/run/amproxy",
              "/var/lib/amproxy"]
@@ -90,7 +91,13 @@ def installed(tmp_path):
 
 def test_make_install_then_the_init_script_as_a_sysadmin_would(carbon, installed):
     version = as_admin("amproxy", "--version")
-    assert version.returncode == 0 and version.stdout.startswith("amproxy "), version.stderr
+    with open(os.path.join(ROOT, "setup.cfg")) as f:
+        expected = next(line.split("=")[1].strip() for line in f if line.startswith("version"))
+    assert version.returncode == 0 and version.stdout == "amproxy %s\n" % expected, \
+        version.stdout + version.stderr
+    if shutil.which("man"):
+        manual = as_admin("man", "-l", "/usr/local/share/man/man1/amproxy.1")
+        assert manual.returncode == 0 and "amproxy %s" % expected in manual.stdout
     with open("/usr/local/bin/amproxy") as f:
         assert f.readline().startswith("#!%s" % DEBIAN_PYTHON)
     with open("/etc/default/amproxy") as f:
@@ -148,6 +155,7 @@ def test_make_install_then_the_init_script_as_a_sysadmin_would(carbon, installed
     removed = as_admin("make", "-C", ROOT, "uninstall")
     assert removed.returncode == 0, removed.stderr
     assert not os.path.exists("/usr/local/bin/amproxy")
+    assert not os.path.exists("/usr/local/share/man/man1/amproxy.1")
     assert not os.path.exists("/etc/init.d/amproxy")
     assert os.path.exists("/etc/amproxy/amproxy.conf")  # edited: kept
     assert as_admin("sh", "-c", "amproxy --version").returncode == 127  # gone from PATH
