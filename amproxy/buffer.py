@@ -134,7 +134,7 @@ class Spool:
                 return None
             for seq in self._scan(self.directory):
                 self._add_segment(seq, os.path.getsize(self._path(seq)))
-            self._adopt_orphans()
+            self.adopt_orphans()
         except OSError as e:
             raise SpoolError("cannot use spool directory %s: %s" % (
                 self.directory, e.strerror or e)) from None
@@ -169,7 +169,11 @@ class Spool:
     def _next_seq(self):
         return self._segments[-1] + 1 if self._segments else 1
 
-    def _adopt_orphans(self):
+    def adopt_orphans(self):
+        """Take the segments of the spools beside this one that nobody holds; the bytes
+        taken.  At open, and now and then after: a worker of the master an upgrade
+        replaced may spool what it holds as it stops, after this one opened."""
+        adopted = 0
         parent = os.path.dirname(os.path.abspath(self.directory))
         mine = os.path.basename(os.path.abspath(self.directory))
         for name in sorted(os.listdir(parent)):
@@ -184,11 +188,16 @@ class Spool:
                 raise
             try:
                 for seq in self._scan(other):
+                    if self._writer is not None:  # what comes next goes after these
+                        self._writer.close()
+                        self._writer = None
                     new = self._next_seq()
                     os.rename(self._path(seq, other), self._path(new))
                     self._add_segment(new, os.path.getsize(self._path(new)))
+                    adopted += self._sizes[new]
             finally:
                 os.close(fd)
+        return adopted
 
     # -- writing ---------------------------------------------------------------
 

@@ -93,6 +93,22 @@ class Backlog:
         self._spool_unreadable = False
         return chunk
 
+    def adopt_orphans(self):
+        """The bytes of spools other workers left (see ``Spool.adopt_orphans``), now ours."""
+        if self.spool is None:
+            return 0
+        try:
+            adopted = self.spool.adopt_orphans()
+        except OSError as e:
+            log.warning("cannot look for spools other workers left: %s", e.strerror or e,
+                        extra={"spool": self.spool.directory})
+            return 0
+        if adopted:
+            log.warning("found lines another worker spooled as it stopped; they will be "
+                        "sent to Carbon", extra={"spool": self.spool.directory,
+                                                 "bytes": adopted})
+        return adopted
+
     def sent(self):
         """What was taken from the spool is delivered."""
         if self.spool is not None:
@@ -403,6 +419,15 @@ class CarbonSender:
             log.warning("every line went through on its own; resuming", extra={
                 "carbon": self._where()})
 
+    def _start_replay(self):
+        self._replaying = True
+        self._tokens, self._tokens_at = 0.0, self.clock()
+
+    def adopt_orphan_spools(self):
+        """Lines another worker spooled and left go out as a backlog, at the replay rate."""
+        if self.backlog.adopt_orphans() and not self._replaying:
+            self._start_replay()
+
     def save_to_spool(self):
         """On the way out: put everything not yet sent into the spool.
 
@@ -438,8 +463,7 @@ class CarbonSender:
         if self._search is not None:
             log.debug("connected to Carbon to send a probe", extra={"carbon": self._where()})
         elif self.carbon.down_since is not None:
-            self._replaying = True
-            self._tokens, self._tokens_at = 0.0, self.clock()
+            self._start_replay()
             log.warning("Carbon connection restored; sending the backlog", extra={
                 "carbon": self._where(), "buffered_lines": self.queued_lines,
                 "spooled_bytes": self.spooled_bytes,

@@ -157,6 +157,10 @@ class Destinations:
         for sender in self.senders:
             sender.flush()
 
+    def adopt_orphan_spools(self):
+        for sender in self.senders:
+            sender.adopt_orphan_spools()
+
     @property
     def full(self):
         """Some destination can hold no more: reading clients must pause (no line is dropped)."""

@@ -18,6 +18,7 @@ import signal
 import sys
 
 from . import daemon
+from .errors import AmproxyError
 
 log = logging.getLogger("amproxy.master")
 
@@ -56,20 +57,25 @@ class Successor:
         log.info("starting a new master on the same sockets; this one stops when it is "
                  "ready", extra={"new_master_pid": pid, "command": argv[0]})
 
-    def reaped(self, pid, status, stopping):
-        """True if ``pid`` was the new master (it is never a worker)."""
+    def reaped(self, pid, status, stopping, pidfile):
+        """True if ``pid`` was the new master (it is never a worker).  If it failed, the
+        pidfile is written again, same pid, new file: a waiting restart sees it failed."""
         if pid != self.pid:
             return False
         self.pid = None
         log.error("the new master exited with status %d%s", os.waitstatus_to_exitcode(status),
                   "" if stopping else "; this one goes on serving",
                   extra={"new_master_pid": pid})
+        if not stopping and pidfile is not None:
+            try:
+                pidfile.create(os.getpid())
+            except AmproxyError as e:
+                log.error("%s", e)
         return True
 
-    def tell_systemd(self):
-        """Stopping with a successor: under systemd, the new master becomes the main process."""
-        if self.pid is not None:
-            daemon.systemd_notify("MAINPID=%d" % self.pid)
+    def tell_systemd_stopping(self):
+        """Under systemd, a successor becomes the main process; else this one stops."""
+        daemon.systemd_notify("STOPPING=1" if self.pid is None else "MAINPID=%d" % self.pid)
 
 
 def _exec_with_sockets(argv, listeners):
@@ -99,12 +105,13 @@ class Predecessor:
     def __bool__(self):
         return self.pid is not None
 
-    def stop(self):
-        """Ready: ask the old master to stop (if it is still our parent, not a reused pid)."""
-        if self.pid is None or os.getppid() != self.pid:
-            self.pid = None
-            return
-        log.info("took over the sockets; the old master stops once its clients are drained",
-                 extra={"old_master_pid": self.pid})
-        os.kill(self.pid, signal.SIGTERM)
+    def take_over(self, pidfile, pid):
+        """Ready: the pidfile is ours (AmproxyError if it cannot be written), and the old
+        master stops (if it is still our parent, not a pid reused since)."""
+        if pidfile is not None:
+            pidfile.create(pid, replacing=self.pid)
+        if os.getppid() == self.pid:
+            log.info("took over the sockets; the old master stops once its clients are "
+                     "drained", extra={"old_master_pid": self.pid})
+            os.kill(self.pid, signal.SIGTERM)
         self.pid = None

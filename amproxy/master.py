@@ -78,6 +78,19 @@ def log_started(options, listeners, workers, keys):
     log.info("amproxy started", extra=extra)
 
 
+def log_worker_exit(pid, code):
+    """A worker's exit, as the master reaps it (a new one is started after)."""
+    if code == WORKER_BOOT_ERROR:
+        raise HaltServer("a worker failed to start (see its error above); "
+                         "stopping instead of respawning it", WORKER_BOOT_ERROR)
+    if code < 0 and code != -signal.SIGTERM:
+        log.error("worker killed by signal %s; starting a new one",
+                  signal.Signals(-code).name, extra={"worker_pid": pid})
+    elif code > 0:
+        log.error("worker exited with status %d; starting a new one", code,
+                  extra={"worker_pid": pid})
+
+
 class Master:
     def __init__(self, options, argv=()):
         self.options = options
@@ -217,18 +230,12 @@ class Master:
                 daemon.ready(self._ready_fd)
                 self._ready_fd = None
             if self.predecessor:
-                self._take_over()
-
-    def _take_over(self):
-        """Started by SIGUSR2 and ready: the pidfile is ours, and the old master stops."""
-        if self.pidfile is not None:
-            try:
-                self.pidfile.create(self.pid, replacing=self.predecessor.pid)
-            except AmproxyError as e:
-                log.error("%s; the old master goes on serving", e)
-                self.stop(graceful=True)
-                raise StopIteration(1) from None
-        self.predecessor.stop()
+                try:
+                    self.predecessor.take_over(self.pidfile, self.pid)
+                except AmproxyError as e:
+                    log.error("%s; the old master goes on serving", e)
+                    self.stop(graceful=True)
+                    raise StopIteration(1) from None
 
     # -- signals ---------------------------------------------------------------------
 
@@ -330,8 +337,7 @@ class Master:
                 return
             if self.auth_reloads.reaped(pid, status):
                 continue
-            if self.successor.reaped(pid, status, self.stopping):
-                self._reclaim_pidfile()
+            if self.successor.reaped(pid, status, self.stopping, self.pidfile):
                 continue
             worker = self.workers.pop(pid, None)
             self.boot.booted.discard(pid)
@@ -341,32 +347,12 @@ class Master:
             worker.heartbeat.close()
             worker.auth_channel.close_master_end()
             self.connection_table.publish(worker.slot, NOT_ACCEPTING)
-            code = os.waitstatus_to_exitcode(status)
-            if code == WORKER_BOOT_ERROR:
-                raise HaltServer("a worker failed to start (see its error above); "
-                                 "stopping instead of respawning it", WORKER_BOOT_ERROR)
-            if code < 0 and code != -signal.SIGTERM:
-                log.error("worker killed by signal %s; starting a new one",
-                          signal.Signals(-code).name, extra={"worker_pid": pid})
-            elif code > 0:
-                log.error("worker exited with status %d; starting a new one", code,
-                          extra={"worker_pid": pid})
-
-    def _reclaim_pidfile(self):
-        """The new master failed: a new pidfile (same pid) tells a waiting restart so."""
-        if self.stopping or self.pidfile is None:
-            return
-        try:
-            self.pidfile.create(self.pid)
-        except AmproxyError as e:
-            log.error("%s", e)
+            log_worker_exit(pid, os.waitstatus_to_exitcode(status))
 
     def stop(self, graceful=True):
         """Stop accepting, ask every worker to stop, wait, then kill stragglers."""
         self.stopping = True
-        if self.successor.pid is None:
-            daemon.systemd_notify("STOPPING=1")
-        self.successor.tell_systemd()
+        self.successor.tell_systemd_stopping()
         for listener in self.listeners:
             listener.close()
         self.listeners = []

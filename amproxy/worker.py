@@ -40,6 +40,9 @@ ORPHAN_STOP_SECONDS = 1.0
 # On a graceful stop, how long a client may take to finish a half-sent line, and a
 # plain client to close its side once told the stream ends.
 PARTIAL_LINE_GRACE = 1.0
+# How often a worker looks for spools other workers left as they stopped (those of
+# the master an upgrade replaced stop after this worker started).
+SPOOL_ADOPTION_INTERVAL = 5.0
 # On a graceful stop, the longest wait between attempts to reach Carbon.
 STOPPING_MAX_BACKOFF = 1.0
 
@@ -65,7 +68,7 @@ class Worker:
         self.alive = True
         self.stopping_since = None
         self.stop_deadline = None
-        self._next_stats_report = 0.0
+        self._next_stats_report = self._next_spool_adoption = 0.0
         self.clients = None  # clients.Clients, made in the child
         self.lines = None  # outcomes.LineOutcomes, made in the child
         self.signals = None  # links.SignalQueue, made in the child
@@ -159,6 +162,9 @@ class Worker:
                         extra={"master_pid": self.ppid})
             self.begin_stop(graceful=True, seconds=ORPHAN_STOP_SECONDS)
         self.clients.close_late(now)
+        if now >= self._next_spool_adoption:
+            self._next_spool_adoption = now + SPOOL_ADOPTION_INTERVAL
+            self.destinations.adopt_orphan_spools()
         if self.stopping_since is not None:
             self._check_stop_done(now)
 

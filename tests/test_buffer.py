@@ -123,3 +123,23 @@ def test_spool_directory_is_locked(tmp_path):
         assert locked
     finally:
         os.close(fd)
+
+
+def test_a_worker_whose_spool_is_held_takes_another_and_adopts_it_later(tmp_path):
+    """An upgrade: the old master's worker 0 still holds worker-0 (draining) when the
+    new master's worker 0 starts; it takes worker-0.1 instead of waiting, and adopts
+    what the old one spooled once it let go."""
+    old = Spool.of_worker(str(tmp_path), 0, 1 << 20)
+    new = Spool.of_worker(str(tmp_path), 0, 1 << 20)
+    assert os.path.basename(old.directory) == "worker-0"
+    assert os.path.basename(new.directory) == "worker-0.1"
+    new.append(lines(100, 5))
+    old.append(lines(0, 10))  # as it stops, Carbon being down
+    assert new.adopt_orphans() == 0  # still held
+    old.close()
+    assert new.adopt_orphans() == len(lines(0, 10))
+    new.append(lines(200, 5))  # after the adopted ones, in a segment of its own
+    assert read_all(new) == lines(100, 5) + lines(0, 10) + lines(200, 5)
+    assert not [name for name in os.listdir(str(tmp_path / "worker-0"))
+                if name.endswith(".spool")]
+    new.close()

@@ -1,6 +1,7 @@
 """Upgrading in place (SIGUSR2, the init script's restart): while 1,000 devices stream
 signed lines, the port never closes, no connection is refused, and every line a
 device wrote reaches a real carbon-cache."""
+import json
 import os
 import re
 import signal
@@ -8,7 +9,8 @@ import subprocess
 import time
 
 import fleet
-from conftest import (KEYS, SECRETS_USED, children_of, free_port, line_for, make_install_under,
+from test_e2e_outage import make_points, outage_auth, send_steadily, wait_all_stored  # noqa: F401
+from conftest import (AMPROXY, KEYS, SECRETS_USED, children_of, free_port, line_for, make_install_under,
                       pid_alive, wait_for, wait_points, write_auth)
 
 DEVICES = 1000
@@ -103,6 +105,11 @@ def test_usr2_twice_under_a_thousand_streaming_devices_loses_nothing(carbon, tmp
 
     stream_through(proxy.port, carbon, two_upgrades)
     assert len(set(masters)) == 3, masters
+    # The stats socket is the new master's: the old one did not remove it as it left.
+    stats = subprocess.run([AMPROXY, "stats", "--pidfile", pidfile], capture_output=True,
+                           text=True, timeout=30)
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["totals"]["linesForwarded"] > 0
     log = proxy.log()
     assert log.count("took over the sockets") == 2, log
     # The old workers drained: each said how many lines it forwarded.
@@ -174,3 +181,23 @@ def test_init_script_restart_is_an_upgrade_in_place(carbon, tmp_path):
                 for child in children_of(pid):
                     os.kill(child, signal.SIGKILL)
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_an_upgrade_while_carbon_is_down_delivers_what_the_old_workers_spooled(
+        own_carbon, tmp_path, make_proxy, outage_auth):
+    """The old workers spool what they hold as they stop, after the new ones opened
+    their spools: the new ones adopt it, and send it once Carbon is back."""
+    spool = tmp_path / "spool"
+    pidfile = str(tmp_path / "amproxy.pid")
+    # A stop tries Carbon until --graceful-timeout before it spools: keep it short.
+    proxy = make_proxy(own_carbon.address, outage_auth, args=[
+        "--skew", "2h", "--spool-dir", str(spool), "--graceful-timeout", "2s",
+        "--pidfile", pidfile])  # Carbon is not running
+    start = int(time.time()) - 3000
+    points = make_points(4000, start)
+    for sock in send_steadily(proxy, points, 1.0):
+        sock.close()
+    upgrade(pidfile)
+    proxy.wait_log(r"found lines another worker spooled as it stopped", timeout=15)
+    own_carbon.start()
+    wait_all_stored(own_carbon, points, start)
