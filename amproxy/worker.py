@@ -88,7 +88,7 @@ class Worker:
         self.selector = selectors.DefaultSelector()
         self.signals = SignalQueue((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                                     signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
-                                    signal.SIGTTOU))
+                                    signal.SIGTTOU, signal.SIGUSR2))
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.selector.register(self.signals, selectors.EVENT_READ, self.signals.drain)
         self.selector.register(self.auth_channel.worker_end, selectors.EVENT_READ,
@@ -178,7 +178,7 @@ class Worker:
                 self.auth_channel.request_update()
             elif signum == signal.SIGUSR1:
                 reopen_log_files()
-            # TTIN and TTOU are for the master; a worker ignores them.
+            # TTIN, TTOU and USR2 are for the master; a worker ignores them.
 
     def _on_reload(self, mask):
         """The master's word after a SIGHUP or a change of the auth file: a new

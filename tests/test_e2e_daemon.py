@@ -37,10 +37,10 @@ def assert_forwards(carbon, proxy, value):
     wait_points(carbon, "e2e.alpha.temp", {ts: value}, ts)
 
 
-def test_hup_ttin_ttou_sent_to_a_worker_do_not_kill_it(carbon, auth_file, make_proxy):
+def test_hup_ttin_ttou_usr2_sent_to_a_worker_do_not_kill_it(carbon, auth_file, make_proxy):
     proxy = make_proxy(carbon.address, auth_file, workers=1)
     worker = proxy.workers()[0]
-    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+    for sig in (signal.SIGUSR2, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
         os.kill(worker, sig)
     proxy.wait_log(r"pid=%d .*auth file reloaded.*reason=SIGHUP" % worker)
     assert proxy.workers() == [worker]
