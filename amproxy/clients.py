@@ -207,7 +207,9 @@ class Clients:
         counts a line cut off)."""
         for conn in list(self.connections.values()):
             if not conn.partial:
-                if finish_lines or conn.tls or conn.state != LINES:
+                # A plain client (lines, or a PROXY header still on its way) has the
+                # grace to close its side, or to send what it was sending.
+                if finish_lines or conn.tls:
                     self.close_if_drained(conn)  # a PROXY header and lines may be waiting
             elif finish_lines:
                 self.read(conn)  # what already arrived may finish the line

@@ -149,6 +149,10 @@ def pid_alive(pid):
     return stat[stat.rindex(")") + 2] != "Z"
 
 
+# The master's debug line for each worker it forks, in logfmt or JSON.
+WORKER_STARTED = re.compile(r'worker started"?,? .*?worker_pid"?[=:] ?(\d+)')
+
+
 class Proxy:
     """A real ``amproxy server`` process in its own session, logging to a file."""
 
@@ -186,7 +190,11 @@ class Proxy:
         return ("127.0.0.1", self.port)
 
     def workers(self):
-        return children_of(self.pid)
+        """The master's workers: its children that its log says it started as workers
+        (a child compiling the auth file is not one), or all of them without that log."""
+        started = {int(pid) for pid in WORKER_STARTED.findall(self.log())}
+        children = children_of(self.pid)
+        return [pid for pid in children if pid in started] if started else children
 
     def wait_workers(self, count, timeout=10):
         return wait_for(lambda: len(self.workers()) == count and self.workers(), timeout,
