@@ -9,7 +9,7 @@ import sys
 import time
 
 from . import __version__
-from . import keytool
+from . import handover, keytool
 from .auth import format_rfc3339, warn_if_world_readable
 from .client import Client, format_address, run_test_client
 from .config import (AUTH_FILE, CLIENT_TLS_OPTIONS, KEY_PRIVATE, KEY_PUBLIC, PIDFILE, ROUTE_OPTIONS, SERVER_ADDR,
@@ -50,6 +50,7 @@ Run 'amproxy COMMAND --help' for a command's options.
 
 
 def cmd_server(argv):
+    handover.report_to_predecessor()  # before anything can fail
     options = parse_server_args(argv)
     try:
         setup_logging(options.log_format, options.log_level, options.log_file)

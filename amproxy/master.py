@@ -144,7 +144,7 @@ class Master:
         # Replays are remembered for twice the skew, of every line the limits allow.
         self.rate_table = RateTable(len(db), (db.rate_total + options.key_max_rate * len(db))
                                     * 2 * options.skew)
-        self.stats = StatsService(options, stats_socket_path(options))
+        self.stats = StatsService(options, stats_socket_path(options), bool(self.predecessor))
         self.boot = BootReports()
         self.signals = SignalQueue(SIGNALS, limit=5)
         log_started(options, self.listeners, self.pool.count, len(db))
@@ -179,6 +179,7 @@ class Master:
                     self.pool.manage()
                     self.stats.tick(list(self.workers))
                     self.auth_reloads.check_file(self.options.auth_reload_interval)
+                    self.successor.check_ready_in_time()
                     continue
                 if sig != signal.SIGCHLD:
                     log.info("received SIG%s", SIGNAL_NAMES[sig].upper())
@@ -200,14 +201,16 @@ class Master:
         ``timeout`` seconds."""
         timeout = self.auth_reloads.timeout(timeout)
         channels = {w.auth_channel.master_end: w.auth_channel for w in self.workers.values()}
-        watched = [self.signals, self.boot, *channels,
-                   *self.auth_reloads.readable()] + self.stats.readable()
+        watched = [self.signals, self.boot, *channels, *self.auth_reloads.readable(),
+                   *self.successor.readable()] + self.stats.readable()
         try:
             ready, writable, _ = select.select(watched, self.stats.writable(), [],
                                                self.stats.timeout(timeout))
         except InterruptedError:
             return
         self.stats.on_ready(ready, writable, list(self.workers))
+        if set(self.successor.readable()) & set(ready):
+            self.successor.read_report()
         if self.signals in ready:
             self.signals.drain()
         self.auth_reloads.on_ready(ready)
@@ -230,12 +233,15 @@ class Master:
                 daemon.ready(self._ready_fd)
                 self._ready_fd = None
             if self.predecessor:
-                try:
-                    self.predecessor.take_over(self.pidfile, self.pid)
+                try:  # what names the running server: the pidfile, the stats socket
+                    if self.pidfile is not None:
+                        self.pidfile.create(self.pid, replacing=self.predecessor.pid)
+                    self.stats.claim_path()
                 except AmproxyError as e:
                     log.error("%s; the old master goes on serving", e)
                     self.stop(graceful=True)
                     raise StopIteration(1) from None
+                self.predecessor.take_over()
 
     # -- signals ---------------------------------------------------------------------
 
@@ -352,6 +358,7 @@ class Master:
     def stop(self, graceful=True):
         """Stop accepting, ask every worker to stop, wait, then kill stragglers."""
         self.stopping = True
+        self.successor.stop_unless_taken_over()
         self.successor.tell_systemd_stopping()
         for listener in self.listeners:
             listener.close()
@@ -361,17 +368,22 @@ class Master:
         self.pool.kill_all(signal.SIGTERM if graceful else signal.SIGQUIT)
         limit = (self.options.graceful_timeout if graceful else 0) + KILL_GRACE
         deadline = time.monotonic() + limit
-        while self.workers and time.monotonic() < deadline:
+        while self._children_left() and time.monotonic() < deadline:
             self._reap_quietly()
             self.sleep(0.1)
-        if self.workers:
+        if self._children_left():
             log.error("workers did not stop in time; killing them",
                       extra={"workers": len(self.workers)})
             self.pool.kill_all(signal.SIGKILL)
-            while self.workers:
+            self.successor.kill_unless_taken_over()
+            while self._children_left():
                 self._reap_quietly()
                 self.sleep(0.1)
         log.info("amproxy stopped")
+
+    def _children_left(self):
+        """Workers, or a new master that had not taken over, still running."""
+        return self.workers or (self.successor.pid is not None and not self.successor.took_over)
 
     def _reap_quietly(self):
         try:

@@ -243,6 +243,17 @@ class StatsCollector:
             self.pending.pop(0)
 
 
+def _answers(path):
+    """Whether a server listens on Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 class StatsService:
     """The master's share of self-metrics, in one place.
 
@@ -252,24 +263,30 @@ class StatsService:
     descriptors and calls back.
     """
 
-    def __init__(self, options, socket_path):
+    def __init__(self, options, socket_path, replacing=False):
+        """``replacing``: a master started by SIGUSR2 listens beside the old master's
+        socket, and takes its path (``claim_path``) only once it has taken over."""
         self.options = options
         self.channels = StatsChannels()
         self.collector = StatsCollector(self.channels, options.stats_prefix or
                                         default_prefix(), options.stats_per_key,
                                         options.carbon_addr)
-        self.listener = self._listen(socket_path) if socket_path else None
-        # The file this listener made: after a SIGUSR2 upgrade the path is the new master's.
-        self._socket_inode = os.stat(socket_path).st_ino if socket_path else None
+        self._path = socket_path
+        self._bound_path = "%s.%d" % (socket_path, os.getpid()) if replacing else socket_path
+        self.listener = self._listen(self._bound_path, replacing) if socket_path else None
+        # The file this listener made, so that it never removes another's.
+        self._socket_inode = os.stat(self._bound_path).st_ino if socket_path else None
         self._next_flush = None
 
     @staticmethod
-    def _listen(path):
+    def _listen(path, replacing):
         try:
-            if os.path.exists(path):
-                # Left by a previous run (the pidfile said it is gone), or the old
-                # master's, which a SIGUSR2 upgrade replaces.
-                os.unlink(path)
+            if os.path.exists(path) and not replacing:
+                if _answers(path):
+                    raise AmproxyError("stats socket %s belongs to a running amproxy; give "
+                                       "this one another --stats-socket (a test instance: "
+                                       "--config /dev/null)" % path)
+                os.unlink(path)  # left by a run that is gone
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(path)
             os.chmod(path, 0o660)
@@ -279,6 +296,16 @@ class StatsService:
                 path, e.strerror or e)) from None
         sock.setblocking(False)
         return sock
+
+    def claim_path(self):
+        """Taking over from the old master: the stats socket's path is now this one's."""
+        if self.listener is not None and self._bound_path != self._path:
+            try:
+                os.rename(self._bound_path, self._path)
+            except OSError as e:
+                raise AmproxyError("cannot take over stats socket %s: %s" % (
+                    self._path, e.strerror or e)) from None
+            self._bound_path = self._path
 
     def readable(self):
         """Descriptors to watch for reading."""
@@ -339,11 +366,10 @@ class StatsService:
 
     def close(self):
         if self.listener is not None:
-            path = self.listener.getsockname()
             self.listener.close()
             self.listener = None
             try:
-                if os.stat(path).st_ino == self._socket_inode:
-                    os.unlink(path)
+                if os.stat(self._bound_path).st_ino == self._socket_inode:
+                    os.unlink(self._bound_path)
             except OSError:
                 pass

@@ -5,10 +5,12 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 
 import fleet
+from amproxy import handover
 from test_e2e_outage import make_points, outage_auth, send_steadily, wait_all_stored  # noqa: F401
 from conftest import (AMPROXY, KEYS, SECRETS_USED, children_of, free_port, line_for, make_install_under,
                       pid_alive, wait_for, wait_points, write_auth)
@@ -106,10 +108,7 @@ def test_usr2_twice_under_a_thousand_streaming_devices_loses_nothing(carbon, tmp
     stream_through(proxy.port, carbon, two_upgrades)
     assert len(set(masters)) == 3, masters
     # The stats socket is the new master's: the old one did not remove it as it left.
-    stats = subprocess.run([AMPROXY, "stats", "--pidfile", pidfile], capture_output=True,
-                           text=True, timeout=30)
-    assert stats.returncode == 0, stats.stderr
-    assert json.loads(stats.stdout)["totals"]["linesForwarded"] > 0
+    assert stats_of(pidfile)["totals"]["linesForwarded"] > 0
     log = proxy.log()
     assert log.count("took over the sockets") == 2, log
     # The old workers drained: each said how many lines it forwarded.
@@ -127,7 +126,10 @@ def test_a_new_master_that_fails_leaves_the_old_one_serving(carbon, tmp_path, ma
     inode = os.stat(pidfile).st_ino
     config.write_text("skew = soon\n")  # the new master refuses to start
     os.kill(old, signal.SIGUSR2)
-    proxy.wait_log(r"the new master exited with status \d+; this one goes on serving")
+    # Why, in the old master's log: the new one's error went to its stderr.
+    proxy.wait_log(r"the new master exited with status 2; this one goes on serving\" "
+                   r"new_master_pid=\d+ reason=\"amproxy server: error: argument --skew: "
+                   r"'soon' is not a duration")
     # A new pidfile with the same pid: what the init script's restart waits for.
     wait_for(lambda: os.stat(pidfile).st_ino != inode, 10, what="the pidfile written again")
     assert read_pid(pidfile) == old and pid_alive(old)
@@ -201,3 +203,69 @@ def test_an_upgrade_while_carbon_is_down_delivers_what_the_old_workers_spooled(
     proxy.wait_log(r"found lines another worker spooled as it stopped", timeout=15)
     own_carbon.start()
     wait_all_stored(own_carbon, points, start)
+
+
+def test_a_stop_during_the_handover_stops_the_new_master_too(carbon, tmp_path, make_proxy,
+                                                             auth_file):
+    pidfile = str(tmp_path / "amproxy.pid")
+    proxy = make_proxy(carbon.address, auth_file, args=["--pidfile", pidfile])
+    old = read_pid(pidfile)
+    os.kill(old, signal.SIGUSR2)
+    proxy.wait_log(r"starting a new master")
+    new = int(re.findall(r"new_master_pid=(\d+)", proxy.log())[-1])
+    os.kill(new, signal.SIGSTOP)  # not ready yet, whatever this machine's speed
+    try:
+        os.kill(old, signal.SIGTERM)  # an admin's stop, not the new master's
+        proxy.wait_log(r"stopping the new master too: it had not taken over")
+    finally:
+        os.kill(new, signal.SIGCONT)
+    assert proxy.wait_exit(30) == 0
+    wait_for(lambda: not pid_alive(new), 30, what="the new master to exit")
+    assert not os.path.exists(pidfile)
+    assert "took over" not in proxy.log()
+
+
+def test_a_new_master_not_ready_in_time_is_stopped():
+    sleeper = subprocess.Popen(["sleep", "60"])
+    successor = handover.Successor()
+    successor.pid = sleeper.pid
+    successor._started_at = time.monotonic() - handover.READY_TIMEOUT
+    successor.check_ready_in_time()
+    assert sleeper.wait(10) == -signal.SIGTERM
+
+
+def stats_of(pidfile):
+    result = subprocess.run([AMPROXY, "stats", "--pidfile", pidfile], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_a_new_master_stopped_before_it_took_over_leaves_the_stats_socket_alone(
+        carbon, tmp_path, make_proxy, auth_file):
+    pidfile = str(tmp_path / "amproxy.pid")
+    proxy = make_proxy(carbon.address, auth_file, args=["--pidfile", pidfile])
+    old = read_pid(pidfile)
+    os.kill(old, signal.SIGUSR2)
+    proxy.wait_log(r"starting a new master")
+    new = int(re.findall(r"new_master_pid=(\d+)", proxy.log())[-1])
+    os.kill(new, signal.SIGSTOP)
+    os.kill(new, signal.SIGTERM)  # it binds its stats socket beside the old one's
+    os.kill(new, signal.SIGCONT)
+    proxy.wait_log(r"the new master exited")
+    assert stats_of(pidfile)["gauges"]["workers"] == 2
+    assert sorted(os.listdir(str(tmp_path))).count("amproxy.stats.sock") == 1
+    assert not [name for name in os.listdir(str(tmp_path)) if name.startswith(
+        "amproxy.stats.sock.")]
+
+
+def test_a_second_server_refuses_a_running_servers_stats_socket(carbon, tmp_path, make_proxy,
+                                                                auth_file):
+    socket_path = str(tmp_path / "stats.sock")
+    make_proxy(carbon.address, auth_file, args=["--stats-socket", socket_path])
+    second = make_proxy(carbon.address, auth_file, args=["--stats-socket", socket_path],
+                        start=False).start(wait=False)
+    assert second.wait_exit(30) != 0
+    assert "stats socket %s belongs to a running amproxy" % socket_path in second.log()
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(socket_path)  # the first server's, still there

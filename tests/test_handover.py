@@ -83,14 +83,20 @@ def test_an_inherited_socket_no_option_asks_for_is_closed(sockets, caplog):
     assert "no option asks for" in caplog.text
 
 
-def test_the_command_line_is_the_installed_script_or_python_m(monkeypatch, tmp_path):
+def test_the_command_line_is_the_installed_script_or_the_same_interpreter_flags(
+        monkeypatch, tmp_path):
     script = tmp_path / "amproxy"
     script.write_text("#!/bin/sh\n")
     script.chmod(0o755)
-    monkeypatch.setattr(sys, "argv", [str(script), "server", "--workers", "2"])
+    # Made absolute at start: --daemon's chdir("/") does not change what runs.
+    monkeypatch.setattr(handover, "_SCRIPT", str(script))
+    monkeypatch.setattr(sys, "argv", ["./amproxy", "server", "--workers", "2"])
     assert handover.command_line() == [str(script), "server", "--workers", "2"]
+    monkeypatch.setattr(handover, "_SCRIPT", "/src/amproxy/__main__.py")
     monkeypatch.setattr(sys, "argv", ["/src/amproxy/__main__.py", "server"])
-    assert handover.command_line() == [sys.executable, "-m", "amproxy", "server"]
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "-I", "-m", "amproxy", "server"],
+                        raising=False)
+    assert handover.command_line() == [sys.executable, "-I", "-m", "amproxy", "server"]
 
 
 def test_a_stale_predecessor_variable_names_no_one(monkeypatch):
