@@ -100,6 +100,9 @@ install:
 # Removes what install put down; a config, defaults or auth file that differs
 # from the shipped one is kept, and so are the spool, the logs and the user.
 uninstall:
+	@# A running server first: without the init script nothing would stop it.
+	test -n "$(DESTDIR)" || ! test -x "$(SYSCONFDIR)/init.d/amproxy" || \
+		"$(SYSCONFDIR)/init.d/amproxy" stop
 	rm -rf "$(DESTDIR)$(LIBDIR)"
 	rm -f "$(DESTDIR)$(BINDIR)/amproxy" "$(DESTDIR)$(SYSCONFDIR)/init.d/amproxy" \
 		"$(DESTDIR)$(MANDIR)/man1/amproxy.1" \

@@ -118,6 +118,15 @@ def same_address(sock, address):
         return True  # a name: resolved at bind time, taken as asked
 
 
+def _wider(sock, address):
+    """Whether ``sock`` listens on every address where ``address`` names one."""
+    try:
+        return (ipaddress.ip_address(sock.getsockname()[0]).is_unspecified
+                and not ipaddress.ip_address(address[0] or "0.0.0.0").is_unspecified)
+    except ValueError:
+        return False  # a host name: taken as asked
+
+
 def open_listeners(addr, tls_addr, inherited):
     """The plain listener, and the TLS one if ``tls_addr`` is set.
 
@@ -143,6 +152,12 @@ def open_listeners(addr, tls_addr, inherited):
             unclaimed = [s for s in others if not any(same_address(s, a) for _, a in wanted)]
             if sock is None and kind == "plain" and unclaimed:
                 sock = unclaimed[0]
+                if _wider(sock, address):
+                    raise AmproxyError(
+                        "the socket systemd passed listens on %s, on more addresses than "
+                        "addr %s:%d allows; set ListenStream= in amproxy.socket (systemctl "
+                        "edit amproxy.socket) or addr to the same address"
+                        % ((Listener.describe(sock),) + tuple(address)))
                 log.warning("listening where systemd's socket unit says, not on addr; set "
                             "ListenStream= in amproxy.socket to change it",
                             extra={"listening": Listener.describe(sock),

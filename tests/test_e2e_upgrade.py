@@ -7,13 +7,14 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import fleet
 from amproxy import handover
 from test_e2e_outage import make_points, outage_auth, send_steadily, wait_all_stored  # noqa: F401
-from conftest import (AMPROXY, KEYS, SECRETS_USED, children_of, free_port, line_for, make_install_under,
-                      pid_alive, wait_for, wait_points, write_auth)
+from conftest import (AMPROXY, KEYS, ROOT, SECRETS_USED, children_of, free_port, line_for,
+                      make_install_under, pid_alive, wait_for, wait_points, write_auth)
 
 DEVICES = 1000
 KEYS_IN_FLEET = 10
@@ -269,3 +270,64 @@ def test_a_second_server_refuses_a_running_servers_stats_socket(carbon, tmp_path
     assert "stats socket %s belongs to a running amproxy" % socket_path in second.log()
     with socket.socket(socket.AF_UNIX) as probe:
         probe.connect(socket_path)  # the first server's, still there
+
+
+# An amproxy from before upgrades in place, as far as the init script can tell: it
+# detaches, writes its pidfile, stops on TERM (and says so), and dies of SIGUSR2.
+OLD_DAEMON = """#!%s
+import os, signal, sys, time
+pidfile = sys.argv[sys.argv.index("--pidfile") + 1]
+if os.fork():
+    while not os.path.exists(pidfile):
+        time.sleep(0.01)
+    sys.exit(0)
+os.setsid()
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+def stop(signum, frame):
+    with open(%r, "a") as f:
+        f.write("TERM %%d\\n" %% os.getpid())
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+with open(pidfile + ".tmp", "w") as f:
+    f.write("%%d\\n" %% os.getpid())
+os.rename(pidfile + ".tmp", pidfile)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_restart_of_an_amproxy_that_predates_usr2_stops_and_starts_it(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    daemon = bin_dir / "amproxy"  # its name is what start-stop-daemon matches
+    stops = tmp_path / "stops"
+    daemon.write_text(OLD_DAEMON % (sys.executable, str(stops)))
+    daemon.chmod(0o755)
+    pidfile = tmp_path / "run" / "amproxy.pid"
+    defaults = tmp_path / "default"
+    defaults.write_text("DAEMON=%s\nPIDFILE=%s\nLOG_FILE=%s\nCONFIG_FILE=/dev/null\n"
+                        "RUN_AS_USER=\nMAX_OPEN_FILES=1024\n"
+                        % (daemon, pidfile, tmp_path / "log" / "amproxy.log"))
+    env = dict(os.environ, AMPROXY_DEFAULTS=str(defaults))
+    script = os.path.join(ROOT, "etc", "init.d", "amproxy")
+
+    def init(action):
+        return subprocess.run([script, action], env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    assert init("start").returncode == 0
+    pids = [read_pid(pidfile)]
+    try:
+        restart = init("restart")
+        assert restart.returncode == 0, restart.stdout + restart.stderr
+        assert "cannot hand its port over" in restart.stderr
+        pids.append(read_pid(pidfile))
+        assert pids[1] != pids[0] and pid_alive(pids[1])
+        # Stopped by TERM, not killed by a SIGUSR2 it does not handle.
+        assert stops.read_text() == "TERM %d\n" % pids[0]
+    finally:
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)

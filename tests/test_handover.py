@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from amproxy import handover
+from amproxy.errors import AmproxyError
 from amproxy.listeners import open_listeners
 
 
@@ -102,3 +103,15 @@ def test_the_command_line_is_the_installed_script_or_the_same_interpreter_flags(
 def test_a_stale_predecessor_variable_names_no_one(monkeypatch):
     monkeypatch.setenv(handover.PREDECESSOR_ENV, "1")  # init, not our parent here
     assert not handover.Predecessor()
+
+
+def test_systemds_socket_on_every_address_is_refused_when_addr_names_one(sockets):
+    everywhere = socket.socket()
+    everywhere.bind(("0.0.0.0", 0))
+    everywhere.listen(8)
+    try:
+        with pytest.raises(AmproxyError, match="on more addresses than addr 127.0.0.1"):
+            open_listeners(("127.0.0.1", port_of(everywhere)), None,
+                           [(everywhere, "amproxy.socket")])
+    finally:
+        everywhere.close()
