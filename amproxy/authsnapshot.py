@@ -293,6 +293,7 @@ class AuthSnapshot:
         # The cache refers to the index and not to this object: dropping the
         # snapshot unmaps it at once, with no cycle left for the GC to find.
         self.keys = KeyCache(index.find)
+        self._index = index
 
     def __len__(self):
         return self.count
@@ -300,6 +301,10 @@ class AuthSnapshot:
     def get(self, public_key, default=None):
         key = self.keys[public_key]
         return default if key is None else key
+
+    def names(self):
+        """Every public key (bytes), in no particular order."""
+        return self._index.names()
 
 
 class SnapshotIndex:
@@ -321,6 +326,15 @@ class SnapshotIndex:
         self._mask = header["slots"] - 1
         self._text_at = header["text_at"] - 1  # slots hold offset + 1
         self._patterns = {}  # compiled matchers, shared by keys with the same patterns
+
+    def names(self):
+        skip = len(self._layout.key_indent)
+        text = self._map
+        for offset in self._slots:
+            if offset:
+                start = offset + self._text_at + skip
+                name = text[start:text.find(b":\n", start)]
+                yield _unescape(name) if self._escaped else name
 
     def find(self, public_key):
         """The :class:`AuthKey` of ``public_key``, built from its entry; None if absent."""
@@ -491,9 +505,11 @@ class AuthReloads:
     master keeps it for the workers it starts later.
     """
 
-    def __init__(self, auth_file, channels):
+    def __init__(self, auth_file, channels, taken=None):
+        """``taken(db)``: called with each new version the master takes."""
         self.auth_file = auth_file
         self._channels = channels
+        self._taken = taken
         self._compiling = None
         self._queued = None
         self._next_check = 0.0
@@ -556,4 +572,5 @@ class AuthReloads:
     def _publish(self, update):
         for channel in self._channels():
             channel.send(update)
-        self.auth_file.take(update, quiet=True)
+        if self.auth_file.take(update, quiet=True) and self._taken is not None:
+            self._taken(self.auth_file.db)

@@ -314,6 +314,10 @@ SERVER_OPTIONS = [
     Option("--stats-prefix", "",
            "the metric prefix of the counters (default: amproxy.<host name with dots as _>)",
            env="AMPROXY_STATS_PREFIX"),
+    Option("--device-silent-after", "1h",
+           "a key with no line accepted for this long counts as silent: in the "
+           "devices.silent self-metric and for 'amproxy devices'",
+           env="AMPROXY_DEVICE_SILENT_AFTER", type=duration, live=True),
     Option("--stats-per-key", False,
            "also count forwarded and rejected lines per public key",
            env="AMPROXY_STATS_PER_KEY", type=bool),

@@ -34,7 +34,7 @@ class Connection:
     """
 
     __slots__ = ("sock", "address", "source", "slot", "partial", "last_active", "state",
-                 "since", "tls", "fresh", "watched")
+                 "since", "tls", "fresh", "watched", "key")
 
     def __init__(self, sock, address, now, tls=False, proxy_header=False):
         self.sock = sock
@@ -47,6 +47,7 @@ class Connection:
         self.state = HANDSHAKE if tls else HEADER if proxy_header else LINES
         self.since = now  # when it entered its state
         self.fresh = True  # nothing read yet
+        self.key = None  # the public key its last read's first line named
 
     def enter(self, state, now):
         self.state = state
@@ -74,6 +75,10 @@ class Connection:
         self.partial = data[end:]
         # splitlines also ends lines at \r, so \r\n endings cost nothing.
         lines = data[:end].splitlines()
+        if lines:  # which device it is: the public key field of a whole line
+            fields = lines[0].split(b" ")
+            if len(fields) == 5:
+                self.key = fields[3]
         if len(self.partial) <= max_length and (
                 end <= max_length or max(map(len, lines)) <= max_length):
             return lines, 0

@@ -24,7 +24,8 @@ from .logs import reopen_log_files, set_level
 from .proxyprotocol import LOOPBACK
 from .ratelimit import RateTable
 from .tls import CertificateReloads
-from .stats import StatsService
+from .devices import DeviceTable
+from .stats import DeviceQueries, StatsService
 from .pool import WorkerPool
 from .worker import WORKER_BOOT_ERROR, Worker, run_worker_process
 
@@ -123,7 +124,10 @@ class Master:
         options = self.options
         self.auth_file = AuthFile(options.auth_file)
         db = self.auth_file.load()
-        self.auth_reloads = AuthReloads(self.auth_file, self._channels)
+        # What each key's lines became, shared by the workers; a revoked key's is dropped.
+        self.device_table = DeviceTable(len(db))
+        self.auth_reloads = AuthReloads(self.auth_file, self._channels, lambda new: (
+            self.device_table.forget_except(new.names())))
         self.listeners = open_listeners(options.addr, options.tls_addr,
                                         daemon.inherited_listeners())
         raise_file_limit(options.max_connections)
@@ -144,7 +148,8 @@ class Master:
         # Replays are remembered for twice the skew, of every line the limits allow.
         self.rate_table = RateTable(len(db), (db.rate_total + options.key_max_rate * len(db))
                                     * 2 * options.skew)
-        self.stats = StatsService(options, stats_socket_path(options), bool(self.predecessor))
+        self.stats = StatsService(options, stats_socket_path(options), bool(self.predecessor),
+                                  DeviceQueries(self.device_table, self.auth_file))
         self.boot = BootReports()
         self.signals = SignalQueue(SIGNALS, limit=5)
         log_started(options, self.listeners, self.pool.count, len(db))
@@ -317,7 +322,7 @@ class Master:
             self.connection_table.publish(slot, 0)
         return Worker(slot, age, self.listeners, self.options, self.auth_file,
                       SnapshotChannel(), Heartbeat(), self.stats.channels,
-                      self.connection_table, self.rate_table)
+                      self.connection_table, self.rate_table, self.device_table)
 
     def _run_worker(self, worker, signal_mask):
         """In the child: never return into the master's code."""

@@ -1,17 +1,55 @@
 """What became of each line a worker read: forwarded, rejected for a reason
-(counted, logged within a budget per second, counted per key with
---stats-per-key), or lost to an internal error (counted, a traceback a second)."""
+(counted, logged within a budget per second, counted per key for the device
+table and with --stats-per-key), or lost to an internal error (counted, a
+traceback a second)."""
 
 import logging
+import time
 
+from .devices import Rejections
 from .logs import RejectionLog
-from .protocol import REJECTION_REASONS
+from .protocol import BAD_SIGNATURE, REJECTION_REASONS, SKEW
 
 log = logging.getLogger("amproxy.worker")  # the worker's log, where these always were
 
 
+class DeviceTally:
+    """What each key's lines became since the last record, handed to the device table
+    shared by the workers once a second: no system call, no shared write per line."""
+
+    def __init__(self, table, worker):
+        self.table = table  # devices.DeviceTable
+        self.worker = worker
+        self.accepted = {}  # public key -> lines accepted (filter_lines counts them)
+        self.rejected = {}  # public key -> devices.Rejections
+
+    def reject(self, public_key, reason, detail):
+        """``detail``: for skew, how far ahead the line's clock is; for a bad signature,
+        whether the key's previous (expired) secret signed it."""
+        tally = self.rejected.get(public_key)
+        if tally is None:
+            tally = self.rejected[public_key] = Rejections()
+        if reason == SKEW:
+            tally.add(reason, time.time(), skew=detail)
+        else:
+            tally.add(reason, time.time(), old_secret=reason == BAD_SIGNATURE and bool(detail))
+
+    def record(self, connections, stats, keys):
+        """To the table: the tallies, and the keys (of ``keys``, the auth file's) this
+        worker's connections last sent."""
+        if stats.forwarded_per_key is not None:  # --stats-per-key reports them too
+            for public_key, count in self.accepted.items():
+                stats.forwarded_per_key[public_key] = (
+                    stats.forwarded_per_key.get(public_key, 0) + count)
+        connected = {conn.key: (conn.source, conn.tls) for conn in connections
+                     if conn.key is not None and conn.key in keys}
+        self.table.record(self.worker, time.time(), self.accepted, self.rejected, connected)
+        self.accepted, self.rejected = {}, {}
+
+
 class LineOutcomes:
-    def __init__(self, log_rejections, stats, clock):
+    def __init__(self, log_rejections, stats, clock, devices):
+        self.devices = devices  # DeviceTally
         self.forwarded = 0
         self.internal_errors = 0
         self.rejected = dict.fromkeys(REJECTION_REASONS, 0)
@@ -26,14 +64,17 @@ class LineOutcomes:
         budget = self.log.budget
         log_rejection = self.log.log
         rejected_per_key = self.stats.rejected_per_key
+        devices = self.devices
 
-        def reject(reason, public_key, metric):
+        def reject(reason, public_key, metric, detail=None):
             rejected[reason] += 1
             if budget[reason]:
                 budget[reason] -= 1
                 log_rejection(reason, conn.remote, public_key, metric)
-            if rejected_per_key is not None and public_key in keys:
-                rejected_per_key[public_key] = rejected_per_key.get(public_key, 0) + 1
+            if public_key in keys:
+                devices.reject(public_key, reason, detail)
+                if rejected_per_key is not None:
+                    rejected_per_key[public_key] = rejected_per_key.get(public_key, 0) + 1
         return reject
 
     def internal_error(self, conn, lines):

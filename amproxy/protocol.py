@@ -190,7 +190,9 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
     ``metrics`` (a set of bytes), ``allows_pattern(metric)``, and ``matched``
     and ``remember_match(metric)`` for names a pattern has already allowed.  For each line
     that fails, ``reject(reason, public_key, metric)`` is called; the fields
-    are None when the line could not be split.  The checks run in the
+    are None when the line could not be split.  For ``skew`` a fourth argument
+    says how far ahead the line's timestamp is, and for ``badSignature`` whether
+    the key's previous secret, past its grace, signed the line.  The checks run in the
     original's order (shape, key, signature, skew, metric) and then the value;
     the metric name is checked (:func:`metric_problem`) before the allow list,
     except for exact names from the auth file, which were checked at load.
@@ -255,7 +257,9 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
                     _retry_trimmed(line, accepted, keys, now, max_skew, reject,
                                    forwarded_per_key, allow_tags, rate_limiter, budgets):
                 continue
-            reject(BAD_SIGNATURE, public_key, metric)
+            # Signed with the previous secret after its grace: the device was not told.
+            reject(BAD_SIGNATURE, public_key, metric, key.previous is not None and compare(
+                key.previous.signature(line[:signed_length]), signature))
             continue
         if len(timestamp) == digits:
             in_window = oldest_text <= timestamp <= newest_text
@@ -265,7 +269,7 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
         else:
             in_window = oldest <= int(timestamp) <= newest
         if not in_window:
-            reject(SKEW, public_key, metric)
+            reject(SKEW, public_key, metric, int(timestamp) - now)  # > 0: the device is ahead
             continue
         if metric not in key.metrics and metric not in key.matched:
             if metric_problem(metric, allow_tags) is not None:

@@ -32,6 +32,8 @@ GAUGES = ("activeConnections", "bufferedLines", "spooledBytes")
 # Counters and gauges of each Carbon destination are named under this node.
 PER_DESTINATION = "destinations."
 MAX_DATAGRAM = 60000
+# How long the stats socket waits for a request (`amproxy stats` sends none).
+REQUEST_WAIT = 0.05
 # The per-key counts in one datagram; the rest of MAX_DATAGRAM holds the envelope.
 KEYS_PER_DATAGRAM_BYTES = MAX_DATAGRAM - 1000
 
@@ -213,11 +215,13 @@ class StatsCollector:
                             for key, (f, r) in sorted(self.key_totals.items())}
         return data
 
-    def flush(self, workers, timestamp):
-        """Send this interval's metrics to Carbon through a worker; start a new interval."""
+    def flush(self, workers, timestamp, extra=()):
+        """Send this interval's metrics (and the ``extra`` gauges) to Carbon through a
+        worker; start a new interval."""
         self.drain()
         values = dict(self.interval)
         values.update(self.current_gauges(workers))
+        values.update(extra)
         lines = ["%s.%s %d %d\n" % (self.prefix, name, value, timestamp)
                  for name, value in values.items()]
         if self.per_key:
@@ -263,10 +267,11 @@ class StatsService:
     descriptors and calls back.
     """
 
-    def __init__(self, options, socket_path, replacing=False):
+    def __init__(self, options, socket_path, replacing=False, devices=None):
         """``replacing``: a master started by SIGUSR2 listens beside the old master's
         socket, and takes its path (``claim_path``) only once it has taken over."""
         self.options = options
+        self.devices = devices  # devicequery.DeviceQueries: `amproxy devices`, devices.*
         self.channels = StatsChannels()
         self.collector = StatsCollector(self.channels, options.stats_prefix or
                                         default_prefix(), options.stats_per_key,
@@ -336,6 +341,15 @@ class StatsService:
         except (BlockingIOError, InterruptedError):
             return
         with conn:
+            # `amproxy devices` asks at once; `amproxy stats` asks nothing.
+            conn.settimeout(REQUEST_WAIT)
+            try:
+                request = conn.recv(4096)
+            except OSError:
+                request = b""
+            if request.startswith(b"devices") and self.devices is not None:
+                self.devices.answer(conn, request, self.options.device_silent_after)
+                return
             conn.settimeout(2)
             try:
                 conn.sendall(json.dumps(self.collector.snapshot(workers)).encode())
@@ -352,7 +366,9 @@ class StatsService:
             self._next_flush = now + interval
         elif now >= self._next_flush:
             self._next_flush = now + interval
-            self.collector.flush(workers, int(time.time()))
+            extra = self.devices.gauges(interval, self.options.device_silent_after) \
+                if self.devices is not None else {}
+            self.collector.flush(workers, int(time.time()), extra)
 
     def forget_worker(self, pid):
         self.collector.forget_worker(pid)

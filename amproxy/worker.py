@@ -15,7 +15,7 @@ from .clients import Clients
 from .connections import HANDSHAKE, HEADER
 from .destinations import Destinations
 from .links import SIGNALS, SignalQueue
-from .outcomes import LineOutcomes
+from .outcomes import DeviceTally, LineOutcomes
 from .errors import CloseConnection
 from .listeners import Acceptor, connection_limit
 from .logs import reopen_log_files, set_level
@@ -51,8 +51,9 @@ class Worker:
     """Built by the master before the fork; ``run`` is called in the child."""
 
     def __init__(self, slot, age, listeners, options, auth_file, auth_channel, heartbeat,
-                 stats_channels, connection_table, rate_table):
+                 stats_channels, connection_table, rate_table, device_table):
         self.slot = slot
+        self.devices = DeviceTally(device_table, slot)  # a worker's tallies, once forked
         self.stats_channels = stats_channels
         self.connection_table = connection_table
         self.rate_limiter = RateLimiter(rate_table)
@@ -107,7 +108,7 @@ class Worker:
         if options.spool_dir:
             self.destinations.replay_stranded(options.spool_dir, options.spool_max_bytes)
         self.stats = WorkerStats(self.stats_channels, options.stats_per_key)
-        self.lines = LineOutcomes(options.log_rejections, self.stats, self.clock)
+        self.lines = LineOutcomes(options.log_rejections, self.stats, self.clock, self.devices)
         outbox = self.stats_channels.outbox_out  # the master's self-metrics, to send
         self.selector.register(outbox, selectors.EVENT_READ,
                                lambda mask: self.destinations.send_datagram(outbox))
@@ -207,6 +208,7 @@ class Worker:
         return counters
 
     def report_stats(self):
+        self.devices.record(self.clients.connections.values(), self.stats, self.auth_file.db.keys)
         gauges = self.destinations.gauges()
         gauges["activeConnections"] = len(self.clients)
         self.stats.report(self.counters(), gauges)
@@ -279,7 +281,7 @@ class Worker:
         try:
             accepted = filter_lines(lines, keys, int(time.time()), self.options.skew,
                                     self.lines.rejecter(conn, keys),
-                                    self.stats.forwarded_per_key, self.options.allow_tags,
+                                    self.devices.accepted, self.options.allow_tags,
                                     self.rate_limiter.for_batch(db, self.options.key_max_rate))
         except Exception:  # a bug must cost this read's lines, not the worker
             self.lines.internal_error(conn, len(lines))

@@ -18,7 +18,7 @@ FLOORS = [
     # senders and their backlog, the listeners, the links to the master, and the
     # client connections.
     ("parts", ["logs", "tls", "config", "links", "daemon", "balance", "ratelimit", "buffer",
-               "deadletter", "auth", "authscan", "authsnapshot", "stats", "carbon",
+               "deadletter", "auth", "authscan", "authsnapshot", "devicequery", "stats", "carbon",
                "destinations", "listeners", "connections", "clients", "outcomes"]),
     ("worker", ["worker", "pool"]),
     ("master", ["handover", "master"]),
