@@ -150,6 +150,27 @@ def test_a_worker_that_knew_a_forgotten_slot_does_not_write_into_it(table):
     assert table.read(b"revoked").accepted == 1  # a new slot, from zero
 
 
+def test_workers_record_one_at_a_time(table):
+    """The lock on the memfd is per process: a forked worker waits for another's record."""
+    reader, writer = os.pipe()
+    table._lock()  # the parent is a worker in the middle of its record
+    pid = os.fork()
+    if pid == 0:
+        try:
+            table.record(1, T0, {b"dev": 1}, {}, {})
+            os.write(writer, b"x")
+        finally:
+            os._exit(0)
+    try:
+        time.sleep(0.3)
+        assert table.read(b"dev") is None  # still waiting for the lock
+    finally:
+        table._unlock()
+    assert os.read(reader, 1) == b"x"
+    os.waitpid(pid, 0)
+    assert table.read(b"dev").accepted == 1
+
+
 def test_rejected_since_is_when_the_current_run_of_rejections_began(table):
     table.record(0, T0, {b"dev": 1}, {}, {})
     assert table.read(b"dev").rejected_since is None
