@@ -17,8 +17,9 @@ FLOORS = [
     # What a worker is built from: the auth file, logs, TLS, limits, the Carbon
     # senders and their backlog, the listeners, the links to the master, and the
     # client connections.
-    ("parts", ["logs", "tls", "config", "links", "daemon", "balance", "ratelimit", "buffer",
-               "deadletter", "auth", "authscan", "authsnapshot", "devicequery", "stats", "carbon",
+    ("parts", ["logs", "tls", "config", "links", "daemon", "balance", "ratelimit", "devices",
+               "buffer", "deadletter", "auth", "authscan", "authsnapshot", "devicequery", "stats",
+               "carbon",
                "destinations", "listeners", "connections", "clients", "outcomes"]),
     ("worker", ["worker", "pool"]),
     ("master", ["handover", "master"]),

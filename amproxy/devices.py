@@ -1,0 +1,528 @@
+"""What each device (auth-file key) did since amproxy started, shared by the workers.
+
+Per key: lines accepted, when the last was accepted, when the last was
+rejected and why, lines rejected per reason, when the current run of
+rejections began, the clock offset of the last ``skew`` rejection, whether
+the last ``badSignature`` line was signed with the key's previous secret, the
+address and listener it last connected from, and whether it is connected
+now.  No secret, signature, metric name or value is kept.
+
+The table is a memfd the master maps (MAP_SHARED) before it forks, so every
+worker writes the same slots.  A slot is found by a 64-bit blake2b hash of
+the public key, with linear probing (256 probes, modulo the slot count); each
+process remembers the slots of the keys it used and checks the slot still
+holds the key's hash before each use.  A worker writes once a second, a batch
+for every key it saw, holding a POSIX record lock on the memfd (per process,
+so forked workers exclude each other).  Readers (the master, a child
+answering a query) take no lock: a slot read during an update may mix two
+seconds' values, never two keys'.
+
+Slot layout (``_SLOT``, 96 bytes with the ten reasons of
+:data:`amproxy.protocol.REJECTION_REASONS`; 1.5 slots a key, so 100,000 keys
+take 150,000 slots = 14,400,000 bytes)::
+
+    0  q    hash of the public key (0: free, _TOMBSTONE: forgotten)
+    8  Q    lines accepted
+    16 I    last accepted       (epoch seconds, 0: never)
+    20 I    rejected since      (first rejection after the last acceptance; 0: none)
+    24 I    last rejected       (0: never)
+    28 i    skew of the last skew rejection (s, + device ahead; valid if _HAS_SKEW)
+    32 I    connected: one bit per worker (worker % 32)
+    36 B    last reason (index in REJECTION_REASONS + 1; 0: none)
+    37 B    listener (0: unknown, 1: plain, 2: tls)
+    38 B    flags (_OLD_SECRET, _HAS_SKEW, _HAS_ADDRESS)
+    40 16s  address (IPv6 packed; IPv4 as IPv4-mapped IPv6)
+    56 I*n  lines rejected per reason (saturate at 2**32 - 1)
+
+Times are whole seconds (a record's time, or a rejection's, rounded down).
+"""
+
+import fcntl
+import hashlib
+import ipaddress
+import itertools
+import logging
+import math
+import mmap
+import os
+import struct
+import time
+from typing import NamedTuple, Optional
+
+from .protocol import BAD_SIGNATURE, REJECTION_REASONS, SKEW, UNKNOWN_KEY
+
+log = logging.getLogger(__name__)
+
+MIN_SLOTS = 1024
+# Linear probing at 2/3 load displaces some of 100,000 keys by more than 64 slots
+# (51 to 83 in simulations): 256 leaves room.
+_PROBES = 256
+_TOMBSTONE = -(1 << 63)
+_WORKER_BITS = 32
+
+_OLD_SECRET = 1
+_HAS_SKEW = 2
+_HAS_ADDRESS = 4
+
+_LISTENERS = (None, "plain", "tls")
+_REASON_INDEX = {reason: index for index, reason in enumerate(REJECTION_REASONS)}
+_MAX_COUNT = (1 << 32) - 1
+_SKEW_MIN, _SKEW_MAX = -(1 << 31), (1 << 31) - 1
+_FULL_LOG_INTERVAL = 60.0
+# A key that found no slot is not looked for again (a full probe) for this long.
+_MISS_RETRY = 60.0
+
+
+def _slot_struct():
+    fields = "=qQIIIiIBBBx16s%dI" % len(REJECTION_REASONS)
+    padding = -struct.calcsize(fields) % 8  # slots 8-aligned: the hash is a 'q' item
+    return struct.Struct(fields + "x" * padding)
+
+
+_SLOT = _slot_struct()
+SLOT_SIZE = _SLOT.size
+# Indexes in 4-byte ('I'/'i') units from a slot's start.
+_U32_PER_SLOT = SLOT_SIZE // 4
+_Q_PER_SLOT = SLOT_SIZE // 8
+_LAST_ACCEPTED, _REJECTED_SINCE, _LAST_REJECTED, _SKEW_AT, _WORKERS = 4, 5, 6, 7, 8
+_COUNTS = 14
+# Byte offsets.
+_REASON_OFFSET, _LISTENER_OFFSET, _FLAGS_OFFSET = 36, 37, 38
+_ADDRESS_OFFSET = 40
+# The offsets above are those of _SLOT.
+assert struct.calcsize(_SLOT.format[:_SLOT.format.index("16s")]) == _ADDRESS_OFFSET
+assert struct.calcsize(_SLOT.format[:_SLOT.format.index("16s") + 3]) == _COUNTS * 4
+
+
+def _key_hash(public_key):
+    value = int.from_bytes(hashlib.blake2b(public_key, digest_size=8).digest(), "little",
+                           signed=True)
+    if value == 0 or value == _TOMBSTONE:
+        return 1  # 0 marks a free slot, _TOMBSTONE a forgotten one
+    return value
+
+
+def _packed_address(text):
+    """16 bytes for an address's text, or None when it is not an IP address."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if address.version == 4:
+        return b"\0" * 10 + b"\xff\xff" + address.packed
+    return address.packed
+
+
+def _address_text(packed):
+    address = ipaddress.IPv6Address(packed)
+    return str(address.ipv4_mapped or address)
+
+
+def _time(stored):
+    return float(stored) if stored else None
+
+
+class Rejections:
+    """A worker's tally of one key's rejected lines between two records."""
+
+    __slots__ = ("counts", "last_reason", "last_at", "first_at", "skew", "old_secret")
+
+    def __init__(self):
+        self.counts = {}  # reason -> lines
+        self.last_reason = None
+        self.last_at = 0.0
+        self.first_at = None  # the earliest rejection of the tally
+        self.skew = None  # of the last skew rejection: s, + when the device is ahead
+        self.old_secret = False  # the last badSignature line was signed with the old secret
+
+    def add(self, reason, at, skew=None, old_secret=False, lines=1):
+        """``lines`` lines rejected for ``reason`` at ``at`` (epoch seconds).
+
+        ``skew``: for a skew rejection, the line's time minus the proxy's;
+        ``old_secret``: for a badSignature one, the key's previous secret signs it.
+        """
+        if reason not in _REASON_INDEX:
+            raise ValueError("not a rejection reason: %r" % (reason,))
+        self.counts[reason] = self.counts.get(reason, 0) + lines
+        if at >= self.last_at:
+            self.last_at = at
+            self.last_reason = reason
+        if self.first_at is None or at < self.first_at:
+            self.first_at = at
+        if reason == SKEW and skew is not None:
+            self.skew = skew
+        if reason == BAD_SIGNATURE:
+            self.old_secret = bool(old_secret)
+
+
+class DeviceState(NamedTuple):
+    accepted: int
+    last_accepted: Optional[float]
+    last_rejected: Optional[float]
+    last_reason: Optional[str]
+    rejected_since: Optional[float]
+    rejected: dict
+    skew: Optional[int]
+    old_secret: bool
+    address: Optional[str]
+    listener: Optional[str]
+    connected: bool
+
+    def as_json(self, name):
+        return {"key": name, "accepted": self.accepted, "last_accepted": self.last_accepted,
+                "last_rejected": self.last_rejected, "last_reason": self.last_reason,
+                "rejected_since": self.rejected_since, "rejected": dict(self.rejected),
+                "skew": self.skew, "old_secret": self.old_secret, "address": self.address,
+                "listener": self.listener, "connected": self.connected}
+
+
+class DeviceTable:
+    """Made by the master before it forks; ``record`` is called by the workers."""
+
+    def __init__(self, expected_keys):
+        self.capacity = max(MIN_SLOTS, math.ceil(1.5 * expected_keys))
+        self.size = self.capacity * SLOT_SIZE
+        self.created = time.time()
+        self.full_misses = 0
+        self._full_logged_at = None
+        self._fd = os.memfd_create("amproxy-devices", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self._fd, self.size)
+            self._memory = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._bytes = memoryview(self._memory)
+        self._q = self._bytes.cast("q")
+        self._Q = self._bytes.cast("Q")
+        self._u32 = self._bytes.cast("I")
+        self._i32 = self._bytes.cast("i")
+        # Per process (copied at fork, then each process's own).
+        self._hashes = {}  # public key -> hash
+        self._slots = {}  # public key -> slot it was found in
+        self._marked = {}  # worker -> keys it marked connected at its last record
+        self._addresses = {}  # address text -> packed (None: not an IP address)
+        self._missed = {}  # public key -> when it last found the table full
+
+    # -- slots
+
+    def _hash(self, public_key):
+        value = self._hashes.get(public_key)
+        if value is None:
+            value = self._hashes[public_key] = _key_hash(public_key)
+        return value
+
+    def _slot(self, public_key, claim, now=None):
+        """The key's slot; None when it has none (and ``claim`` is false, or the table is full)."""
+        wanted = self._hash(public_key)
+        q = self._q
+        slot = self._slots.get(public_key)
+        if slot is not None and q[slot * _Q_PER_SLOT] == wanted:
+            return slot
+        if claim and public_key in self._missed:
+            if now is not None and now - self._missed[public_key] < _MISS_RETRY:
+                self._full(now)
+                return None
+            del self._missed[public_key]
+        capacity = self.capacity
+        start = wanted % capacity
+        free = None
+        for probe in range(_PROBES):
+            slot = (start + probe) % capacity
+            found = q[slot * _Q_PER_SLOT]
+            if found == wanted:
+                self._slots[public_key] = slot
+                return slot
+            if found == 0:
+                if free is None:
+                    free = slot
+                break
+            if found == _TOMBSTONE and free is None:
+                free = slot
+        if not claim:
+            return None
+        if free is None:
+            if len(self._missed) > 200000:
+                self._missed.clear()
+            self._missed[public_key] = time.time() if now is None else now
+            self._full(now)
+            return None
+        offset = free * SLOT_SIZE
+        self._bytes[offset + 8:offset + SLOT_SIZE] = bytes(SLOT_SIZE - 8)
+        q[free * _Q_PER_SLOT] = wanted  # last: a reader never sees another key's values
+        self._slots[public_key] = free
+        return free
+
+    def _full(self, now):
+        self.full_misses += 1
+        now = time.time() if now is None else now
+        if self._full_logged_at is None or now - self._full_logged_at >= _FULL_LOG_INTERVAL:
+            self._full_logged_at = now
+            log.warning("the device table is full: keys without a slot are not tracked "
+                        "(their state is missing from device queries and self-metrics)",
+                        extra={"slots": self.capacity, "misses": self.full_misses})
+
+    # -- locking
+
+    def _lock(self):
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+
+    def _lock_briefly(self, timeout=1.0):
+        """The lock, waiting at most ``timeout`` s (the master must not hang on a stopped
+        worker); whether it was taken.  What the callers write is safe without it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.005)
+
+    def _unlock(self):
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    # -- writers
+
+    def record(self, worker, now, accepted, rejected, connected):
+        """A worker's last second: call once a second, from worker number ``worker``.
+
+        ``now``: epoch seconds.  ``accepted``: {public key: lines accepted since
+        the last record}.  ``rejected``: {public key: :class:`Rejections`} for
+        the keys with rejected lines since.  ``connected``: {public key:
+        (address text, tls)} for every key this worker has an open connection
+        for now; a key this worker marked connected before that is missing is
+        marked disconnected (by this worker).  Give only keys of the auth file:
+        a tally of unknownKey lines alone claims no slot, but any other key
+        does.  The first record of a worker in a process clears what a previous
+        process of the same number (worker % 32) left marked connected.
+        """
+        bit = 1 << (worker % _WORKER_BITS)
+        now_s = int(now)
+        u32 = self._u32
+        q = self._q
+        slots = self._slots  # a slot remembered here is used if it still holds the key
+        hashes = self._hashes
+        self._lock()
+        try:
+            marked = self._marked.get(worker)
+            if marked is None:
+                self._clear_bit(bit)
+                marked = ()
+            for public_key, lines in accepted.items():
+                if lines <= 0:
+                    continue
+                slot = slots.get(public_key)
+                if slot is None or q[slot * _Q_PER_SLOT] != hashes[public_key]:
+                    slot = self._slot(public_key, True, now)
+                    if slot is None:
+                        continue
+                self._Q[slot * _Q_PER_SLOT + 1] += lines
+                base = slot * _U32_PER_SLOT
+                if now_s > u32[base + _LAST_ACCEPTED]:
+                    u32[base + _LAST_ACCEPTED] = now_s
+                u32[base + _REJECTED_SINCE] = 0
+            for public_key, tally in rejected.items():
+                counts = tally.counts
+                if not counts:
+                    continue
+                slot = slots.get(public_key)
+                if slot is None or q[slot * _Q_PER_SLOT] != hashes[public_key]:
+                    # unknownKey lines alone: not a device of the auth file
+                    claim = len(counts) > 1 or UNKNOWN_KEY not in counts
+                    slot = self._slot(public_key, claim, now)
+                    if slot is None:
+                        continue
+                self._record_rejections(slot, tally, now, accepted.get(public_key, 0) > 0)
+            view = self._bytes
+            addresses = self._addresses
+            for public_key, (address, tls) in connected.items():
+                slot = slots.get(public_key)
+                if slot is None or q[slot * _Q_PER_SLOT] != hashes[public_key]:
+                    slot = self._slot(public_key, True, now)
+                    if slot is None:
+                        continue
+                base = slot * _U32_PER_SLOT
+                u32[base + _WORKERS] |= bit
+                offset = slot * SLOT_SIZE
+                view[offset + _LISTENER_OFFSET] = 2 if tls else 1
+                packed = addresses.get(address, False)
+                if packed is False:
+                    if len(addresses) > 100000:
+                        addresses.clear()
+                    packed = addresses[address] = _packed_address(address)
+                flags = view[offset + _FLAGS_OFFSET]
+                if packed is None:
+                    view[offset + _FLAGS_OFFSET] = flags & ~_HAS_ADDRESS
+                else:
+                    view[offset + _ADDRESS_OFFSET:offset + _ADDRESS_OFFSET + 16] = packed
+                    view[offset + _FLAGS_OFFSET] = flags | _HAS_ADDRESS
+            now_marked = set(connected)
+            for public_key in marked:
+                if public_key not in now_marked:
+                    slot = self._slot(public_key, False)
+                    if slot is not None:
+                        u32[slot * _U32_PER_SLOT + _WORKERS] &= ~bit
+            self._marked[worker] = now_marked
+        finally:
+            self._unlock()
+
+    def _record_rejections(self, slot, tally, now, accepted_now):
+        u32 = self._u32
+        view = self._bytes
+        base = slot * _U32_PER_SLOT
+        offset = slot * SLOT_SIZE
+        counts = tally.counts
+        for reason, lines in counts.items():
+            index = base + _COUNTS + _REASON_INDEX[reason]
+            count = u32[index] + lines
+            u32[index] = count if count < _MAX_COUNT else _MAX_COUNT
+        last_s = int(tally.last_at)
+        first_at = tally.last_at if tally.first_at is None else tally.first_at
+        first_s = int(first_at)
+        if last_s >= u32[base + _LAST_REJECTED]:
+            u32[base + _LAST_REJECTED] = last_s
+            view[offset + _REASON_OFFSET] = _REASON_INDEX[tally.last_reason] + 1
+        flags = view[offset + _FLAGS_OFFSET]
+        if tally.skew is not None and SKEW in counts:
+            skew = round(tally.skew)
+            self._i32[base + _SKEW_AT] = (skew if _SKEW_MIN <= skew <= _SKEW_MAX
+                                          else _SKEW_MIN if skew < 0 else _SKEW_MAX)
+            flags |= _HAS_SKEW
+        if BAD_SIGNATURE in counts:
+            flags = flags | _OLD_SECRET if tally.old_secret else flags & ~_OLD_SECRET
+        view[offset + _FLAGS_OFFSET] = flags
+        # When the current run of rejections began: the first rejection after the
+        # last acceptance.
+        last_accepted = u32[base + _LAST_ACCEPTED]
+        since = u32[base + _REJECTED_SINCE]
+        if accepted_now:
+            # Accepted at ``now``: that wins unless a rejection came after it.
+            if tally.last_at > now:
+                since = int(first_at if first_at > now else tally.last_at)
+            else:
+                since = 0
+        elif since and last_accepted <= since:
+            if last_accepted <= first_s < since:  # another worker's, earlier in this run
+                since = first_s
+        elif last_s >= last_accepted:
+            # In the second of the last acceptance: after it (the acceptance was
+            # recorded at the end of a batch, the rejection in a later one).
+            since = first_s if first_s >= last_accepted else last_s
+        u32[base + _REJECTED_SINCE] = since
+
+    def _clear_bit(self, bit):
+        u32 = self._u32
+        workers = u32[_WORKERS::_U32_PER_SLOT].tolist()
+        for slot, mask in enumerate(workers):
+            if mask & bit:
+                u32[slot * _U32_PER_SLOT + _WORKERS] = mask & ~bit
+
+    def clear_worker(self, worker):
+        """Mark nothing connected by worker number ``worker`` (for the master, when a
+        worker exits; a new worker of that number clears them at its first record too)."""
+        locked = self._lock_briefly()
+        try:
+            self._clear_bit(1 << (worker % _WORKER_BITS))
+        finally:
+            if locked:
+                self._unlock()
+
+    def forget_except(self, public_keys):
+        """Drop the state of every key not in ``public_keys`` (after a reload, in the master).
+
+        Slots are marked forgotten, not freed, so no other key's chain of probes
+        is cut; a new key reuses them.  Takes the workers' lock, waiting at most
+        a second (without it, a worker writing into a slot being forgotten leaves
+        values a claim clears).
+        """
+        keep = {public_key: self._hash(public_key) for public_key in public_keys}
+        wanted = set(keep.values())
+        q = self._q
+        view = self._bytes
+        locked = self._lock_briefly()
+        forgotten = 0
+        try:
+            hashes = q[::_Q_PER_SLOT].tolist()
+            for slot, found in enumerate(hashes):
+                if found != 0 and found != _TOMBSTONE and found not in wanted:
+                    q[slot * _Q_PER_SLOT] = _TOMBSTONE
+                    offset = slot * SLOT_SIZE
+                    view[offset + 8:offset + SLOT_SIZE] = bytes(SLOT_SIZE - 8)
+                    forgotten += 1
+        finally:
+            if locked:
+                self._unlock()
+        self._hashes = keep
+        self._slots = {k: s for k, s in self._slots.items() if k in keep}
+        return forgotten
+
+    # -- readers
+
+    def read(self, public_key):
+        """The key's :class:`DeviceState`, or None if not seen since start (or since forgotten)."""
+        slot = self._slot(public_key, False)
+        if slot is None:
+            return None
+        (found, accepted, last_accepted, since, last_rejected, skew, workers, reason,
+         listener, flags, address, *counts) = _SLOT.unpack_from(self._memory, slot * SLOT_SIZE)
+        if found != self._hash(public_key):
+            return None  # forgotten meanwhile
+        return DeviceState(
+            accepted=accepted, last_accepted=_time(last_accepted),
+            last_rejected=_time(last_rejected),
+            last_reason=REJECTION_REASONS[reason - 1] if reason else None,
+            rejected_since=_time(since),
+            rejected={r: n for r, n in zip(REJECTION_REASONS, counts) if n},
+            skew=skew if flags & _HAS_SKEW else None,
+            old_secret=bool(flags & _OLD_SECRET),
+            address=_address_text(address) if flags & _HAS_ADDRESS else None,
+            listener=_LISTENERS[listener] if listener < len(_LISTENERS) else None,
+            connected=workers != 0)
+
+    def summary(self, public_keys, now, interval, silent_after):
+        """(seen, silent, rejected_only), scanning the table once.
+
+        seen: keys with a line accepted in the last ``interval`` s;
+        rejected_only: keys with a line rejected and none accepted in it;
+        silent: keys of ``public_keys`` with no line accepted for more than
+        ``silent_after`` s (a key never seen is silent once the table is older
+        than that).  Times are whole seconds: a line of the second the window
+        begins in counts as in it.
+        """
+        u32 = self._u32
+        hashes = self._q[::_Q_PER_SLOT].tolist()
+        accepted_at = u32[_LAST_ACCEPTED::_U32_PER_SLOT].tolist()
+        rejected_at = u32[_LAST_REJECTED::_U32_PER_SLOT].tolist()
+        window = math.floor(now - interval)
+        seen = rejected_only = 0
+        for found, accepted, rejected in zip(hashes, accepted_at, rejected_at):
+            if accepted >= window:
+                if found != 0 and found != _TOMBSTONE:
+                    seen += 1
+            elif rejected >= window and found != 0 and found != _TOMBSTONE:
+                rejected_only += 1
+        # No key hashes to 0 or _TOMBSTONE: free and forgotten slots match no key.
+        last_accepted = dict(zip(hashes, accepted_at))
+        key_hashes = self._hashes
+        wanted = list(map(key_hashes.get, public_keys))
+        if None in wanted:  # keys this process has not hashed yet
+            wanted = [self._hash(public_key) for public_key in public_keys]
+        accepted = list(map(last_accepted.get, wanted, itertools.repeat(0)))
+        never = accepted.count(0)
+        lately = sum(map(float(now - silent_after).__le__, accepted))
+        silent = len(accepted) - never - lately
+        if now - self.created > silent_after:
+            silent += never
+        return seen, silent, rejected_only
+
+    def close(self):
+        if self._memory is None:
+            return
+        for view in (self._q, self._Q, self._u32, self._i32, self._bytes):
+            view.release()
+        self._memory.close()
+        self._memory = None
+        os.close(self._fd)

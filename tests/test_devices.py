@@ -1,0 +1,297 @@
+"""The device table: each key's recent history, shared by the workers."""
+import os
+import time
+
+import pytest
+
+from amproxy.devices import SLOT_SIZE, DeviceTable, Rejections
+from amproxy.protocol import BAD_SIGNATURE, MALFORMED, RATE_LIMITED, SKEW, UNKNOWN_KEY
+
+T0 = 1764201600.0
+
+
+@pytest.fixture
+def table():
+    table = DeviceTable(100)
+    yield table
+    table.close()
+
+
+def tally(*rejections):
+    """Rejections from (reason, at[, skew[, old_secret]]) tuples."""
+    result = Rejections()
+    for rejection in rejections:
+        result.add(*rejection)
+    return result
+
+
+def in_child(body):
+    """Run ``body`` in a forked process (a worker forked after the table was made)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            body()
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_100_000_keys_fit_in_16_mb_and_each_gets_a_slot():
+    table = DeviceTable(100_000)
+    try:
+        assert SLOT_SIZE == 96
+        assert table.capacity == 150_000
+        assert table.size == table.capacity * SLOT_SIZE <= 16_000_000
+        assert os.fstat(table._fd).st_size == len(table._memory) == table.size
+        keys = [b"device-%d" % i for i in range(100_000)]
+        for start in range(0, len(keys), 20_000):
+            table.record(0, T0, {k: 1 for k in keys[start:start + 20_000]}, {}, {})
+        assert table.full_misses == 0
+        assert table.read(keys[-1]).accepted == 1
+    finally:
+        table.close()
+
+
+def test_a_keys_state_round_trips(table):
+    table.record(0, T0, {b"dev": 7}, {}, {b"dev": ("192.0.2.7", True)})
+    table.record(0, T0 + 1, {}, {b"dev": tally((MALFORMED, T0 + 0.2),
+                                              (SKEW, T0 + 0.5, 42))}, {})
+    state = table.read(b"dev")
+    assert state.accepted == 7
+    assert state.last_accepted == T0
+    assert state.last_rejected == T0
+    assert state.last_reason == SKEW
+    assert state.rejected_since == T0
+    assert state.rejected == {MALFORMED: 1, SKEW: 1}
+    assert state.skew == 42
+    assert state.old_secret is False
+    assert state.address == "192.0.2.7" and state.listener == "tls"
+    assert state.connected is False  # the second record did not list it
+    assert state.as_json("dev-name") == {
+        "key": "dev-name", "accepted": 7, "last_accepted": T0, "last_rejected": T0,
+        "last_reason": "skew", "rejected_since": T0, "rejected": {"malformed": 1, "skew": 1},
+        "skew": 42, "old_secret": False, "address": "192.0.2.7", "listener": "tls",
+        "connected": False}
+    assert table.read(b"never") is None
+
+
+def test_counts_add_across_records_and_processes(table):
+    table.record(0, T0, {b"dev": 5}, {b"dev": tally((RATE_LIMITED, T0))}, {})
+    table.record(0, T0 + 1, {b"dev": 2}, {}, {})
+
+    def worker():  # another worker, forked after the table was made
+        table.record(1, T0 + 2, {b"dev": 10, b"new": 3},
+                     {b"dev": tally((RATE_LIMITED, T0 + 1.5), (RATE_LIMITED, T0 + 1.6))}, {})
+
+    in_child(worker)
+    state = table.read(b"dev")
+    assert state.accepted == 17
+    assert state.rejected == {RATE_LIMITED: 3}
+    assert state.last_accepted == T0 + 2
+    assert table.read(b"new").accepted == 3  # claimed by the child, found by the parent
+
+
+def test_a_key_is_connected_while_any_worker_holds_it(table):
+    table.record(0, T0, {}, {}, {b"dev": ("192.0.2.1", False)})
+    table.record(1, T0, {}, {}, {b"dev": ("192.0.2.2", False)})
+    assert table.read(b"dev").connected
+    table.record(0, T0 + 1, {}, {}, {})
+    state = table.read(b"dev")
+    assert state.connected and state.address == "192.0.2.2" and state.listener == "plain"
+    table.record(1, T0 + 2, {}, {}, {})
+    assert not table.read(b"dev").connected
+
+
+def test_a_new_worker_process_clears_what_its_predecessor_marked(table):
+    in_child(lambda: table.record(2, T0, {}, {}, {b"dev": ("192.0.2.1", False)}))
+    assert table.read(b"dev").connected  # the worker died without a word
+    in_child(lambda: table.record(2, T0 + 5, {}, {}, {}))  # its replacement
+    assert not table.read(b"dev").connected
+
+
+def test_forget_except_drops_revoked_keys_and_keeps_the_others():
+    table = DeviceTable(400)
+    try:
+        keys = [b"dev%d" % i for i in range(500)]
+        # Recorded by a worker: the parent finds every slot by probing.
+        in_child(lambda: table.record(0, T0, {k: i + 1 for i, k in enumerate(keys)}, {}, {}))
+        kept = keys[::2]
+        assert table.forget_except(kept) == 250
+        for i, key in enumerate(keys):
+            state = table.read(key)
+            if key in kept:
+                assert state.accepted == i + 1
+            else:
+                assert state is None
+        # A worker that knew the slot of a revoked key starts it afresh.
+        table.record(1, T0 + 1, {keys[1]: 1, b"other": 1}, {}, {})
+        assert table.read(keys[1]).accepted == 1
+        assert table.read(keys[2]).accepted == 3
+    finally:
+        table.close()
+
+
+def test_a_worker_that_knew_a_forgotten_slot_does_not_write_into_it(table):
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            table.record(0, T0, {b"revoked": 5}, {}, {})  # remembers its slot
+            os.read(reader, 1)  # the master forgets it meanwhile
+            table.record(0, T0 + 1, {b"revoked": 1}, {}, {})
+        finally:
+            os._exit(0)
+    time.sleep(0.2)
+    table.forget_except([b"other"])
+    os.write(writer, b"x")
+    os.waitpid(pid, 0)
+    assert table.read(b"revoked").accepted == 1  # a new slot, from zero
+
+
+def test_workers_record_one_at_a_time(table):
+    """The lock on the memfd is per process: a forked worker waits for another's record."""
+    reader, writer = os.pipe()
+    table._lock()  # the parent is a worker in the middle of its record
+    pid = os.fork()
+    if pid == 0:
+        try:
+            table.record(1, T0, {b"dev": 1}, {}, {})
+            os.write(writer, b"x")
+        finally:
+            os._exit(0)
+    try:
+        time.sleep(0.3)
+        assert table.read(b"dev") is None  # still waiting for the lock
+    finally:
+        table._unlock()
+    assert os.read(reader, 1) == b"x"
+    os.waitpid(pid, 0)
+    assert table.read(b"dev").accepted == 1
+
+
+def test_rejected_since_is_when_the_current_run_of_rejections_began(table):
+    table.record(0, T0, {b"dev": 1}, {}, {})
+    assert table.read(b"dev").rejected_since is None
+    table.record(0, T0 + 10, {}, {b"dev": tally((MALFORMED, T0 + 9.5))}, {})
+    assert table.read(b"dev").rejected_since == T0 + 9
+    table.record(0, T0 + 20, {}, {b"dev": tally((MALFORMED, T0 + 19.5))}, {})
+    state = table.read(b"dev")
+    assert state.rejected_since == T0 + 9 and state.last_rejected == T0 + 19
+    table.record(0, T0 + 30, {b"dev": 1}, {}, {})
+    assert table.read(b"dev").rejected_since is None
+    table.record(0, T0 + 40, {}, {b"dev": tally((SKEW, T0 + 38.2, 5), (SKEW, T0 + 39.1, 6))}, {})
+    assert table.read(b"dev").rejected_since == T0 + 38
+    # Accepted and rejected lines in one second: the acceptance wins...
+    table.record(0, T0 + 50, {b"dev": 1}, {b"dev": tally((SKEW, T0 + 49.5, 5))}, {})
+    assert table.read(b"dev").rejected_since is None
+    # ...unless the rejection came after it.
+    table.record(0, T0 + 60, {b"dev": 1}, {b"dev": tally((SKEW, T0 + 61, 5))}, {})
+    assert table.read(b"dev").rejected_since == T0 + 61
+    # Another worker's rejections from before the last acceptance start no run.
+    table.record(0, T0 + 70, {b"dev": 1}, {}, {})
+    table.record(1, T0 + 71, {}, {b"dev": tally((MALFORMED, T0 + 69.5))}, {})
+    state = table.read(b"dev")
+    assert state.rejected_since is None and state.last_rejected == T0 + 69
+
+
+def test_skew_sign_and_old_secret(table):
+    table.record(0, T0, {}, {b"dev": tally((SKEW, T0, 120))}, {})
+    assert table.read(b"dev").skew == 120  # the device is ahead
+    table.record(0, T0 + 1, {}, {b"dev": tally((SKEW, T0 + 1, -3600))}, {})
+    assert table.read(b"dev").skew == -3600  # behind
+    table.record(0, T0 + 2, {}, {b"dev": tally((MALFORMED, T0 + 2))}, {})
+    assert table.read(b"dev").skew == -3600  # the last skew rejection's
+    assert table.read(b"dev").old_secret is False
+    table.record(0, T0 + 3, {}, {b"dev": tally((BAD_SIGNATURE, T0 + 3, None, True))}, {})
+    assert table.read(b"dev").old_secret is True
+    table.record(0, T0 + 4, {}, {b"dev": tally((SKEW, T0 + 4, 1))}, {})
+    assert table.read(b"dev").old_secret is True  # not a badSignature line: unchanged
+    table.record(0, T0 + 5, {}, {b"dev": tally((BAD_SIGNATURE, T0 + 5, None, True),
+                                               (BAD_SIGNATURE, T0 + 5.5))}, {})
+    assert table.read(b"dev").old_secret is False  # the last one was not
+    table.record(0, T0 + 6, {}, {b"dev": tally((SKEW, T0 + 6, 10 ** 12))}, {})
+    assert table.read(b"dev").skew == 2 ** 31 - 1  # bounded, not an error
+
+
+@pytest.mark.parametrize("address, shown", [
+    ("192.0.2.10", "192.0.2.10"), ("2001:db8::1", "2001:db8::1"),
+    ("2001:0db8:0000:0000:0000:0000:0000:0001", "2001:db8::1"),
+    ("::ffff:198.51.100.3", "198.51.100.3"),  # a dual-stack socket's IPv4 peer
+    ("fe80::1:2:3:4", "fe80::1:2:3:4"), ("::1", "::1"), ("0.0.0.0", "0.0.0.0"),
+    ("unix:/run/socket", None)])
+def test_addresses_round_trip(table, address, shown):
+    table.record(0, T0, {}, {}, {b"dev": ("203.0.113.1", False)})
+    table.record(0, T0 + 1, {}, {}, {b"dev": (address, True)})
+    state = table.read(b"dev")
+    assert state.address == shown and state.listener == "tls" and state.connected
+
+
+def test_summary_counts_seen_silent_and_rejected_only(table):
+    now = T0 + 10_000
+    table.created = now - 1000
+    table.record(0, now - 10, {b"fresh": 1}, {b"fresh": tally((MALFORMED, now - 10))}, {})
+    table.record(0, now - 500, {b"stale": 1, b"failing": 1}, {}, {})
+    table.record(0, now - 5, {}, {b"failing": tally((SKEW, now - 5, 60)),
+                                  b"new-failing": tally((BAD_SIGNATURE, now - 5))}, {})
+    table.record(0, now - 200, {b"quiet": 1}, {}, {})
+    keys = [b"fresh", b"stale", b"failing", b"new-failing", b"quiet", b"never"]
+    # silent (> 300 s): stale, failing, new-failing (never accepted), never
+    assert table.summary(keys, now, 60, 300) == (1, 4, 2)
+    assert table.summary(keys, now, 600, 300) == (4, 4, 1)  # failing, stale, quiet seen too
+    table.created = now - 100  # too young for a key never seen to be silent
+    assert table.summary(keys, now, 60, 300) == (1, 2, 2)
+    table.forget_except([b"fresh"])
+    assert table.summary([b"fresh"], now, 60, 300) == (1, 0, 0)
+
+
+def test_unknown_keys_claim_no_slot(table):
+    table.record(0, T0, {}, {b"made-up": tally((UNKNOWN_KEY, T0))}, {})
+    assert table.read(b"made-up") is None
+
+
+def test_rejection_counts_saturate(table):
+    rejections = Rejections()
+    rejections.add(MALFORMED, T0, lines=2 ** 32 + 5)
+    table.record(0, T0, {}, {b"dev": rejections}, {})
+    assert table.read(b"dev").rejected == {MALFORMED: 2 ** 32 - 1}
+    with pytest.raises(ValueError):
+        rejections.add("noSuchReason", T0)
+
+
+def test_a_full_table_counts_misses_and_warns_once_a_minute(caplog):
+    table = DeviceTable(0)
+    try:
+        assert table.capacity == 1024
+        keys = [b"dev%d" % i for i in range(1100)]
+        with caplog.at_level("WARNING", logger="amproxy.devices"):
+            table.record(0, T0, {k: 1 for k in keys}, {}, {})
+            misses = table.full_misses
+            assert misses >= 1100 - 1024
+            table.record(0, T0 + 30, {k: 1 for k in keys}, {}, {})
+            assert table.full_misses == 2 * misses
+            warnings = [r for r in caplog.records if "device table is full" in r.getMessage()]
+            assert len(warnings) == 1
+            table.record(0, T0 + 61, {keys[-1]: 1, keys[-2]: 1}, {}, {})
+            warnings = [r for r in caplog.records if "device table is full" in r.getMessage()]
+            assert len(warnings) == 2
+        tracked = sum(table.read(k) is not None for k in keys)
+        assert tracked == 1100 - misses
+    finally:
+        table.close()
+
+
+def test_recording_10_000_keys_is_quick():
+    table = DeviceTable(20_000)
+    try:
+        keys = [b"device-%d" % i for i in range(10_000)]
+        accepted = {k: 3 for k in keys}
+        connected = {k: ("198.51.100.%d" % (i % 250), i % 2 == 0) for i, k in enumerate(keys)}
+        table.record(0, T0, accepted, {}, connected)  # claims the slots
+        started = time.perf_counter()
+        table.record(0, T0 + 1, accepted, {}, connected)
+        assert time.perf_counter() - started < 0.5
+        assert table.read(keys[0]).accepted == 6
+    finally:
+        table.close()
