@@ -25,7 +25,8 @@ from .proxyprotocol import LOOPBACK
 from .ratelimit import RateTable
 from .tls import CertificateReloads
 from .devices import DeviceTable
-from .stats import DeviceQueries, StatsService
+from .devicequery import DeviceQueries
+from .stats import StatsService
 from .pool import WorkerPool
 from .worker import WORKER_BOOT_ERROR, Worker, run_worker_process
 

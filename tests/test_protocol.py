@@ -70,7 +70,7 @@ def line(metric="a.b", value="1", timestamp=NOW, key="pub", secret="sekrit"):
 
 def reasons(*lines, now=NOW, skew=300):
     got = []
-    accepted = filter_lines(lines, KEYS, now, skew, lambda r, k, m: got.append((r, k, m)))
+    accepted = filter_lines(lines, KEYS, now, skew, lambda r, k, m, *detail: got.append((r, k, m)))
     return accepted, got
 
 

@@ -54,7 +54,7 @@ def test_lines_over_a_keys_rate_are_rejected_as_rate_limited():
     lines = [signed_line("s", "a.b", i, now, "fast").rstrip(b"\n") for i in range(10)]
     lines += [signed_line("t", "a.b", i, now, "free").rstrip(b"\n") for i in range(10)]
     rejected = []
-    accepted = filter_lines(lines, db.keys, now, 300, lambda r, k, m: rejected.append((r, k)),
+    accepted = filter_lines(lines, db.keys, now, 300, lambda r, k, m, *detail: rejected.append((r, k)),
                             rate_limiter=limiter.for_batch(db, 0))
     assert len(accepted) == 3 + 10
     assert rejected == [("rateLimited", b"fast")] * 7
@@ -62,7 +62,7 @@ def test_lines_over_a_keys_rate_are_rejected_as_rate_limited():
     assert limiter.for_batch(AuthDB([keys[b"free"]]), 0) is None
     rejected.clear()
     accepted = filter_lines(lines[10:], db.keys, now, 300,
-                            lambda r, k, m: rejected.append(r),
+                            lambda r, k, m, *detail: rejected.append(r),
                             rate_limiter=RateLimiter(RateTable()).for_batch(db, 4))
     assert len(accepted) == 4 and rejected == ["rateLimited"] * 6
 
@@ -76,11 +76,11 @@ def test_a_line_with_whitespace_around_it_is_limited_with_the_rest():
     lines = [signed_line("t", "m", 0, now, "b").rstrip(b"\n")]
     lines += [signed_line("s", "m", i, now, "a").rstrip(b"\n") + b" " for i in range(20)]
     rejected = []
-    accepted = filter_lines(lines, db.keys, now, 300, lambda r, k, m: rejected.append(r),
+    accepted = filter_lines(lines, db.keys, now, 300, lambda r, k, m, *detail: rejected.append(r),
                             rate_limiter=limiter.for_batch(db, 0))
     assert len(accepted) == 1 + 5 and rejected == ["rateLimited"] * 15
     # What was spent reached the shared bucket: the next batch gets nothing more.
-    accepted = filter_lines(lines[1:], db.keys, now, 300, lambda r, k, m: None,
+    accepted = filter_lines(lines[1:], db.keys, now, 300, lambda r, k, m, *detail: None,
                             rate_limiter=limiter.for_batch(db, 0))
     assert accepted == []
 
@@ -121,7 +121,7 @@ def test_a_captured_line_resent_is_refused_as_replayed_before_it_draws_on_the_ra
 
     def batch(lines, at):
         limiter.table.now = at  # the shared clock of the buckets (monotonic)
-        return filter_lines(lines, db.keys, now, 300, lambda r, k, m: rejected.append(r),
+        return filter_lines(lines, db.keys, now, 300, lambda r, k, m, *detail: rejected.append(r),
                             rate_limiter=limiter.for_batch(db, 0))
     assert batch([captured], 1000.0) == [b"home.t 20.5 %d" % now]
     for i in range(8):  # a second of replays, then the device's next real point
