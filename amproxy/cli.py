@@ -9,7 +9,7 @@ import sys
 import time
 
 from . import __version__
-from . import handover, keytool
+from . import deviceview, handover, keytool
 from .auth import format_rfc3339, warn_if_world_readable
 from .client import Client, format_address, run_test_client
 from .config import (AUTH_FILE, CLIENT_TLS_OPTIONS, KEY_PRIVATE, KEY_PUBLIC, PIDFILE, ROUTE_OPTIONS, SERVER_ADDR,
@@ -44,6 +44,10 @@ commands:
                               as carbon's router places it (names from stdin if none)
   stats                       print a running server's totals (through --stats-socket,
                               or the one beside --pidfile; reads the server's config)
+  devices [--silent 1h] [--rejected] [--key KEY]
+                              list a running server's keys: when each last sent an
+                              accepted line, from where, and why one is silent
+                              (through the stats socket, as stats)
 
 Run 'amproxy COMMAND --help' for a command's options.
 """
@@ -184,6 +188,15 @@ def cmd_auth_file_check(argv):
 def cmd_stats(argv):
     options = config_parser("amproxy stats", "Print a running server's totals since it "
                             "started, as JSON.", [STATS_SOCKET, PIDFILE], argv).parse_args(argv)
+    answer = _ask_stats_socket(options, None, "stats")
+    print(json.dumps(answer, indent=2, sort_keys=True))
+    return 0
+
+
+def _ask_stats_socket(options, request, what):
+    """Send ``request`` (bytes, or None for the totals) to the running server's stats
+    socket and return its JSON answer.  The client shuts its side for writing after
+    the request, so that the server sees where the request ends."""
     path = stats_socket_path(options)
     if not path:
         raise AmproxyError("no stats socket: pass --stats-socket or --pidfile (or set them "
@@ -193,14 +206,74 @@ def cmd_stats(argv):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
             sock.connect(path)
+            try:
+                if request:
+                    sock.sendall(request)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:  # a server that answers without reading may have closed
+                pass
             while True:
-                chunk = sock.recv(65536)
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    # Linux resets the reader when the server closes with the
+                    # request unread (a server from before requests): what it
+                    # sent before closing is all there is.
+                    if not chunks:
+                        raise
+                    break
                 if not chunk:
                     break
                 chunks.append(chunk)
     except OSError as e:
-        raise AmproxyError("cannot read stats from %s: %s" % (path, e.strerror or e)) from None
-    print(json.dumps(json.loads(b"".join(chunks)), indent=2, sort_keys=True))
+        raise AmproxyError("cannot read %s from %s: %s" % (what, path, e.strerror or e)) \
+            from None
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:
+        raise AmproxyError("the server on %s did not answer with JSON (%d bytes): is it "
+                           "amproxy's stats socket?" % (path, sum(map(len, chunks)))) from None
+
+
+def cmd_devices(argv):
+    parser = config_parser(
+        "amproxy devices", "List a running server's keys, as the devices behind them: "
+        "when each last sent a line that was accepted, whether it is connected and from "
+        "where, and, for one that is silent or whose lines are rejected, why (clock off, "
+        "old or wrong secret, metrics it may not write, over its rate, malformed lines, "
+        "never seen). Asks the server through its stats socket, as stats does.",
+        [STATS_SOCKET, PIDFILE], argv)
+    parser.add_argument("--silent", type=duration, metavar="DURATION",
+                        help="only the keys with nothing accepted for this long (90s, "
+                        "5m0s, 1h30m, 7d), those never seen since the server started "
+                        "included; it is also the window of the summary line")
+    parser.add_argument("--rejected", action="store_true",
+                        help="only the keys whose last line was rejected")
+    parser.add_argument("--key", metavar="KEY", help="only this key")
+    parser.add_argument("--sort", choices=deviceview.SORTS, default="key",
+                        help="the order (default: key): key, by name; last-accepted, "
+                        "the longest silent first, never-seen keys before all; "
+                        "last-rejected, the latest rejection first, never-rejected keys "
+                        "last; rejected, the most rejected lines first")
+    parser.add_argument("--format", choices=deviceview.FORMATS, default="table",
+                        help="the output (default: table): table, aligned columns and a "
+                        "summary line; json, the list of devices as one JSON document, "
+                        "one device a line, each with every field the server sent")
+    args = parser.parse_args(argv)
+    answer = _ask_stats_socket(args, deviceview.filter_request(args.silent, args.rejected,
+                                                               args.key), "devices")
+    if not isinstance(answer, dict) or not isinstance(answer.get("devices"), list):
+        raise AmproxyError("the server on %s answered without a list of devices: it is an "
+                           "amproxy from before 'amproxy devices' (upgrade and restart it)"
+                           % stats_socket_path(args))
+    if args.key is not None and not answer["devices"] and args.silent is None \
+            and not args.rejected:
+        raise AmproxyError("the server has no key %r (amproxy keys list shows the keys of "
+                           "its auth file)" % args.key)
+    now = answer.get("now")  # the server's clock, which set the times it sent
+    sys.stdout.write(deviceview.render(answer, time.time() if now is None else now,
+                                       order=args.sort, output=args.format,
+                                       silent_after=args.silent))
     return 0
 
 
@@ -273,6 +346,7 @@ COMMANDS = {
     ("keys", "rotate"): cmd_keys_rotate,
     ("auth-file", "check"): cmd_auth_file_check,
     ("stats",): cmd_stats,
+    ("devices",): cmd_devices,
     ("route",): cmd_route,
 }
 

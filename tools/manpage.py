@@ -44,7 +44,8 @@ FILES = [
     ("/etc/default/amproxy", "the init script's settings (user, pidfile, log file, "
      "extra options)"),
     ("/run/amproxy/amproxy.pid", "the master's pid, under the init script"),
-    ("/run/amproxy/amproxy.stats.sock", "where amproxy stats reads the running totals"),
+    ("/run/amproxy/amproxy.stats.sock", "where amproxy stats reads the running totals, "
+     "and amproxy devices the devices"),
     ("/var/lib/amproxy/spool", "lines waiting for Carbon, when memory is full"),
     ("/var/log/amproxy/amproxy.log", "the log, under the init script (systemd: the journal)"),
 ]
@@ -238,7 +239,8 @@ def page():
         "key may write the metric, and forwards the good lines to Carbon's plaintext port.",
         "Rejected lines are counted and logged; amproxy never answers a device.",
         "The other commands manage the keys, check the auth file, sign and send lines, "
-        "show where metrics go and read a running server's totals.",
+        "show where metrics go, and read a running server's totals and which of its "
+        "devices are silent, and why.",
         ".SH COMMANDS",
     ]
     for words, function in cli.COMMANDS.items():

@@ -1,0 +1,394 @@
+"""amproxy devices: the words that say why a device is silent, the orders, the
+formats, the request line, and the command against a fake server on a Unix socket."""
+import io
+import json
+import socket
+import threading
+import time
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+
+from amproxy import cli
+from amproxy.deviceview import (filter_request, format_age, format_time, render, render_json,
+                                render_table, sort_devices, summary, why)
+
+NOW = 1796300000.5           # 2026-12-03 12:13:20.5 UTC
+STARTED = NOW - 3 * 86400 - 4 * 3600 - 17
+HOUR = 3600
+
+
+def device(key, **fields):
+    """A device as the server sends it: never seen unless ``fields`` say otherwise."""
+    d = {"key": key, "accepted": 0, "last_accepted": None, "last_rejected": None,
+         "last_reason": None, "rejected_since": None, "rejected": {}, "skew": None,
+         "old_secret": False, "previous_secret_expires": None, "address": None,
+         "listener": None, "connected": False}
+    d.update(fields)
+    return d
+
+
+def reply(*devices, silent_after=HOUR):
+    return {"now": NOW, "started": STARTED, "silent_after": silent_after,
+            "devices": list(devices)}
+
+
+def rejected(key, reason, since, **fields):
+    """A key whose lines since ``since`` (seconds before NOW) were rejected for ``reason``."""
+    base = dict(accepted=50, last_accepted=NOW - since - 60, last_rejected=NOW - 5,
+                last_reason=reason, rejected_since=NOW - since, rejected={reason: 9},
+                connected=True, address="203.0.113.7", listener="tls")
+    base.update(fields)
+    return device(key, **base)
+
+
+def explain(d):
+    return why(d, NOW, STARTED, HOUR)
+
+
+# -- the words ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("seconds, text", [
+    (0, "0s"), (45, "45s"), (59.9, "59s"), (60, "1m0s"), (432, "7m12s"), (3599, "59m59s"),
+    (7200, "2h0m"), (7380, "2h3m"), (86399, "23h59m"), (3 * 86400 + 4 * 3600 + 5, "3d4h"),
+    (-5, "0s")])
+def test_ages_are_written_as_amproxys_durations(seconds, text):
+    assert format_age(seconds) == text
+
+
+def test_an_exact_span_drops_its_zero_second_unit():
+    assert format_age(3600, exact=True) == "1h"
+    assert format_age(5400, exact=True) == "1h30m"
+    assert format_age(90, exact=True) == "1m30s"
+
+
+def test_a_clock_ahead_says_by_how_much_and_since_when():
+    since = NOW - 2 * HOUR
+    d = rejected("s1", "skew", 2 * HOUR, skew=432)
+    assert explain(d) == "clock 7m12s ahead since %s" % format_time(since)
+    assert format_time(since) == "2026-12-03 10:13 UTC"
+
+
+def test_a_clock_behind_says_behind():
+    d = rejected("s1", "skew", 600, skew=-7200)
+    assert explain(d) == "clock 2h0m behind since %s" % format_time(NOW - 600)
+
+
+def test_the_previous_secret_after_the_rotations_grace_says_to_give_the_new_one():
+    expired = NOW - 86400
+    d = rejected("s1", "badSignature", 3 * HOUR, old_secret=True,
+                 previous_secret_expires=expired)
+    assert explain(d) == (
+        "signs with its previous secret, which expired 2026-12-02 12:13 UTC: give the "
+        "device its new secret (amproxy keys list shows the key's rotation)")
+
+
+def test_a_wrong_secret_is_not_taken_for_an_old_one():
+    d = rejected("s1", "badSignature", 3 * HOUR, previous_secret_expires=NOW - 86400)
+    assert explain(d) == ("signature fails since %s: wrong secret, or the line is "
+                          "altered on the way" % format_time(NOW - 3 * HOUR))
+
+
+def test_a_key_never_seen_says_since_when_amproxy_runs():
+    assert explain(device("s1")) == "never seen since amproxy started 3d4h ago"
+
+
+def test_metrics_not_allowed_points_at_keys_list():
+    d = rejected("s1", "metricNotAllowed", 60)
+    assert explain(d) == ("sends metrics its key may not write, since %s (amproxy keys "
+                          "list shows what it may write)" % format_time(NOW - 60))
+
+
+@pytest.mark.parametrize("reason, text", [
+    ("rateLimited", "over its max_rate since "),
+    ("replayed", "resends lines already accepted (a replay?) since "),
+    ("badMetric", "sends malformed lines (badMetric) since "),
+    ("badValue", "sends malformed lines (badValue) since "),
+    ("malformed", "sends malformed lines (malformed) since "),
+    ("lineTooLong", "sends malformed lines (lineTooLong) since ")])
+def test_the_other_reasons(reason, text):
+    assert explain(rejected("s1", reason, 60)) == text + format_time(NOW - 60)
+
+
+def test_silent_but_connected_and_silent_and_gone():
+    quiet = device("s1", accepted=10, last_accepted=NOW - 7380, connected=True,
+                   address="203.0.113.7", listener="plain")
+    assert explain(quiet) == "silent for 2h3m; connected but sending nothing"
+    gone = dict(quiet, connected=False)
+    assert explain(gone) == "silent for 2h3m; not connected"
+
+
+def test_a_device_that_is_fine_has_no_words():
+    fine = device("s1", accepted=10, last_accepted=NOW - 30, connected=True)
+    assert explain(fine) == ""
+    # Rejected once, accepted since: fine again.
+    assert explain(dict(fine, last_rejected=NOW - 60, last_reason="skew", skew=999)) == ""
+
+
+def test_the_silence_window_is_the_replys():
+    d = device("s1", accepted=1, last_accepted=NOW - 2 * HOUR)
+    assert "silent for 2h0m" in render_table(reply(d), NOW)
+    assert "silent for" not in render_table(reply(d, silent_after=3 * HOUR), NOW)
+    assert "silent for" not in render_table(reply(d), NOW, silent_after=3 * HOUR)
+
+
+# -- the table ---------------------------------------------------------------------
+
+def test_the_table_is_aligned_and_ends_with_the_summary():
+    text = render_table(reply(
+        device("a-long-key-name", accepted=1234, last_accepted=NOW - 192, connected=True,
+               address="203.0.113.7", listener="tls"),
+        device("b", accepted=5, last_accepted=NOW - 7380, address="198.51.100.2",
+               listener="plain"),
+        rejected("c", "skew", 2 * HOUR, skew=432),
+        device("d")), NOW)
+    lines = text.splitlines()
+    assert lines[0].split() == ["KEY", "LAST", "ACCEPTED", "ACCEPTED", "CONNECTED", "WHY"]
+    column = lines[0].index("LAST ACCEPTED")
+    assert all(line[column - 2:column] == "  " for line in lines[1:5])
+    assert lines[1].startswith("a-long-key-name  3m12s ago")
+    assert "yes from 203.0.113.7 (tls)" in lines[1] and lines[1].endswith("(tls)")
+    assert "no; last from 198.51.100.2 (plain)" in lines[2]
+    assert lines[2].endswith("silent for 2h3m; not connected")
+    assert lines[3].endswith("clock 7m12s ahead since 2026-12-03 10:13 UTC")
+    assert "never" in lines[4] and lines[4].endswith("never seen since amproxy started "
+                                                     "3d4h ago")
+    counts = [line[lines[0].index("CONNECTED") - 2 - len("ACCEPTED"):
+                   lines[0].index("CONNECTED") - 2] for line in lines[1:5]]
+    assert counts == ["    1234", "       5", "      50", "       0"]  # right-aligned
+    assert lines[-1] == "4 devices: 1 accepted within 1h, 2 silent, 1 rejected only"
+    assert not any(line.endswith(" ") for line in lines)
+
+
+def test_the_summary_counts_each_device_once():
+    devices = [device("ok", accepted=1, last_accepted=NOW - 10),
+               dict(rejected("recent", "rateLimited", 30), last_accepted=NOW - 40),
+               rejected("stuck", "badSignature", 5 * HOUR),
+               device("quiet", accepted=1, last_accepted=NOW - 5 * HOUR), device("never")]
+    assert summary(devices, NOW, 1800) == \
+        "5 devices: 2 accepted within 30m, 2 silent, 1 rejected only"
+    assert summary(devices[:1], NOW, HOUR) == \
+        "1 device: 1 accepted within 1h, 0 silent, 0 rejected only"
+    assert summary([], NOW, HOUR) == "0 devices: 0 accepted within 1h, 0 silent, " \
+        "0 rejected only"
+
+
+# -- orders and formats ------------------------------------------------------------
+
+ORDERED = [
+    device("e", accepted=9, last_accepted=NOW - 10, last_rejected=NOW - 5000,
+           rejected={"skew": 1}),
+    device("a", accepted=9, last_accepted=NOW - 9000),
+    device("d"),
+    device("c", accepted=9, last_accepted=NOW - 100, last_rejected=NOW - 20,
+           rejected={"skew": 3, "replayed": 4}),
+    device("b"),
+]
+
+
+@pytest.mark.parametrize("order, keys", [
+    ("key", "abcde"),
+    ("last-accepted", "bdace"),   # never first, then the longest silent
+    ("last-rejected", "ceabd"),   # the latest rejection first, never rejected last
+    ("rejected", "ceabd"),        # the most rejected lines first
+])
+def test_orders(order, keys):
+    assert "".join(d["key"] for d in sort_devices(ORDERED, order)) == keys
+    table = render_table(reply(*ORDERED), NOW, order=order)
+    assert "".join(line[0] for line in table.splitlines()[1:6]) == keys
+
+
+def test_an_unknown_order_is_refused():
+    with pytest.raises(ValueError):
+        sort_devices(ORDERED, "age")
+
+
+def test_json_is_the_sorted_device_list_as_one_document():
+    text = render(reply(*ORDERED), order="last-accepted", output="json")
+    decoded = json.loads(text)
+    assert isinstance(decoded, list)
+    assert [d["key"] for d in decoded] == list("bdace")
+    assert decoded[2] == ORDERED[1]  # every field, as the server sent it
+    assert text == render_json(reply(*ORDERED), "last-accepted")
+    assert len(text.splitlines()) == 2 + len(ORDERED)  # one device a line
+    assert json.loads(render_json(reply())) == []
+
+
+# -- the request -------------------------------------------------------------------
+
+def test_the_request_line():
+    assert filter_request() == b'devices {"key":null,"rejected":false,"silent":null}\n'
+    line = filter_request(silent=3600.0, rejected=True, key="sensor1")
+    assert line.startswith(b"devices ") and line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line[len(b"devices "):]) == {"silent": 3600, "rejected": True,
+                                                   "key": "sensor1"}
+    assert b"3600}" in line  # whole seconds as an integer
+    assert json.loads(filter_request(silent=1.5)[8:])["silent"] == 1.5
+    assert filter_request(key="caf\u00e9 \n").count(b"\n") == 1  # one line, whatever the key
+
+
+# -- the command against a fake server ----------------------------------------------
+
+class FakeServer:
+    """A Unix socket that reads one request (to the client's half-close) and answers."""
+
+    def __init__(self, path, answer, read=True):
+        self.path, self.answer, self.read = path, answer, read
+        self.requests = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(1)
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(5)
+            if self.read:
+                data = b""
+                while True:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.requests.append(data)
+            conn.sendall(self.answer)
+
+    def close(self):
+        self.thread.join(5)
+        self.sock.close()
+
+
+def run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        status = cli.main(argv)
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def socket_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMPROXY_CONFIG", "/dev/null")
+    monkeypatch.delenv("AMPROXY_STATS_SOCKET", raising=False)
+    monkeypatch.delenv("AMPROXY_PIDFILE", raising=False)
+    return str(tmp_path / "amproxy.stats.sock")
+
+
+def test_the_command_asks_the_server_and_prints_the_table(socket_path):
+    canned = reply(
+        device("sensor1", accepted=7, last_accepted=NOW - 7380, connected=True,
+               address="203.0.113.7", listener="tls"),
+        device("sensor2"))
+    server = FakeServer(socket_path, json.dumps(canned).encode())
+    status, out, err = run(["devices", "--stats-socket", socket_path, "--silent", "1h",
+                            "--sort", "last-accepted"])
+    server.close()
+    assert (status, err) == (0, "")
+    assert server.requests == [b'devices {"key":null,"rejected":false,"silent":3600}\n']
+    lines = out.splitlines()
+    assert lines[0].startswith("KEY")
+    assert lines[1].startswith("sensor2") and lines[1].endswith(
+        "never seen since amproxy started 3d4h ago")
+    assert "2h3m ago" in lines[2] and "yes from 203.0.113.7 (tls)" in lines[2]
+    assert lines[2].endswith("silent for 2h3m; connected but sending nothing")
+    assert lines[3] == "2 devices: 0 accepted within 1h, 2 silent, 0 rejected only"
+
+
+def test_the_command_finds_the_socket_beside_the_pidfile_and_prints_json(socket_path,
+                                                                         tmp_path):
+    canned = reply(device("b"), device("a", accepted=1, last_accepted=NOW - 5))
+    server = FakeServer(socket_path, json.dumps(canned).encode())
+    status, out, err = run(["devices", "--pidfile", str(tmp_path / "amproxy.pid"),
+                            "--rejected", "--key", "a", "--format", "json"])
+    server.close()
+    assert (status, err) == (0, "")
+    assert json.loads(server.requests[0][8:]) == {"silent": None, "rejected": True,
+                                                  "key": "a"}
+    assert [d["key"] for d in json.loads(out)] == ["a", "b"]
+
+
+def test_a_missing_socket_is_one_sentence(socket_path):
+    status, out, err = run(["devices", "--stats-socket", socket_path])
+    assert (status, out) == (1, "")
+    assert err == "amproxy: error: cannot read devices from %s: No such file or " \
+        "directory\n" % socket_path
+    status, _, err = run(["devices"])
+    assert status == 1 and err == "amproxy: error: no stats socket: pass --stats-socket " \
+        "or --pidfile (or set them in the config file)\n"
+
+
+def test_a_server_from_before_devices_is_named(socket_path):
+    """Such a server answers its totals at once and closes without reading."""
+    server = FakeServer(socket_path, json.dumps({"totals": {}, "gauges": {}}).encode(),
+                        read=False)
+    time.sleep(0.05)
+    status, out, err = run(["devices", "--stats-socket", socket_path])
+    server.close()
+    assert (status, out) == (1, "")
+    assert "from before 'amproxy devices'" in err and len(err.splitlines()) == 1
+
+
+def test_an_unknown_key_alone_is_an_error(socket_path):
+    server = FakeServer(socket_path, json.dumps(reply()).encode())
+    status, out, err = run(["devices", "--stats-socket", socket_path, "--key", "nope"])
+    server.close()
+    assert (status, out) == (1, "")
+    assert "has no key 'nope'" in err
+
+
+def test_stats_still_reads_the_totals(socket_path):
+    server = FakeServer(socket_path, b'{"totals": {"linesForwarded": 3}}')
+    status, out, err = run(["stats", "--stats-socket", socket_path])
+    server.close()
+    assert status == 0 and json.loads(out) == {"totals": {"linesForwarded": 3}}
+    assert server.requests == [b""]  # nothing sent, and the server saw the end of it
+
+
+def test_the_man_page_has_the_command_and_its_options():
+    import manpage  # tools/, on the path by conftest
+    page = manpage.page()
+    assert '.SS "amproxy devices' in page
+    for flag in ("silent", "rejected", "key", "sort", "format"):
+        assert "\\-\\-%s" % flag in page
+    section = page.split('.SS "amproxy devices', 1)[1].split(".SS", 1)[0]
+    assert "Default: \\fBkey" not in section  # the help says it already
+
+
+def test_help_has_no_doubled_default(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["devices", "--help"])
+    assert exit.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "usage: amproxy devices" in text and "(default: )" not in text
+    assert text.count("default: key") == 1 and text.count("default: table") == 1
+
+
+# -- speed -------------------------------------------------------------------------
+
+def test_a_hundred_thousand_devices_render_quickly():
+    reasons = ["skew", "badSignature", "metricNotAllowed", "rateLimited", "replayed",
+               "malformed", None]
+    devices = []
+    for i in range(100000):
+        reason = reasons[i % len(reasons)]
+        if reason:
+            devices.append(rejected("sensor%06d" % i, reason, i % 9000, skew=i % 900 - 450,
+                                    old_secret=i % 2 == 0, previous_secret_expires=NOW - i))
+        elif i % 3:
+            devices.append(device("sensor%06d" % i, accepted=i, last_accepted=NOW - i % 9000,
+                                  connected=bool(i % 2), address="10.0.%d.%d" % (
+                                      i // 256 % 256, i % 256), listener="plain"))
+        else:
+            devices.append(device("sensor%06d" % i))
+    canned = reply(*devices)
+    start = time.perf_counter()
+    text = render_table(canned, NOW, order="last-accepted")
+    elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    as_json = render_json(canned, "last-accepted")
+    json_elapsed = time.perf_counter() - start
+    print("rendered 100,000 devices in %.3f s (table), %.3f s (json)" % (elapsed,
+                                                                        json_elapsed))
+    assert text.count("\n") == 100002 and as_json.count("\n") == 100002
+    assert elapsed < 3 and json_elapsed < 3, (elapsed, json_elapsed)
