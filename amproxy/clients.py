@@ -30,6 +30,7 @@ class Clients:
         self.tls = tls  # tls.TlsConnections
         self.read = read
         self.connections = {}
+        self.departed = {}  # public key -> (address, tls) of connections closed since
         self.paused = False
         self.opened = 0
         self.source_slots = SourceSlots(options.source_ipv6_prefix)
@@ -150,6 +151,8 @@ class Clients:
         del self.connections[conn.sock.fileno()]
         if conn.slot is not None:
             self.source_slots.remove(conn.slot)
+        if conn.key is not None:  # for the device table: where this key last came from
+            self.departed[conn.key] = (conn.source, conn.tls)
         conn.sock.close()
         conn.state = CLOSED
 

@@ -286,7 +286,7 @@ class DeviceTable:
 
     # -- writers
 
-    def record(self, worker, now, accepted, rejected, connected):
+    def record(self, worker, now, accepted, rejected, connected, came_from=None):
         """A worker's last second: call once a second, from worker number ``worker``.
 
         ``now``: epoch seconds.  ``accepted``: {public key: lines accepted since
@@ -298,6 +298,8 @@ class DeviceTable:
         a tally of unknownKey lines alone claims no slot, but any other key
         does.  The first record of a worker in a process clears what a previous
         process of the same number (worker % 32) left marked connected.
+        ``came_from``: {public key: (address text, tls)} for keys whose connections
+        closed since: where they last came from (``connected`` wins).
         """
         bit = 1 << (worker % _WORKER_BITS)
         now_s = int(now)
@@ -336,29 +338,16 @@ class DeviceTable:
                     if slot is None:
                         continue
                 self._record_rejections(slot, tally, now, accepted.get(public_key, 0) > 0)
-            view = self._bytes
-            addresses = self._addresses
-            for public_key, (address, tls) in connected.items():
-                slot = slots.get(public_key)
-                if slot is None or q[slot * _Q_PER_SLOT] != hashes[public_key]:
-                    slot = self._slot(public_key, True, now)
-                    if slot is None:
-                        continue
-                base = slot * _U32_PER_SLOT
-                u32[base + _WORKERS] |= bit
-                offset = slot * SLOT_SIZE
-                view[offset + _LISTENER_OFFSET] = 2 if tls else 1
-                packed = addresses.get(address, False)
-                if packed is False:
-                    if len(addresses) > 100000:
-                        addresses.clear()
-                    packed = addresses[address] = _packed_address(address)
-                flags = view[offset + _FLAGS_OFFSET]
-                if packed is None:
-                    view[offset + _FLAGS_OFFSET] = flags & ~_HAS_ADDRESS
-                else:
-                    view[offset + _ADDRESS_OFFSET:offset + _ADDRESS_OFFSET + 16] = packed
-                    view[offset + _FLAGS_OFFSET] = flags | _HAS_ADDRESS
+            for sources, mark in ((came_from or {}, False), (connected, True)):
+                for public_key, (address, tls) in sources.items():
+                    slot = slots.get(public_key)
+                    if slot is None or q[slot * _Q_PER_SLOT] != hashes[public_key]:
+                        slot = self._slot(public_key, True, now)
+                        if slot is None:
+                            continue
+                    if mark:
+                        u32[slot * _U32_PER_SLOT + _WORKERS] |= bit
+                    self._set_source(slot, address, tls)
             now_marked = set(connected)
             for public_key in marked:
                 if public_key not in now_marked:
@@ -368,6 +357,24 @@ class DeviceTable:
             self._marked[worker] = now_marked
         finally:
             self._unlock()
+
+    def _set_source(self, slot, address, tls):
+        """Where a key's lines came from: the address (packed, once per address) and
+        the listener."""
+        view = self._bytes
+        offset = slot * SLOT_SIZE
+        view[offset + _LISTENER_OFFSET] = 2 if tls else 1
+        packed = self._addresses.get(address, False)
+        if packed is False:
+            if len(self._addresses) > 100000:
+                self._addresses.clear()
+            packed = self._addresses[address] = _packed_address(address)
+        flags = view[offset + _FLAGS_OFFSET]
+        if packed is None:
+            view[offset + _FLAGS_OFFSET] = flags & ~_HAS_ADDRESS
+        else:
+            view[offset + _ADDRESS_OFFSET:offset + _ADDRESS_OFFSET + 16] = packed
+            view[offset + _FLAGS_OFFSET] = flags | _HAS_ADDRESS
 
     def _record_rejections(self, slot, tally, now, accepted_now):
         u32 = self._u32
@@ -379,7 +386,9 @@ class DeviceTable:
             index = base + _COUNTS + _REASON_INDEX[reason]
             count = u32[index] + lines
             u32[index] = count if count < _MAX_COUNT else _MAX_COUNT
-        last_s = int(tally.last_at)
+        # When recorded, as for an accepted line: an interval's summary then counts
+        # each record once, whatever the second's lag of the record.
+        last_s = int(max(now, tally.last_at))
         first_at = tally.last_at if tally.first_at is None else tally.first_at
         first_s = int(first_at)
         if last_s >= u32[base + _LAST_REJECTED]:
@@ -407,10 +416,10 @@ class DeviceTable:
         elif since and last_accepted <= since:
             if last_accepted <= first_s < since:  # another worker's, earlier in this run
                 since = first_s
-        elif last_s >= last_accepted:
+        elif int(tally.last_at) >= last_accepted:
             # In the second of the last acceptance: after it (the acceptance was
             # recorded at the end of a batch, the rejection in a later one).
-            since = first_s if first_s >= last_accepted else last_s
+            since = first_s if first_s >= last_accepted else int(tally.last_at)
         u32[base + _REJECTED_SINCE] = since
 
     def _clear_bit(self, bit):

@@ -359,6 +359,7 @@ class Master:
             worker.heartbeat.close()
             worker.auth_channel.close_master_end()
             self.connection_table.publish(worker.slot, NOT_ACCEPTING)
+            self.device_table.clear_worker(worker.slot)  # its clients are gone
             log_worker_exit(pid, os.waitstatus_to_exitcode(status))
 
     def stop(self, graceful=True):

@@ -34,17 +34,20 @@ class DeviceTally:
         else:
             tally.add(reason, time.time(), old_secret=reason == BAD_SIGNATURE and bool(detail))
 
-    def record(self, connections, stats, keys):
-        """To the table: the tallies, and the keys (of ``keys``, the auth file's) this
-        worker's connections last sent."""
+    def record(self, clients, stats, keys):
+        """To the table: the tallies, and the keys (of ``keys``, the auth file's) the
+        worker's connections last sent, open (``clients.connections``) or closed since
+        (``clients.departed``)."""
         if stats.forwarded_per_key is not None:  # --stats-per-key reports them too
             for public_key, count in self.accepted.items():
                 stats.forwarded_per_key[public_key] = (
                     stats.forwarded_per_key.get(public_key, 0) + count)
-        connected = {conn.key: (conn.source, conn.tls) for conn in connections
+        connected = {conn.key: (conn.source, conn.tls) for conn in clients.connections.values()
                      if conn.key is not None and conn.key in keys}
-        self.table.record(self.worker, time.time(), self.accepted, self.rejected, connected)
-        self.accepted, self.rejected = {}, {}
+        departed = {key: source for key, source in clients.departed.items() if key in keys}
+        self.table.record(self.worker, time.time(), self.accepted, self.rejected, connected,
+                          departed)
+        self.accepted, self.rejected, clients.departed = {}, {}, {}
 
 
 class LineOutcomes:

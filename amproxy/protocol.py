@@ -335,6 +335,6 @@ def check_line(line, keys, now, max_skew, allow_tags=False):
     """Check one line; return None if it passes (or is empty), else the rejection reason."""
     reasons = []
     filter_lines((line,), keys, now, max_skew,
-                 lambda reason, public_key, metric: reasons.append(reason),
+                 lambda reason, public_key, metric, detail=None: reasons.append(reason),
                  allow_tags=allow_tags)
     return reasons[0] if reasons else None

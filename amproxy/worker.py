@@ -208,7 +208,7 @@ class Worker:
         return counters
 
     def report_stats(self):
-        self.devices.record(self.clients.connections.values(), self.stats, self.auth_file.db.keys)
+        self.devices.record(self.clients, self.stats, self.auth_file.db.keys)
         gauges = self.destinations.gauges()
         gauges["activeConnections"] = len(self.clients)
         self.stats.report(self.counters(), gauges)

@@ -61,7 +61,7 @@ def test_a_keys_state_round_trips(table):
     state = table.read(b"dev")
     assert state.accepted == 7
     assert state.last_accepted == T0
-    assert state.last_rejected == T0
+    assert state.last_rejected == T0 + 1  # when recorded: a summary counts it once
     assert state.last_reason == SKEW
     assert state.rejected_since == T0
     assert state.rejected == {MALFORMED: 1, SKEW: 1}
@@ -70,7 +70,7 @@ def test_a_keys_state_round_trips(table):
     assert state.address == "192.0.2.7" and state.listener == "tls"
     assert state.connected is False  # the second record did not list it
     assert state.as_json("dev-name") == {
-        "key": "dev-name", "accepted": 7, "last_accepted": T0, "last_rejected": T0,
+        "key": "dev-name", "accepted": 7, "last_accepted": T0, "last_rejected": T0 + 1,
         "last_reason": "skew", "rejected_since": T0, "rejected": {"malformed": 1, "skew": 1},
         "skew": 42, "old_secret": False, "address": "192.0.2.7", "listener": "tls",
         "connected": False}
@@ -178,7 +178,7 @@ def test_rejected_since_is_when_the_current_run_of_rejections_began(table):
     assert table.read(b"dev").rejected_since == T0 + 9
     table.record(0, T0 + 20, {}, {b"dev": tally((MALFORMED, T0 + 19.5))}, {})
     state = table.read(b"dev")
-    assert state.rejected_since == T0 + 9 and state.last_rejected == T0 + 19
+    assert state.rejected_since == T0 + 9 and state.last_rejected == T0 + 20
     table.record(0, T0 + 30, {b"dev": 1}, {}, {})
     assert table.read(b"dev").rejected_since is None
     table.record(0, T0 + 40, {}, {b"dev": tally((SKEW, T0 + 38.2, 5), (SKEW, T0 + 39.1, 6))}, {})
@@ -193,7 +193,7 @@ def test_rejected_since_is_when_the_current_run_of_rejections_began(table):
     table.record(0, T0 + 70, {b"dev": 1}, {}, {})
     table.record(1, T0 + 71, {}, {b"dev": tally((MALFORMED, T0 + 69.5))}, {})
     state = table.read(b"dev")
-    assert state.rejected_since is None and state.last_rejected == T0 + 69
+    assert state.rejected_since is None and state.last_rejected == T0 + 71
 
 
 def test_skew_sign_and_old_secret(table):

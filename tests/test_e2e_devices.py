@@ -65,10 +65,15 @@ def test_drifted_rotated_never_seen_and_moved_devices_show_why(carbon, tmp_path,
     send(proxy, line_for(KEYS, "revoked", "dev.revoked.t", 6, now), v2("198.51.100.6", 1000))
     wait_points(carbon, "dev.mover.t", {now - 4: 5.0}, now - 10)
 
+    last = []
+
     def shown():
-        seen = devices(proxy)
-        return seen if seen["mover"]["address"] == "203.0.113.9" else None
-    seen = wait_for(shown, 10, interval=0.2, what="the devices recorded (once a second)")
+        last[:] = [devices(proxy)]
+        return last[0] if last[0]["mover"]["address"] == "203.0.113.9" else None
+    try:
+        seen = wait_for(shown, 10, interval=0.2, what="the devices recorded (once a second)")
+    except TimeoutError:
+        raise AssertionError("the devices as shown: %r" % last) from None
     assert seen["steady"]["accepted"] == 1 and seen["steady"]["rejected_since"] is None
     drifted = seen["drifted"]
     assert drifted["accepted"] == 0 and drifted["last_reason"] == "skew"
