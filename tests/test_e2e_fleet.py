@@ -4,7 +4,8 @@ import os
 import signal
 import time
 
-from conftest import KEYS, SECRETS_USED, free_port, line_for, wait_for, wait_points, write_auth
+from conftest import (KEYS, SECRETS_USED, children_of, free_port, line_for, wait_for, wait_points,
+                      write_auth)
 
 
 def snapshot_mappings(pid):
@@ -127,8 +128,8 @@ def test_a_compile_that_dies_is_tried_again(carbon, auth_file, make_proxy):
     proxy = make_proxy(carbon.address, auth_file)
     workers = set(proxy.workers())
     slow_to_read(auth_file)
-    compiler = wait_for(lambda: [pid for pid in proxy.workers() if pid not in workers], 5,
-                        what="the process compiling the new file")[0]
+    compiler = wait_for(lambda: [pid for pid in children_of(proxy.pid) if pid not in workers],
+                        5, what="the process compiling the new file")[0]
     os.kill(compiler, signal.SIGKILL)
     proxy.wait_log(r"the process reading it failed \(status -9\); keeping the 2 keys",
                    count=2)
