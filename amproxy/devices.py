@@ -176,8 +176,9 @@ class DeviceState(NamedTuple):
                 "listener": self.listener, "connected": self.connected}
 
 
-class DeviceTable:
-    """Made by the master before it forks; ``record`` is called by the workers."""
+class SharedSlots:
+    """Fixed-size slots in memory the workers share, found by a hash of the public key
+    (linear probing), written under a lock that excludes the other workers."""
 
     def __init__(self, expected_keys):
         self.capacity = max(MIN_SLOTS, math.ceil(1.5 * expected_keys))
@@ -284,6 +285,48 @@ class DeviceTable:
     def _unlock(self):
         fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
+    def forget_except(self, public_keys):
+        """Drop the state of every key not in ``public_keys`` (after a reload, in the master).
+
+        Slots are marked forgotten, not freed, so no other key's chain of probes
+        is cut; a new key reuses them.  Takes the workers' lock, waiting at most
+        a second (without it, a worker writing into a slot being forgotten leaves
+        values a claim clears).
+        """
+        keep = {public_key: self._hash(public_key) for public_key in public_keys}
+        wanted = set(keep.values())
+        q = self._q
+        view = self._bytes
+        locked = self._lock_briefly()
+        forgotten = 0
+        try:
+            hashes = q[::_Q_PER_SLOT].tolist()
+            for slot, found in enumerate(hashes):
+                if found != 0 and found != _TOMBSTONE and found not in wanted:
+                    q[slot * _Q_PER_SLOT] = _TOMBSTONE
+                    offset = slot * SLOT_SIZE
+                    view[offset + 8:offset + SLOT_SIZE] = bytes(SLOT_SIZE - 8)
+                    forgotten += 1
+        finally:
+            if locked:
+                self._unlock()
+        self._hashes = keep
+        self._slots = {k: s for k, s in self._slots.items() if k in keep}
+        return forgotten
+
+    def close(self):
+        if self._memory is None:
+            return
+        for view in (self._q, self._Q, self._u32, self._i32, self._bytes):
+            view.release()
+        self._memory.close()
+        self._memory = None
+        os.close(self._fd)
+
+
+class DeviceTable(SharedSlots):
+    """Made by the master before it forks; ``record`` is called by the workers."""
+
     # -- writers
 
     def record(self, worker, now, accepted, rejected, connected, came_from=None):
@@ -301,62 +344,63 @@ class DeviceTable:
         ``came_from``: {public key: (address text, tls)} for keys whose connections
         closed since: where they last came from (``connected`` wins).
         """
-        bit = 1 << (worker % _WORKER_BITS)
-        now_s = int(now)
-        u32 = self._u32
-        q = self._q
-        slots = self._slots  # a slot remembered here is used if it still holds the key
-        hashes = self._hashes
         self._lock()
         try:
-            marked = self._marked.get(worker)
-            if marked is None:
-                self._clear_bit(bit)
-                marked = ()
-            for public_key, lines in accepted.items():
-                if lines <= 0:
-                    continue
-                slot = slots.get(public_key)
-                if slot is None or q[slot * _Q_PER_SLOT] != hashes[public_key]:
-                    slot = self._slot(public_key, True, now)
-                    if slot is None:
-                        continue
-                self._Q[slot * _Q_PER_SLOT + 1] += lines
-                base = slot * _U32_PER_SLOT
-                if now_s > u32[base + _LAST_ACCEPTED]:
-                    u32[base + _LAST_ACCEPTED] = now_s
-                u32[base + _REJECTED_SINCE] = 0
+            self._record_accepted(accepted, now)
             for public_key, tally in rejected.items():
-                counts = tally.counts
-                if not counts:
-                    continue
-                slot = slots.get(public_key)
-                if slot is None or q[slot * _Q_PER_SLOT] != hashes[public_key]:
+                if tally.counts:
                     # unknownKey lines alone: not a device of the auth file
-                    claim = len(counts) > 1 or UNKNOWN_KEY not in counts
-                    slot = self._slot(public_key, claim, now)
-                    if slot is None:
-                        continue
-                self._record_rejections(slot, tally, now, accepted.get(public_key, 0) > 0)
-            for sources, mark in ((came_from or {}, False), (connected, True)):
-                for public_key, (address, tls) in sources.items():
-                    slot = slots.get(public_key)
-                    if slot is None or q[slot * _Q_PER_SLOT] != hashes[public_key]:
-                        slot = self._slot(public_key, True, now)
-                        if slot is None:
-                            continue
-                    if mark:
-                        u32[slot * _U32_PER_SLOT + _WORKERS] |= bit
-                    self._set_source(slot, address, tls)
-            now_marked = set(connected)
-            for public_key in marked:
-                if public_key not in now_marked:
-                    slot = self._slot(public_key, False)
+                    claim = len(tally.counts) > 1 or UNKNOWN_KEY not in tally.counts
+                    slot = self._found(public_key, claim, now)
                     if slot is not None:
-                        u32[slot * _U32_PER_SLOT + _WORKERS] &= ~bit
-            self._marked[worker] = now_marked
+                        self._record_rejections(slot, tally, now,
+                                                accepted.get(public_key, 0) > 0)
+            self._record_sources(worker, connected, came_from or {}, now)
         finally:
             self._unlock()
+
+    def _found(self, public_key, claim, now):
+        """The key's slot, from this process's memory if it still holds the key."""
+        slot = self._slots.get(public_key)
+        if slot is None or self._q[slot * _Q_PER_SLOT] != self._hashes[public_key]:
+            slot = self._slot(public_key, claim, now)
+        return slot
+
+    def _record_accepted(self, accepted, now):
+        now_s = int(now)
+        u32 = self._u32
+        for public_key, lines in accepted.items():
+            slot = self._found(public_key, True, now) if lines > 0 else None
+            if slot is None:
+                continue
+            self._Q[slot * _Q_PER_SLOT + 1] += lines
+            base = slot * _U32_PER_SLOT
+            if now_s > u32[base + _LAST_ACCEPTED]:
+                u32[base + _LAST_ACCEPTED] = now_s
+            u32[base + _REJECTED_SINCE] = 0
+
+    def _record_sources(self, worker, connected, came_from, now):
+        """Where keys came from; this worker's bit for those it holds connections of."""
+        bit = 1 << (worker % _WORKER_BITS)
+        u32 = self._u32
+        marked = self._marked.get(worker)
+        if marked is None:  # this process's first record: a predecessor's bits go
+            self._clear_bit(bit)
+            marked = ()
+        for sources, mark in ((came_from, False), (connected, True)):
+            for public_key, (address, tls) in sources.items():
+                slot = self._found(public_key, True, now)
+                if slot is None:
+                    continue
+                if mark:
+                    u32[slot * _U32_PER_SLOT + _WORKERS] |= bit
+                self._set_source(slot, address, tls)
+        for public_key in marked:
+            if public_key not in connected:
+                slot = self._slot(public_key, False)
+                if slot is not None:
+                    u32[slot * _U32_PER_SLOT + _WORKERS] &= ~bit
+        self._marked[worker] = set(connected)
 
     def _set_source(self, slot, address, tls):
         """Where a key's lines came from: the address (packed, once per address) and
@@ -439,35 +483,6 @@ class DeviceTable:
             if locked:
                 self._unlock()
 
-    def forget_except(self, public_keys):
-        """Drop the state of every key not in ``public_keys`` (after a reload, in the master).
-
-        Slots are marked forgotten, not freed, so no other key's chain of probes
-        is cut; a new key reuses them.  Takes the workers' lock, waiting at most
-        a second (without it, a worker writing into a slot being forgotten leaves
-        values a claim clears).
-        """
-        keep = {public_key: self._hash(public_key) for public_key in public_keys}
-        wanted = set(keep.values())
-        q = self._q
-        view = self._bytes
-        locked = self._lock_briefly()
-        forgotten = 0
-        try:
-            hashes = q[::_Q_PER_SLOT].tolist()
-            for slot, found in enumerate(hashes):
-                if found != 0 and found != _TOMBSTONE and found not in wanted:
-                    q[slot * _Q_PER_SLOT] = _TOMBSTONE
-                    offset = slot * SLOT_SIZE
-                    view[offset + 8:offset + SLOT_SIZE] = bytes(SLOT_SIZE - 8)
-                    forgotten += 1
-        finally:
-            if locked:
-                self._unlock()
-        self._hashes = keep
-        self._slots = {k: s for k, s in self._slots.items() if k in keep}
-        return forgotten
-
     # -- readers
 
     def read(self, public_key):
@@ -526,12 +541,3 @@ class DeviceTable:
         if now - self.created > silent_after:
             silent += never
         return seen, silent, rejected_only
-
-    def close(self):
-        if self._memory is None:
-            return
-        for view in (self._q, self._Q, self._u32, self._i32, self._bytes):
-            view.release()
-        self._memory.close()
-        self._memory = None
-        os.close(self._fd)

@@ -232,9 +232,13 @@ class Predecessor:
     def __bool__(self):
         return self.pid is not None
 
-    def take_over(self):
-        """Ready, with the pidfile and the stats socket: the old master is told, and
-        stops (if it is still our parent, not a pid reused since)."""
+    def take_over(self, pidfile, pid, claim_stats_socket):
+        """Ready: what names the running server becomes ours, the pidfile and the stats
+        socket (AmproxyError if it cannot), and the old master is told, and stops (if it
+        is still our parent, not a pid reused since)."""
+        if pidfile is not None:
+            pidfile.create(pid, replacing=self.pid)
+        claim_stats_socket()
         if isinstance(sys.stderr, _StderrToPredecessor):
             sys.stderr.finish()
         if os.getppid() == self.pid:

@@ -239,15 +239,12 @@ class Master:
                 daemon.ready(self._ready_fd)
                 self._ready_fd = None
             if self.predecessor:
-                try:  # what names the running server: the pidfile, the stats socket
-                    if self.pidfile is not None:
-                        self.pidfile.create(self.pid, replacing=self.predecessor.pid)
-                    self.stats.claim_path()
+                try:
+                    self.predecessor.take_over(self.pidfile, self.pid, self.stats.claim_path)
                 except AmproxyError as e:
                     log.error("%s; the old master goes on serving", e)
                     self.stop(graceful=True)
                     raise StopIteration(1) from None
-                self.predecessor.take_over()
 
     # -- signals ---------------------------------------------------------------------
 
@@ -388,8 +385,7 @@ class Master:
                 self.sleep(0.1)
         log.info("amproxy stopped")
 
-    def _children_left(self):
-        """Workers, or a new master that had not taken over, still running."""
+    def _children_left(self):  # workers, or a new master that had not taken over
         return self.workers or (self.successor.pid is not None and not self.successor.took_over)
 
     def _reap_quietly(self):
