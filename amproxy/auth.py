@@ -56,11 +56,12 @@ class AuthKey(Signer):
 
     __slots__ = ("name", "metrics", "allows_pattern", "patterns", "matched", "_secret",
                  "metric_names", "previous", "previous_until", "_previous_secret",
-                 "max_rate")
+                 "max_rate", "accepted")
 
     def __init__(self, name, secret, metric_names, patterns=(), matcher=None,
                  previous_secret=None, previous_until=0, max_rate=0.0):
         self.name = name
+        self.accepted = 0  # lines since the worker last gave them to the device table
         self.max_rate = max_rate  # lines per second; 0: --key-max-rate applies
         self._secret = secret
         self.metric_names = metric_names
@@ -124,6 +125,16 @@ class KeyMap(dict):
 
     def __missing__(self, public_key):
         return None
+
+    def take_counts(self):
+        """{public key: lines accepted} since the last call, as the key objects counted
+        them (filter_lines), which start again from 0."""
+        counts = {}
+        for public_key, key in self.items():
+            if key is not None and key.accepted:
+                counts[public_key] = key.accepted
+                key.accepted = 0
+        return counts
 
 
 class AuthDB:

@@ -261,19 +261,27 @@ def compile_snapshot(path, reason="start"):
 class KeyCache(KeyMap):
     """Public key -> AuthKey, built from the snapshot the first time a line names it."""
 
-    __slots__ = ("_find",)
+    __slots__ = ("_find", "_dropped_counts")
 
     def __init__(self, find):
         super().__init__()
         self._find = find
+        self._dropped_counts = {}  # what key objects dropped from the cache had counted
 
     def __missing__(self, public_key):
         key = self._find(public_key)
         if key is not None:
             if len(self) >= MAX_CACHED_KEYS:
+                self._dropped_counts = self.take_counts()
                 self.clear()
             self[public_key] = key
         return key
+
+    def take_counts(self):
+        counts, self._dropped_counts = self._dropped_counts, {}
+        for public_key, count in super().take_counts().items():
+            counts[public_key] = counts.get(public_key, 0) + count
+        return counts
 
     def __contains__(self, public_key):
         return self[public_key] is not None

@@ -55,28 +55,39 @@ class DeviceQueries:
         now = time.time()
         db = self.auth_file.db
         wanted = filters.get("key")
-        names = [wanted.encode()] if wanted else db.names()
+        names = [wanted.encode()] if wanted and wanted.encode() in db.keys else \
+            [] if wanted else db.names()
         devices = []
+        unseen = None if filters.get("rejected") else _NEVER_SEEN  # a never-seen key passes
         for public_key in names:
-            key = db.get(public_key)
-            if key is None:
-                continue
             state = self.table.read(public_key)
-            entry = state.as_json(public_key.decode("utf-8", "replace")) if state else \
-                never_seen(public_key)
+            name = public_key.decode("utf-8", "replace")
+            if state is None:
+                if unseen is not None:  # the same entry but for the name: no dict, no dumps
+                    devices.append(unseen % _dumps(name))
+                continue
+            entry = state.as_json(name)
             if not selected(entry, filters, now):
                 continue
-            entry["previous_secret_expires"] = key.previous_until or None
-            devices.append(entry)
-        return json.dumps({"now": now, "started": self.started, "silent_after": silent_after,
-                           "devices": devices}).encode()
+            # Only where the words need it: building a key from the file costs.
+            entry["previous_secret_expires"] = (db.get(public_key).previous_until or None) \
+                if entry["old_secret"] else None
+            devices.append(_dumps(entry))
+        return ('{"now":%s,"started":%s,"silent_after":%s,"devices":[%s]}' % (
+            _dumps(now), _dumps(self.started), _dumps(silent_after),
+            ",".join(devices))).encode()
 
 
-def never_seen(public_key):
-    return {"key": public_key.decode("utf-8", "replace"), "accepted": 0,
-            "last_accepted": None, "last_rejected": None, "last_reason": None,
-            "rejected_since": None, "rejected": {}, "skew": None, "old_secret": False,
-            "address": None, "listener": None, "connected": False}
+def _dumps(value):
+    return json.dumps(value, separators=(",", ":"))
+
+
+# A key with no state (never seen since start, or since a reload dropped it), as JSON.
+_NEVER_SEEN = _dumps({
+    "key": "NAME", "accepted": 0, "last_accepted": None, "last_rejected": None,
+    "last_reason": None, "rejected_since": None, "rejected": {}, "skew": None,
+    "old_secret": False, "previous_secret_expires": None, "address": None, "listener": None,
+    "connected": False}).replace("%", "%%").replace('"NAME"', "%s", 1)
 
 
 def selected(entry, filters, now):

@@ -15,13 +15,14 @@ log = logging.getLogger("amproxy.worker")  # the worker's log, where these alway
 
 class DeviceTally:
     """What each key's lines became since the last record, handed to the device table
-    shared by the workers once a second: no system call, no shared write per line."""
+    shared by the workers once a second: no system call, no shared write per line.
+    The key objects count their accepted lines; rejections are tallied here."""
 
     def __init__(self, table, worker):
         self.table = table  # devices.DeviceTable
         self.worker = worker
-        self.accepted = {}  # public key -> lines accepted (filter_lines counts them)
         self.rejected = {}  # public key -> devices.Rejections
+        self._keys = None  # the key map counted last time (a reload replaces it)
 
     def reject(self, public_key, reason, detail):
         """``detail``: for skew, how far ahead the line's clock is; for a bad signature,
@@ -38,16 +39,21 @@ class DeviceTally:
         """To the table: the tallies, and the keys (of ``keys``, the auth file's) the
         worker's connections last sent, open (``clients.connections``) or closed since
         (``clients.departed``)."""
+        accepted = keys.take_counts()
+        if self._keys is not None and self._keys is not keys:  # counted before a reload
+            for public_key, count in self._keys.take_counts().items():
+                accepted[public_key] = accepted.get(public_key, 0) + count
+        self._keys = keys
         if stats.forwarded_per_key is not None:  # --stats-per-key reports them too
-            for public_key, count in self.accepted.items():
+            for public_key, count in accepted.items():
                 stats.forwarded_per_key[public_key] = (
                     stats.forwarded_per_key.get(public_key, 0) + count)
         connected = {conn.key: (conn.source, conn.tls) for conn in clients.connections.values()
                      if conn.key is not None and conn.key in keys}
         departed = {key: source for key, source in clients.departed.items() if key in keys}
-        self.table.record(self.worker, time.time(), self.accepted, self.rejected, connected,
+        self.table.record(self.worker, time.time(), accepted, self.rejected, connected,
                           departed)
-        self.accepted, self.rejected, clients.departed = {}, {}, {}
+        self.rejected, clients.departed = {}, {}
 
 
 class LineOutcomes:

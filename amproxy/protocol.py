@@ -182,8 +182,8 @@ def metric_problem(metric, allow_tags=False):
     return problem
 
 
-def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
-                 allow_tags=False, rate_limiter=None, _budgets=None):
+def filter_lines(lines, keys, now, max_skew, reject, allow_tags=False, rate_limiter=None,
+                 _budgets=None):
     """Check lines (bytes, without line ending); return the Carbon lines of those that pass.
 
     ``keys[public_key]`` (bytes) gives None or a :class:`Signer` that also has
@@ -198,8 +198,8 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
     except for exact names from the auth file, which were checked at load.
     Surrounding whitespace is trimmed and empty lines are skipped, as the
     original does.  Each accepted line gives its ``metric value timestamp``
-    part, without a newline: see :func:`carbon_payload`.  If a dict is given
-    as ``forwarded_per_key``, it counts the accepted lines of each public key.
+    part, without a newline: see :func:`carbon_payload`.  Each key object counts
+    its accepted lines (``accepted``), for the device table.
     A ``rate_limiter`` (see :mod:`amproxy.ratelimit`), if given, is asked
     once per key for the lines it may still send (``budget``); the lines
     past that are rejected, and what was spent is told back (``spend``).
@@ -229,8 +229,8 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
     for line in lines:
         fields = line.split(b" ")
         if len(fields) != 5:
-            if _retry_trimmed(line, accepted, keys, now, max_skew, reject,
-                              forwarded_per_key, allow_tags, rate_limiter, budgets):
+            if _retry_trimmed(line, accepted, keys, now, max_skew, reject, allow_tags,
+                              rate_limiter, budgets):
                 continue
             reject(MALFORMED, None, None)
             continue
@@ -254,8 +254,8 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
             # Whitespace around the line (a tab, say) shows as a signature of
             # the wrong length or a metric starting with it.
             if (len(signature) != _SIGNATURE_LENGTH or not metric[:1] > b" ") and \
-                    _retry_trimmed(line, accepted, keys, now, max_skew, reject,
-                                   forwarded_per_key, allow_tags, rate_limiter, budgets):
+                    _retry_trimmed(line, accepted, keys, now, max_skew, reject, allow_tags,
+                                   rate_limiter, budgets):
                 continue
             # Signed with the previous secret after its grace: the device was not told.
             reject(BAD_SIGNATURE, public_key, metric, key.previous is not None and compare(
@@ -304,15 +304,14 @@ def filter_lines(lines, keys, now, max_skew, reject, forwarded_per_key=None,
                     continue
                 budgets[public_key] = left - 1.0
         append(line[:signed_length - len(public_key) - 1])
-        if forwarded_per_key is not None:
-            forwarded_per_key[public_key] = forwarded_per_key.get(public_key, 0) + 1
+        key.accepted += 1  # on the worker's cached key object: no lookup
     if budgets and _budgets is None:  # the outermost call tells what was spent
         rate_limiter.spend(budgets)
     return accepted
 
 
-def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key, allow_tags,
-                   rate_limiter, budgets):
+def _retry_trimmed(line, accepted, keys, now, max_skew, reject, allow_tags, rate_limiter,
+                   budgets):
     """A line that failed may pass without surrounding whitespace (or be empty).
 
     Returns True if the trimmed line was handled (checked, or skipped as empty).
@@ -321,8 +320,8 @@ def _retry_trimmed(line, accepted, keys, now, max_skew, reject, per_key, allow_t
     if trimmed == line and trimmed:
         return False
     if trimmed:
-        accepted.extend(filter_lines((trimmed,), keys, now, max_skew, reject, per_key,
-                                     allow_tags, rate_limiter, budgets))
+        accepted.extend(filter_lines((trimmed,), keys, now, max_skew, reject, allow_tags,
+                                     rate_limiter, budgets))
     return True
 
 

@@ -280,8 +280,7 @@ class Worker:
         keys = db.keys
         try:
             accepted = filter_lines(lines, keys, int(time.time()), self.options.skew,
-                                    self.lines.rejecter(conn, keys),
-                                    self.devices.accepted, self.options.allow_tags,
+                                    self.lines.rejecter(conn, keys), self.options.allow_tags,
                                     self.rate_limiter.for_batch(db, self.options.key_max_rate))
         except Exception:  # a bug must cost this read's lines, not the worker
             self.lines.internal_error(conn, len(lines))

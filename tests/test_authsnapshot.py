@@ -363,3 +363,18 @@ def test_what_yaml_refuses_or_reads_otherwise_is_refused(raw, tmp_path):
 @given(raw=hostile_files())
 def test_snapshot_keys_list_and_check_read_every_file_as_yaml_does(raw, tmp_path):
     assert_read_as_yaml_reads_it(raw, tmp_path)
+
+
+def test_the_key_cache_keeps_the_counts_of_the_key_objects_it_drops(monkeypatch):
+    """Accepted lines are counted on the cached key objects; a cache that fills up
+    drops them, but not what they counted (the device table's)."""
+    from amproxy import authsnapshot
+    from amproxy.auth import AuthKey
+    monkeypatch.setattr(authsnapshot, "MAX_CACHED_KEYS", 2)
+    cache = authsnapshot.KeyCache(lambda public_key: AuthKey(public_key.decode(), "s", ["m"]))
+    cache[b"a"].accepted += 3
+    cache[b"b"].accepted += 1
+    cache[b"c"].accepted += 2  # a full cache: a and b are dropped
+    cache[b"a"].accepted += 1
+    assert cache.take_counts() == {b"a": 4, b"b": 1, b"c": 2}
+    assert cache.take_counts() == {}

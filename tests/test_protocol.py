@@ -248,3 +248,16 @@ def test_a_third_secret_never_passes_during_rotation():
     assert check_line(line(secret="old"), keys, NOW, 300) is None
     assert check_line(line(secret="older"), keys, NOW, 300) == "badSignature"
     assert check_line(line(secret="old"), keys, NOW + 60, 300) == "badSignature"
+
+
+def test_accepted_lines_are_counted_per_key_whatever_their_order():
+    """The device table's counts: each key object counts its accepted lines, and the
+    key map hands them over once (then they start again)."""
+    lines = [line(key="pub"), line(key="pub", value="2"), line(key="other", secret="x"),
+             line(key="pub", value="3"), line(key="nobody"), line(key="other", secret="x",
+                                                                   value="4")]
+    KEYS.take_counts()
+    accepted = filter_lines(lines, KEYS, NOW, 300, lambda *rejection: None)
+    assert len(accepted) == 5
+    assert KEYS.take_counts() == {b"pub": 3, b"other": 2}
+    assert KEYS.take_counts() == {}
