@@ -121,7 +121,7 @@ class KeyMap(dict):
     may answer by building the key on first use (``__missing__``).
     """
 
-    __slots__ = ()
+    __slots__ = ("last_accepted",)  # filter_lines' last accepted public key
 
     def __missing__(self, public_key):
         return None

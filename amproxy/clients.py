@@ -30,7 +30,9 @@ class Clients:
         self.tls = tls  # tls.TlsConnections
         self.read = read
         self.connections = {}
-        self.departed = {}  # public key -> (address, tls) of connections closed since
+        # Public key -> (address, tls, its last line's time on the monotonic clock) of
+        # connections closed since the device table's last record.
+        self.departed = {}
         self.paused = False
         self.opened = 0
         self.source_slots = SourceSlots(options.source_ipv6_prefix)
@@ -152,7 +154,7 @@ class Clients:
         if conn.slot is not None:
             self.source_slots.remove(conn.slot)
         if conn.key is not None:  # for the device table: where this key last came from
-            self.departed[conn.key] = (conn.source, conn.tls)
+            self.departed[conn.key] = (conn.source, conn.tls, conn.last_active)
         conn.sock.close()
         conn.state = CLOSED
 

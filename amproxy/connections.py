@@ -47,7 +47,7 @@ class Connection:
         self.state = HANDSHAKE if tls else HEADER if proxy_header else LINES
         self.since = now  # when it entered its state
         self.fresh = True  # nothing read yet
-        self.key = None  # the public key its last read's first line named
+        self.key = None  # the public key of its last signed line that passed
 
     def enter(self, state, now):
         self.state = state
@@ -75,10 +75,6 @@ class Connection:
         self.partial = data[end:]
         # splitlines also ends lines at \r, so \r\n endings cost nothing.
         lines = data[:end].splitlines()
-        if lines:  # which device it is: the public key field of a whole line
-            fields = lines[0].split(b" ")
-            if len(fields) == 5:
-                self.key = fields[3]
         if len(self.partial) <= max_length and (
                 end <= max_length or max(map(len, lines)) <= max_length):
             return lines, 0

@@ -8,9 +8,13 @@ built and sent without holding up the master's loop.
 import json
 import logging
 import os
+import signal
 import time
 
 log = logging.getLogger("amproxy.master")
+
+# The longest a child may take to answer, however slowly its client reads.
+ANSWER_DEADLINE = 30
 
 
 class DeviceQueries:
@@ -38,7 +42,14 @@ class DeviceQueries:
             return
         status = 1
         try:
-            conn.settimeout(30)
+            # Nothing of the master's: not its port (a restart must be able to bind it),
+            # not its signal handlers; and never more than the deadline.
+            os.closerange(3, conn.fileno())
+            os.closerange(conn.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.alarm(ANSWER_DEADLINE)
+            conn.settimeout(ANSWER_DEADLINE)
             conn.sendall(self.document(request, silent_after))
             status = 0
         except Exception:  # a query must never take anything else down

@@ -17,9 +17,9 @@ so forked workers exclude each other).  Readers (the master, a child
 answering a query) take no lock: a slot read during an update may mix two
 seconds' values, never two keys'.
 
-Slot layout (``_SLOT``, 96 bytes with the ten reasons of
+Slot layout (``_SLOT``, 104 bytes with the ten reasons of
 :data:`amproxy.protocol.REJECTION_REASONS`; 1.5 slots a key, so 100,000 keys
-take 150,000 slots = 14,400,000 bytes)::
+take 150,000 slots = 15,600,000 bytes)::
 
     0  q    hash of the public key (0: free, _TOMBSTONE: forgotten)
     8  Q    lines accepted
@@ -33,6 +33,8 @@ take 150,000 slots = 14,400,000 bytes)::
     38 B    flags (_OLD_SECRET, _HAS_SKEW, _HAS_ADDRESS)
     40 16s  address (IPv6 packed; IPv4 as IPv4-mapped IPv6)
     56 I*n  lines rejected per reason (saturate at 2**32 - 1)
+    ...I    when the address was seen (1/100 s since the table was made; a newer one
+            replaces it, whatever worker says so)
 
 Times are whole seconds (a record's time, or a rejection's, rounded down).
 """
@@ -74,7 +76,7 @@ _MISS_RETRY = 60.0
 
 
 def _slot_struct():
-    fields = "=qQIIIiIBBBx16s%dI" % len(REJECTION_REASONS)
+    fields = "=qQIIIiIBBBx16s%dII" % len(REJECTION_REASONS)
     padding = -struct.calcsize(fields) % 8  # slots 8-aligned: the hash is a 'q' item
     return struct.Struct(fields + "x" * padding)
 
@@ -86,6 +88,7 @@ _U32_PER_SLOT = SLOT_SIZE // 4
 _Q_PER_SLOT = SLOT_SIZE // 8
 _LAST_ACCEPTED, _REJECTED_SINCE, _LAST_REJECTED, _SKEW_AT, _WORKERS = 4, 5, 6, 7, 8
 _COUNTS = 14
+_SOURCE_AT = _COUNTS + len(REJECTION_REASONS)
 # Byte offsets.
 _REASON_OFFSET, _LISTENER_OFFSET, _FLAGS_OFFSET = 36, 37, 38
 _ADDRESS_OFFSET = 40
@@ -341,8 +344,9 @@ class DeviceTable(SharedSlots):
         a tally of unknownKey lines alone claims no slot, but any other key
         does.  The first record of a worker in a process clears what a previous
         process of the same number (worker % 32) left marked connected.
-        ``came_from``: {public key: (address text, tls)} for keys whose connections
-        closed since: where they last came from (``connected`` wins).
+        ``came_from``: {public key: (address text, tls, when)} for keys whose
+        connections closed since: where they last came from, unless the table
+        knows a newer source (``connected`` is as of ``now``).
         """
         self._lock()
         try:
@@ -387,14 +391,15 @@ class DeviceTable(SharedSlots):
         if marked is None:  # this process's first record: a predecessor's bits go
             self._clear_bit(bit)
             marked = ()
-        for sources, mark in ((came_from, False), (connected, True)):
-            for public_key, (address, tls) in sources.items():
-                slot = self._found(public_key, True, now)
-                if slot is None:
-                    continue
-                if mark:
-                    u32[slot * _U32_PER_SLOT + _WORKERS] |= bit
-                self._set_source(slot, address, tls)
+        for public_key, (address, tls, when) in came_from.items():
+            slot = self._found(public_key, True, now)
+            if slot is not None:
+                self._set_source(slot, address, tls, when)
+        for public_key, (address, tls) in connected.items():
+            slot = self._found(public_key, True, now)
+            if slot is not None:
+                u32[slot * _U32_PER_SLOT + _WORKERS] |= bit
+                self._set_source(slot, address, tls, now)
         for public_key in marked:
             if public_key not in connected:
                 slot = self._slot(public_key, False)
@@ -402,9 +407,15 @@ class DeviceTable(SharedSlots):
                     u32[slot * _U32_PER_SLOT + _WORKERS] &= ~bit
         self._marked[worker] = set(connected)
 
-    def _set_source(self, slot, address, tls):
-        """Where a key's lines came from: the address (packed, once per address) and
-        the listener."""
+    def _set_source(self, slot, address, tls, when):
+        """Where a key's lines came from (at ``when``): the address (packed, once per
+        address) and the listener, unless another worker told of a newer one."""
+        # In hundredths of a second since the table was made (two connections of one
+        # device a moment apart, on two workers), up to 497 days; then as recorded.
+        when = min(max(0, int((when - self.created) * 100)), _MAX_COUNT)
+        if when < self._u32[slot * _U32_PER_SLOT + _SOURCE_AT]:
+            return
+        self._u32[slot * _U32_PER_SLOT + _SOURCE_AT] = when
         view = self._bytes
         offset = slot * SLOT_SIZE
         view[offset + _LISTENER_OFFSET] = 2 if tls else 1
@@ -520,20 +531,20 @@ class DeviceTable(SharedSlots):
         hashes = self._q[::_Q_PER_SLOT].tolist()
         accepted_at = u32[_LAST_ACCEPTED::_U32_PER_SLOT].tolist()
         rejected_at = u32[_LAST_REJECTED::_U32_PER_SLOT].tolist()
-        window = math.floor(now - interval)
-        seen = rejected_only = 0
-        for found, accepted, rejected in zip(hashes, accepted_at, rejected_at):
-            if accepted >= window:
-                if found != 0 and found != _TOMBSTONE:
-                    seen += 1
-            elif rejected >= window and found != 0 and found != _TOMBSTONE:
-                rejected_only += 1
-        # No key hashes to 0 or _TOMBSTONE: free and forgotten slots match no key.
-        last_accepted = dict(zip(hashes, accepted_at))
         key_hashes = self._hashes
         wanted = list(map(key_hashes.get, public_keys))
         if None in wanted:  # keys this process has not hashed yet
             wanted = [self._hash(public_key) for public_key in public_keys]
+        # Only the keys of the file: a revoked key a worker still counted for is not.
+        current = set(wanted)
+        window = math.floor(now - interval)
+        seen = rejected_only = 0
+        for found, accepted, rejected in zip(hashes, accepted_at, rejected_at):
+            if accepted >= window:
+                seen += found in current
+            elif rejected >= window:
+                rejected_only += found in current
+        last_accepted = dict(zip(hashes, accepted_at))
         accepted = list(map(last_accepted.get, wanted, itertools.repeat(0)))
         never = accepted.count(0)
         lately = sum(map(float(now - silent_after).__le__, accepted))

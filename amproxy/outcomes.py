@@ -8,9 +8,14 @@ import time
 
 from .devices import Rejections
 from .logs import RejectionLog
-from .protocol import BAD_SIGNATURE, REJECTION_REASONS, SKEW
+from .protocol import (BAD_METRIC, BAD_SIGNATURE, BAD_VALUE, METRIC_NOT_ALLOWED, RATE_LIMITED,
+                       REJECTION_REASONS, REPLAYED, SKEW)
 
 log = logging.getLogger("amproxy.worker")  # the worker's log, where these always were
+
+# Reasons found after the signature was checked: the line is the key's own.
+SIGNED_REJECTIONS = frozenset((SKEW, BAD_METRIC, METRIC_NOT_ALLOWED, BAD_VALUE, RATE_LIMITED,
+                               REPLAYED))
 
 
 class DeviceTally:
@@ -42,17 +47,21 @@ class DeviceTally:
         accepted = keys.take_counts()
         if self._keys is not None and self._keys is not keys:  # counted before a reload
             for public_key, count in self._keys.take_counts().items():
-                accepted[public_key] = accepted.get(public_key, 0) + count
+                if public_key in keys:  # a key revoked since has no state to add to
+                    accepted[public_key] = accepted.get(public_key, 0) + count
         self._keys = keys
+        rejected = {key: tally for key, tally in self.rejected.items() if key in keys}
         if stats.forwarded_per_key is not None:  # --stats-per-key reports them too
             for public_key, count in accepted.items():
                 stats.forwarded_per_key[public_key] = (
                     stats.forwarded_per_key.get(public_key, 0) + count)
         connected = {conn.key: (conn.source, conn.tls) for conn in clients.connections.values()
                      if conn.key is not None and conn.key in keys}
-        departed = {key: source for key, source in clients.departed.items() if key in keys}
-        self.table.record(self.worker, time.time(), accepted, self.rejected, connected,
-                          departed)
+        to_epoch = time.time() - time.monotonic()
+        departed = {key: (address, tls, last_line + to_epoch)
+                    for key, (address, tls, last_line) in clients.departed.items()
+                    if key in keys}
+        self.table.record(self.worker, time.time(), accepted, rejected, connected, departed)
         self.rejected, clients.departed = {}, {}
 
 
@@ -82,6 +91,8 @@ class LineOutcomes:
                 log_rejection(reason, conn.remote, public_key, metric)
             if public_key in keys:
                 devices.reject(public_key, reason, detail)
+                if reason in SIGNED_REJECTIONS:  # its signature passed: it is that device
+                    conn.key = public_key
                 if rejected_per_key is not None:
                     rejected_per_key[public_key] = rejected_per_key.get(public_key, 0) + 1
         return reject

@@ -199,7 +199,8 @@ def filter_lines(lines, keys, now, max_skew, reject, allow_tags=False, rate_limi
     Surrounding whitespace is trimmed and empty lines are skipped, as the
     original does.  Each accepted line gives its ``metric value timestamp``
     part, without a newline: see :func:`carbon_payload`.  Each key object counts
-    its accepted lines (``accepted``), for the device table.
+    its accepted lines (``accepted``), for the device table, and ``keys`` keeps
+    the public key of the last line accepted (``last_accepted``).
     A ``rate_limiter`` (see :mod:`amproxy.ratelimit`), if given, is asked
     once per key for the lines it may still send (``budget``); the lines
     past that are rejected, and what was spent is told back (``spend``).
@@ -213,6 +214,7 @@ def filter_lines(lines, keys, now, max_skew, reject, allow_tags=False, rate_limi
     """
     accepted = []
     append = accepted.append
+    last_accepted = None
     # Public key -> lines it may still send; a trimmed line's recursive call shares it.
     budgets = _budgets
     if budgets is None and rate_limiter is not None:
@@ -305,6 +307,9 @@ def filter_lines(lines, keys, now, max_skew, reject, allow_tags=False, rate_limi
                 budgets[public_key] = left - 1.0
         append(line[:signed_length - len(public_key) - 1])
         key.accepted += 1  # on the worker's cached key object: no lookup
+        last_accepted = public_key
+    if last_accepted is not None:  # which device a connection is (signed lines only)
+        keys.last_accepted = last_accepted
     if budgets and _budgets is None:  # the outermost call tells what was spent
         rate_limiter.spend(budgets)
     return accepted

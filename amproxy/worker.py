@@ -286,6 +286,7 @@ class Worker:
             self.lines.internal_error(conn, len(lines))
             return
         if accepted:
+            conn.key = keys.last_accepted  # whose device: only a line that passed says
             conn.last_active = self.clock()
             self.lines.forwarded += len(accepted)
             self.destinations.send(accepted)

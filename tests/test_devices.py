@@ -41,7 +41,7 @@ def in_child(body):
 def test_100_000_keys_fit_in_16_mb_and_each_gets_a_slot():
     table = DeviceTable(100_000)
     try:
-        assert SLOT_SIZE == 96
+        assert SLOT_SIZE == 104
         assert table.capacity == 150_000
         assert table.size == table.capacity * SLOT_SIZE <= 16_000_000
         assert os.fstat(table._fd).st_size == len(table._memory) == table.size
@@ -295,3 +295,12 @@ def test_recording_10_000_keys_is_quick():
         assert table.read(keys[0]).accepted == 6
     finally:
         table.close()
+
+
+def test_the_newest_source_wins_whatever_worker_records_first(table):
+    """A device's connection from A closed on worker 0, its next one from B a moment
+    later on worker 1: worker 1 may record first; B stays."""
+    now = table.created + 10
+    table.record(1, now, {}, {}, {}, {b"dev": ("203.0.113.9", False, now - 0.2)})
+    table.record(0, now + 0.5, {}, {}, {}, {b"dev": ("198.51.100.4", False, now - 0.3)})
+    assert table.read(b"dev").address == "203.0.113.9"

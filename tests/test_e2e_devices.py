@@ -61,6 +61,9 @@ def test_drifted_rotated_never_seen_and_moved_devices_show_why(carbon, tmp_path,
     send(proxy, line_for(KEYS, "drifted", "dev.drifted.t", 2, now + 432), v2("198.51.100.2", 1000))
     send(proxy, line_for(old_keys, "rotated", "dev.rotated.t", 3, now), v2("198.51.100.3", 1000))
     send(proxy, line_for(KEYS, "mover", "dev.mover.t", 4, now - 5), v2("198.51.100.4", 1000))
+    # It moves: its next line comes from elsewhere once the first was taken (two workers
+    # may read two lines sent a few milliseconds apart in either order).
+    wait_points(carbon, "dev.mover.t", {now - 5: 4.0}, now - 10)
     send(proxy, line_for(KEYS, "mover", "dev.mover.t", 5, now - 4), v2("203.0.113.9", 2000))
     send(proxy, line_for(KEYS, "revoked", "dev.revoked.t", 6, now), v2("198.51.100.6", 1000))
     wait_points(carbon, "dev.mover.t", {now - 4: 5.0}, now - 10)
@@ -91,6 +94,13 @@ def test_drifted_rotated_never_seen_and_moved_devices_show_why(carbon, tmp_path,
     assert set(devices(proxy, "--rejected")) == {"drifted", "rotated"}
     assert set(devices(proxy, "--key", "mover")) == {"mover"}
 
+    # A line naming a key without its signature says nothing of where that device is.
+    with proxy.connect() as forger:
+        forger.sendall(v2("192.0.2.66", 3000) + b"dev.mover.t 9 %d mover AAAA\n" % now)
+        proxy.wait_log(r"reason=badSignature remote=192.0.2.66")
+        time.sleep(1.5)  # two records of the device table (once a second), with it open
+        forged = devices(proxy, "--key", "mover")["mover"]
+    assert forged["address"] == "203.0.113.9" and forged["connected"] is False
     # A reload keeps the state of the keys that stay and drops the revoked one.
     auth.write_text(auth_text([k for k in KEYS if k != "revoked"]))
     proxy.wait_log(r"auth file reloaded.* keys=5", count=2)  # both workers
