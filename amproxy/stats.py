@@ -32,8 +32,10 @@ GAUGES = ("activeConnections", "bufferedLines", "spooledBytes")
 # Counters and gauges of each Carbon destination are named under this node.
 PER_DESTINATION = "destinations."
 MAX_DATAGRAM = 60000
-# How long the stats socket waits for a request (`amproxy stats` sends none).
-REQUEST_WAIT = 0.05
+# How long the stats socket waits for a request (`amproxy stats` sends none), and
+# the longest one it reads.
+REQUEST_WAIT = 0.2
+MAX_REQUEST_BYTES = 65536
 # The per-key counts in one datagram; the rest of MAX_DATAGRAM holds the envelope.
 KEYS_PER_DATAGRAM_BYTES = MAX_DATAGRAM - 1000
 
@@ -247,6 +249,51 @@ class StatsCollector:
             self.pending.pop(0)
 
 
+class PendingRequests:
+    """Connections to the stats socket whose request is not read yet, read as the
+    master's loop finds them readable (a silent client holds nothing up).
+    ``amproxy devices`` sends one line; ``amproxy stats`` sends nothing (and an
+    older one does not even end its stream), so a request ends at a newline, at
+    the end of the stream, or after ``REQUEST_WAIT``."""
+
+    def __init__(self):
+        self.conns = {}  # socket -> (what it sent so far, when to stop waiting)
+
+    def add(self, conn):
+        conn.setblocking(False)
+        self.conns[conn] = (b"", time.monotonic() + REQUEST_WAIT)
+
+    def readable(self):
+        return list(self.conns)
+
+    def timeout(self, timeout):
+        if not self.conns:
+            return timeout
+        return max(0.0, min([timeout] + [at - time.monotonic() for _, at in self.conns.values()]))
+
+    def complete(self, ready):
+        """The (connection, request) pairs that are complete now (b"": none)."""
+        now = time.monotonic()
+        done = []
+        for conn, (data, deadline) in list(self.conns.items()):
+            ended = False
+            if conn in ready:
+                try:
+                    chunk = conn.recv(MAX_REQUEST_BYTES + 1 - len(data))
+                except (BlockingIOError, InterruptedError):
+                    chunk = None
+                except OSError:
+                    chunk = b""
+                data += chunk or b""
+                ended = chunk == b"" or b"\n" in data or len(data) > MAX_REQUEST_BYTES
+            if ended or now >= deadline:
+                del self.conns[conn]
+                done.append((conn, data))
+            else:
+                self.conns[conn] = (data, deadline)
+        return done
+
+
 def _answers(path):
     """Whether a server listens on Unix socket ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -272,6 +319,7 @@ class StatsService:
         socket, and takes its path (``claim_path``) only once it has taken over."""
         self.options = options
         self.devices = devices  # devicequery.DeviceQueries: `amproxy devices`, devices.*
+        self.requests = PendingRequests()
         self.channels = StatsChannels()
         self.collector = StatsCollector(self.channels, options.stats_prefix or
                                         default_prefix(), options.stats_per_key,
@@ -314,7 +362,7 @@ class StatsService:
 
     def readable(self):
         """Descriptors to watch for reading."""
-        fds = [self.channels.reports_in]
+        fds = [self.channels.reports_in] + self.requests.readable()
         return fds + [self.listener] if self.listener is not None else fds
 
     def writable(self):
@@ -322,7 +370,8 @@ class StatsService:
         return [self.channels.outbox_in] if self.collector.pending else []
 
     def timeout(self, timeout):
-        """``timeout``, or less if an interval ends sooner."""
+        """``timeout``, or less if an interval ends (or a request's wait does) sooner."""
+        timeout = self.requests.timeout(timeout)
         if self.options.stats_interval and self._next_flush is not None:
             return max(0.0, min(timeout, self._next_flush - time.monotonic()))
         return timeout
@@ -333,21 +382,21 @@ class StatsService:
         if self.channels.reports_in in ready:
             self.collector.drain()
         if self.listener is not None and self.listener in ready:
-            self._answer(workers)
+            self._accept()
+        for conn, request in self.requests.complete(ready):
+            self._answer(conn, request, workers)
 
-    def _answer(self, workers):
+    def _accept(self):
         try:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        self.requests.add(conn)
+
+    def _answer(self, conn, request, workers):
         with conn:
-            # `amproxy devices` asks at once; `amproxy stats` asks nothing.
-            conn.settimeout(REQUEST_WAIT)
-            try:
-                request = conn.recv(4096)
-            except OSError:
-                request = b""
-            if request.startswith(b"devices") and self.devices is not None:
+            if request.startswith(b"devices") and self.devices is not None and \
+                    len(request) <= MAX_REQUEST_BYTES:
                 self.devices.answer(conn, request, self.options.device_silent_after)
                 return
             conn.settimeout(2)
@@ -377,6 +426,8 @@ class StatsService:
         """In a forked worker: keep only the worker's ends of the channels."""
         self.channels.reports_in.close()
         self.channels.outbox_in.close()
+        for conn in self.requests.readable():
+            conn.close()
         if self.listener is not None:
             self.listener.close()
 

@@ -12,6 +12,8 @@ import time
 
 import fleet
 from amproxy import handover
+from amproxy.buffer import SPOOL_ALTERNATES, Spool
+from test_e2e_fleet import slow_to_read
 from test_e2e_outage import make_points, outage_auth, send_steadily, wait_all_stored  # noqa: F401
 from conftest import (AMPROXY, KEYS, ROOT, SECRETS_USED, children_of, free_port, line_for,
                       make_install_under, pid_alive, wait_for, wait_points, write_auth)
@@ -211,10 +213,11 @@ def test_a_stop_during_the_handover_stops_the_new_master_too(carbon, tmp_path, m
     pidfile = str(tmp_path / "amproxy.pid")
     proxy = make_proxy(carbon.address, auth_file, args=["--pidfile", pidfile])
     old = read_pid(pidfile)
+    slow_to_read(auth_file)  # the new master reads it for seconds: it cannot be ready yet
     os.kill(old, signal.SIGUSR2)
     proxy.wait_log(r"starting a new master")
     new = int(re.findall(r"new_master_pid=(\d+)", proxy.log())[-1])
-    os.kill(new, signal.SIGSTOP)  # not ready yet, whatever this machine's speed
+    os.kill(new, signal.SIGSTOP)
     try:
         os.kill(old, signal.SIGTERM)  # an admin's stop, not the new master's
         proxy.wait_log(r"stopping the new master too: it had not taken over")
@@ -245,15 +248,25 @@ def stats_of(pidfile):
 def test_a_new_master_stopped_before_it_took_over_leaves_the_stats_socket_alone(
         carbon, tmp_path, make_proxy, auth_file):
     pidfile = str(tmp_path / "amproxy.pid")
-    proxy = make_proxy(carbon.address, auth_file, args=["--pidfile", pidfile])
+    spool = tmp_path / "spool"
+    proxy = make_proxy(carbon.address, auth_file, args=[
+        "--pidfile", pidfile, "--spool-dir", str(spool), "--graceful-timeout", "1s"])
     old = read_pid(pidfile)
-    os.kill(old, signal.SIGUSR2)
-    proxy.wait_log(r"starting a new master")
-    new = int(re.findall(r"new_master_pid=(\d+)", proxy.log())[-1])
-    os.kill(new, signal.SIGSTOP)
-    os.kill(new, signal.SIGTERM)  # it binds its stats socket beside the old one's
-    os.kill(new, signal.SIGCONT)
-    proxy.wait_log(r"the new master exited")
+    # Every other spool name taken: the new master's workers wait for the old ones'
+    # spools, so it binds its stats socket and is never ready.
+    held = [Spool(str(spool / ("worker-%d.%d" % (slot, n))), 1 << 20).open()
+            for slot in range(2) for n in range(1, SPOOL_ALTERNATES)]
+    try:
+        os.kill(old, signal.SIGUSR2)
+        proxy.wait_log(r"starting a new master")
+        new = int(re.findall(r"new_master_pid=(\d+)", proxy.log())[-1])
+        wait_for(lambda: os.path.exists("%s.%d" % (tmp_path / "amproxy.stats.sock", new)), 30,
+                 what="the new master's stats socket")
+        os.kill(new, signal.SIGTERM)
+        proxy.wait_log(r"the new master exited", timeout=30)
+    finally:
+        for spool_held in held:
+            spool_held.close()
     assert stats_of(pidfile)["gauges"]["workers"] == 2
     assert sorted(os.listdir(str(tmp_path))).count("amproxy.stats.sock") == 1
     assert not [name for name in os.listdir(str(tmp_path)) if name.startswith(
