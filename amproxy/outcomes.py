@@ -27,7 +27,7 @@ class DeviceTally:
         self.table = table  # devices.DeviceTable
         self.worker = worker
         self.rejected = {}  # public key -> devices.Rejections
-        self._keys = None  # the key map counted last time (a reload replaces it)
+        self._kept = {}  # what a key map replaced by a reload had counted
 
     def reject(self, public_key, reason, detail):
         """``detail``: for skew, how far ahead the line's clock is; for a bad signature,
@@ -40,16 +40,21 @@ class DeviceTally:
         else:
             tally.add(reason, time.time(), old_secret=reason == BAD_SIGNATURE and bool(detail))
 
+    def keep_counts(self, keys):
+        """A reload is about to replace ``keys``: keep what its key objects counted (and
+        no reference to them, which would keep the old snapshot mapped)."""
+        for public_key, count in keys.take_counts().items():
+            self._kept[public_key] = self._kept.get(public_key, 0) + count
+
     def record(self, clients, stats, keys):
         """To the table: the tallies, and the keys (of ``keys``, the auth file's) the
         worker's connections last sent, open (``clients.connections``) or closed since
         (``clients.departed``)."""
         accepted = keys.take_counts()
-        if self._keys is not None and self._keys is not keys:  # counted before a reload
-            for public_key, count in self._keys.take_counts().items():
-                if public_key in keys:  # a key revoked since has no state to add to
-                    accepted[public_key] = accepted.get(public_key, 0) + count
-        self._keys = keys
+        for public_key, count in self._kept.items():
+            if public_key in keys:  # a key revoked since has no state to add to
+                accepted[public_key] = accepted.get(public_key, 0) + count
+        self._kept = {}
         rejected = {key: tally for key, tally in self.rejected.items() if key in keys}
         if stats.forwarded_per_key is not None:  # --stats-per-key reports them too
             for public_key, count in accepted.items():

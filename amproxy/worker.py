@@ -189,6 +189,7 @@ class Worker:
             if isinstance(update, CertificateFiles):
                 self.tls.take(update)
             else:
+                self.devices.keep_counts(self.auth_file.db.keys)  # before they are dropped
                 self.auth_file.take(update)
         live = self.read_live_options()
         if live.get("generation", 0) != self._live_generation:

@@ -304,3 +304,26 @@ def test_the_newest_source_wins_whatever_worker_records_first(table):
     table.record(1, now, {}, {}, {}, {b"dev": ("203.0.113.9", False, now - 0.2)})
     table.record(0, now + 0.5, {}, {}, {}, {b"dev": ("198.51.100.4", False, now - 0.3)})
     assert table.read(b"dev").address == "203.0.113.9"
+
+
+def test_the_counts_of_key_maps_two_reloads_replaced_are_kept():
+    """A worker's key objects count accepted lines; two reloads within a second replace
+    two maps, and what each counted still reaches the table (and --stats-per-key)."""
+    import types
+    from amproxy.auth import AuthKey, KeyMap
+    from amproxy.outcomes import DeviceTally
+    recorded = []
+
+    class Table:
+        def record(self, worker, now, accepted, rejected, connected, came_from):
+            recorded.append(dict(accepted))
+
+    tally = DeviceTally(Table(), 0)
+    maps = [KeyMap({b"dev": AuthKey("dev", "s", ["m"])}) for _ in range(3)]
+    for count, keys in zip((1, 3, 2), maps):
+        keys[b"dev"].accepted += count
+    tally.keep_counts(maps[0])
+    tally.keep_counts(maps[1])
+    stats = types.SimpleNamespace(forwarded_per_key={})
+    tally.record(types.SimpleNamespace(connections={}, departed={}), stats, maps[2])
+    assert recorded == [{b"dev": 6}] and stats.forwarded_per_key == {b"dev": 6}
