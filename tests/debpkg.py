@@ -257,11 +257,20 @@ def remove_everything(package=None):
     if package_status():  # half-installed: force it out
         admin("dpkg", "--purge", "--force-remove-reinstreq", "--force-depends", "amproxy")
     _stop_seen(pids | (package.pids if package else set()))
-    for path in leftovers():
+    remove_paths(leftovers())
+    remove_amproxy_user()
+
+
+def remove_paths(paths):
+    """Remove what an install put down (a test's cleanup, on a host that had none of it)."""
+    for path in paths:
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.lexists(path):
             os.unlink(path)
+
+
+def remove_amproxy_user():
     if amproxy_user():
         admin("deluser", "--system", "--quiet", "amproxy")
     if admin("getent", "group", "amproxy").returncode == 0:

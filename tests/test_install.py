@@ -9,7 +9,6 @@ with no amproxy installed (it would never touch one).
 """
 import json
 import os
-import pwd
 import resource
 import shutil
 import socket
@@ -19,6 +18,7 @@ import time
 import pytest
 
 from conftest import AMPROXY, ROOT, free_port, wait_points
+from debpkg import amproxy_user, remove_amproxy_user, remove_paths
 
 DEBIAN_PYTHON = "/usr/bin/python3"
 INSTALLED = ["/usr/local/bin/amproxy", "/usr/local/lib/amproxy", "/etc/amproxy",
@@ -35,18 +35,11 @@ def _deps_missing():
                           capture_output=True).returncode != 0
 
 
-def _amproxy_user():
-    try:
-        return pwd.getpwnam("amproxy")
-    except KeyError:
-        return None
-
-
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="installs into / (needs root)"),
     pytest.mark.skipif(_deps_missing(), reason="needs Debian's python3 with python3-yaml, "
                        "python3-configargparse and python3-pythonjsonlogger"),
-    pytest.mark.skipif(any(os.path.lexists(p) for p in INSTALLED) or _amproxy_user(),
+    pytest.mark.skipif(any(os.path.lexists(p) for p in INSTALLED) or amproxy_user(),
                        reason="amproxy is installed on this host; the test never touches it"),
     pytest.mark.skipif(not shutil.which("start-stop-daemon"), reason="needs Debian's dpkg"),
 ]
@@ -79,14 +72,8 @@ def installed(tmp_path):
         if os.path.exists("/etc/init.d/amproxy"):
             as_admin("/etc/init.d/amproxy", "stop")
         as_admin("make", "-C", ROOT, "uninstall")
-        for path in INSTALLED:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.lexists(path):
-                os.unlink(path)
-        if _amproxy_user():
-            as_admin("deluser", "--system", "--quiet", "amproxy")
-            as_admin("delgroup", "--system", "--quiet", "amproxy")
+        remove_paths(INSTALLED)
+        remove_amproxy_user()
 
 
 def test_make_install_then_the_init_script_as_a_sysadmin_would(carbon, installed):
@@ -102,7 +89,7 @@ def test_make_install_then_the_init_script_as_a_sysadmin_would(carbon, installed
         assert f.readline().startswith("#!%s" % DEBIAN_PYTHON)
     with open("/etc/default/amproxy") as f:
         assert "DAEMON=/usr/local/bin/amproxy\n" in f.read()
-    assert _amproxy_user() is not None
+    assert amproxy_user() is not None
     # The operator points it at Carbon and a port, and adds a device.
     port = free_port()
     with open("/etc/amproxy/amproxy.conf") as f:
@@ -143,8 +130,8 @@ def test_make_install_then_the_init_script_as_a_sysadmin_would(carbon, installed
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["totals"]["linesForwarded"] >= 0
     log = os.stat("/var/log/amproxy/amproxy.log")
-    assert log.st_mode & 0o777 == 0o640 and log.st_uid == _amproxy_user().pw_uid
-    assert os.stat("/var/lib/amproxy/spool").st_uid == _amproxy_user().pw_uid
+    assert log.st_mode & 0o777 == 0o640 and log.st_uid == amproxy_user().pw_uid
+    assert os.stat("/var/lib/amproxy/spool").st_uid == amproxy_user().pw_uid
 
     stopped = as_admin("/etc/init.d/amproxy", "stop")
     assert stopped.returncode == 0, stopped.stderr
