@@ -32,7 +32,7 @@ from .auth import AuthKey, KeyMap, split_patterns, parse_auth_file, parse_rfc333
     read_auth_file, warn_if_world_readable
 from .authscan import GLOB_BYTES, Layout, block_regex, entry_block, scan
 from .errors import AuthFileError
-from .links import SIGNALS, Update
+from .links import Update, fork_plain_child
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Compilation:
                 path, e.strerror or e)) from None
         try:
             read_end, write_end = os.pipe()
-            self.pid = os.fork()
+            self.pid = fork_plain_child()
         except OSError as e:
             os.close(self.fd)
             raise AuthFileError("auth file %s could not be read: no process for it: %s" % (
@@ -227,9 +227,6 @@ def _compile_in_child(path, fd, read_end, write_end):
     status = 1
     try:
         os.close(read_end)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        for sig in SIGNALS:  # the master's handlers are not for this process
-            signal.signal(sig, signal.SIG_DFL)
         write_snapshot(path, fd)
         status = 0
     except AuthFileError as e:

@@ -11,6 +11,8 @@ import os
 import signal
 import time
 
+from .links import fork_plain_child
+
 log = logging.getLogger("amproxy.master")
 
 # The longest a child may take to answer, however slowly its client reads.
@@ -34,7 +36,7 @@ class DeviceQueries:
         """Fork a child that sends the answer to ``request`` (b"devices {filters}") on
         ``conn``; the master closes its copy and goes on."""
         try:
-            pid = os.fork()
+            pid = fork_plain_child()
         except OSError as e:
             log.error("cannot answer a devices query: %s", e.strerror or e)
             return
@@ -42,12 +44,10 @@ class DeviceQueries:
             return
         status = 1
         try:
-            # Nothing of the master's: not its port (a restart must be able to bind it),
-            # not its signal handlers; and never more than the deadline.
+            # Nothing of the master's: not its port (a restart must be able to bind it);
+            # and never more than the deadline.
             os.closerange(3, conn.fileno())
             os.closerange(conn.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
-                signal.signal(sig, signal.SIG_DFL)
             signal.alarm(ANSWER_DEADLINE)
             conn.settimeout(ANSWER_DEADLINE)
             conn.sendall(self.document(request, silent_after))

@@ -22,6 +22,7 @@ import time
 
 from . import daemon
 from .errors import AmproxyError
+from .links import fork_plain_child
 
 log = logging.getLogger("amproxy.master")
 
@@ -68,7 +69,7 @@ class Successor:
             return
         argv = command_line()
         report, theirs = os.pipe()
-        pid = os.fork()
+        pid = fork_plain_child()
         if pid == 0:
             _exec_with_sockets(argv, listeners, theirs)  # never returns
         os.close(theirs)
@@ -164,7 +165,6 @@ class Successor:
 def _exec_with_sockets(argv, listeners, report):
     """In the forked child: the listening sockets at 3, 4..., then exec; never returns."""
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         # Parked past 3..3+n first, so that moving one never overwrites another.
         first_free = daemon.SD_LISTEN_FDS_START + len(listeners)
         parked = [fcntl.fcntl(fd, fcntl.F_DUPFD, first_free)

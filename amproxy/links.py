@@ -26,6 +26,23 @@ SIGNALS = [getattr(signal, "SIG%s" % name) for name in
            "HUP QUIT INT TERM TTIN TTOU USR1 USR2 CHLD".split()]
 SIGNAL_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 
+
+def fork_plain_child():
+    """``os.fork()`` for a child that is not a worker: it starts with default handlers.
+
+    The signals stay blocked across the fork until then, so that one sent to the child
+    at once takes its default action instead of reaching the master's handler in the
+    child, where it would be lost (a stop sent to a new master before its exec was)."""
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+        return pid
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
 class SignalQueue:
     """Signals a process handles in its loop, not in the handler: the handler queues
     the signal (at most ``limit`` waiting) and wakes the loop through a pipe, which

@@ -1,13 +1,17 @@
 """Which inherited socket becomes which listener (an upgraded master's, systemd's),
 and how a master starts itself again."""
 import logging
+import os
+import signal
 import socket
 import sys
+import time
 
 import pytest
 
 from amproxy import handover
 from amproxy.errors import AmproxyError
+from amproxy.links import SIGNALS, SignalQueue, fork_plain_child
 from amproxy.listeners import open_listeners
 
 
@@ -115,3 +119,36 @@ def test_systemds_socket_on_every_address_is_refused_when_addr_names_one(sockets
                            [(everywhere, "amproxy.socket")])
     finally:
         everywhere.close()
+
+
+
+@pytest.fixture
+def master_handlers():
+    """This process with the master's signal handlers, as a master forks."""
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    SignalQueue(SIGNALS)
+    yield signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+def test_a_child_the_master_forks_starts_with_default_handlers_and_the_same_mask(
+        master_handlers):
+    pid = fork_plain_child()
+    if pid == 0:
+        os._exit(0 if all(signal.getsignal(sig) == signal.SIG_DFL for sig in SIGNALS)
+                 and signal.pthread_sigmask(signal.SIG_BLOCK, []) == master_handlers else 3)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == master_handlers
+
+
+def test_a_stop_sent_to_a_child_at_once_is_not_lost(master_handlers):
+    """A stop sent to a new master between its fork and its exec once reached the
+    master's handler in the child, which the exec then forgot: the stop was lost."""
+    for _ in range(20):
+        pid = fork_plain_child()
+        if pid == 0:
+            time.sleep(5)
+            os._exit(0)
+        os.kill(pid, signal.SIGTERM)
+        assert os.waitpid(pid, 0)[1] == signal.SIGTERM  # killed by it, at once
