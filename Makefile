@@ -45,6 +45,8 @@ bench: venv
 		--flood 30000 $(BENCH_ARGS)
 	$(BIN)/python bench/bench.py --fleet-only --storm 10000 --churn 20000 --tls-churn 2000 \
 		--workers 1 2 --repeats 3 $(BENCH_ARGS)
+	$(BIN)/python bench/bench.py --devices-only --devices 100000 --workers 2 --repeats 5 \
+		$(BENCH_ARGS)
 
 # make install: amproxy for the system's Python, the way a Debian sysadmin runs it.
 # The runtime dependencies come from Debian (see DEBIAN_PACKAGES); the package

@@ -258,11 +258,12 @@ def compile_snapshot(path, reason="start"):
 class KeyCache(KeyMap):
     """Public key -> AuthKey, built from the snapshot the first time a line names it."""
 
-    __slots__ = ("_find", "_dropped_counts")
+    __slots__ = ("_find", "_has", "_dropped_counts")
 
-    def __init__(self, find):
+    def __init__(self, find, has):
         super().__init__()
         self._find = find
+        self._has = has
         self._dropped_counts = {}  # what key objects dropped from the cache had counted
 
     def __missing__(self, public_key):
@@ -281,7 +282,9 @@ class KeyCache(KeyMap):
         return counts
 
     def __contains__(self, public_key):
-        return self[public_key] is not None
+        # A probe, not a key object: a worker's record asks of each connection's key,
+        # and 50,000 of them built and dropped the cache's keys every second.
+        return dict.__contains__(self, public_key) or self._has(public_key)
 
 
 class AuthSnapshot:
@@ -297,7 +300,7 @@ class AuthSnapshot:
         self.standard = index.header["standard"]  # read in place, not by YAML
         # The cache refers to the index and not to this object: dropping the
         # snapshot unmaps it at once, with no cycle left for the GC to find.
-        self.keys = KeyCache(index.find)
+        self.keys = KeyCache(index.find, index.has)
         self._index = index
 
     def __len__(self):
@@ -343,6 +346,14 @@ class SnapshotIndex:
 
     def find(self, public_key):
         """The :class:`AuthKey` of ``public_key``, built from its entry; None if absent."""
+        offset = self._entry(public_key)
+        return None if offset is None else self._key_at(offset)
+
+    def has(self, public_key):
+        return self._entry(public_key) is not None
+
+    def _entry(self, public_key):
+        """Where the key's entry starts in the text; None if it has none."""
         if not public_key:  # None: a line rejected before it named a key
             return None
         name = _escape(public_key) if self._escaped else public_key
@@ -355,7 +366,7 @@ class SnapshotIndex:
                 return None
             offset += self._text_at
             if self._map[offset + skip:offset + skip + len(line)] == line:
-                return self._key_at(offset)
+                return offset
             i = (i + 1) & self._mask
 
     def _key_at(self, offset):

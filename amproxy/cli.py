@@ -1,5 +1,7 @@
 """The ``amproxy`` command."""
 
+import codecs
+import contextlib
 import json
 import logging
 import os
@@ -188,20 +190,20 @@ def cmd_auth_file_check(argv):
 def cmd_stats(argv):
     options = config_parser("amproxy stats", "Print a running server's totals since it "
                             "started, as JSON.", [STATS_SOCKET, PIDFILE], argv).parse_args(argv)
-    answer = _ask_stats_socket(options, None, "stats")
+    answer = _read_totals(options)
     print(json.dumps(answer, indent=2, sort_keys=True))
     return 0
 
 
-def _ask_stats_socket(options, request, what):
-    """Send ``request`` (bytes, or None for the totals) to the running server's stats
-    socket and return its JSON answer.  The client shuts its side for writing after
-    the request, so that the server sees where the request ends."""
+@contextlib.contextmanager
+def _stats_socket(options, request, what):
+    """The running server's stats socket, ``request`` (bytes, or None) sent, then the
+    sending side shut, so that the server sees where the request ends.  An error of
+    the socket, in the ``with`` block too, is one sentence naming it."""
     path = stats_socket_path(options)
     if not path:
         raise AmproxyError("no stats socket: pass --stats-socket or --pidfile (or set them "
                            "in the config file)")
-    chunks = []
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
@@ -212,27 +214,27 @@ def _ask_stats_socket(options, request, what):
                 sock.shutdown(socket.SHUT_WR)
             except OSError:  # a server that answers without reading may have closed
                 pass
-            while True:
-                try:
-                    chunk = sock.recv(65536)
-                except ConnectionResetError:
-                    # Linux resets the reader when the server closes with the
-                    # request unread (a server from before requests): what it
-                    # sent before closing is all there is.
-                    if not chunks:
-                        raise
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
+            yield sock
     except OSError as e:
         raise AmproxyError("cannot read %s from %s: %s" % (what, path, e.strerror or e)) \
             from None
+
+
+def _read_totals(options):
+    """The server's totals, as JSON (``amproxy stats``)."""
+    chunks = []
+    with _stats_socket(options, None, "stats") as sock:
+        while True:
+            chunk = _receive(sock, chunks)
+            if not chunk:
+                break
+            chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
     except ValueError:
         raise AmproxyError("the server on %s did not answer with JSON (%d bytes): is it "
-                           "amproxy's stats socket?" % (path, sum(map(len, chunks)))) from None
+                           "amproxy's stats socket?" % (stats_socket_path(options),
+                                                        sum(map(len, chunks)))) from None
 
 
 def cmd_devices(argv):
@@ -258,23 +260,67 @@ def cmd_devices(argv):
     parser.add_argument("--format", choices=deviceview.FORMATS, default="table",
                         help="the output (default: table): table, aligned columns and a "
                         "summary line; json, the list of devices as one JSON document, "
-                        "one device a line, each with every field the server sent")
+                        "one device a line, each with every field of its state")
     args = parser.parse_args(argv)
-    answer = _ask_stats_socket(args, deviceview.filter_request(args.silent, args.rejected,
-                                                               args.key), "devices")
-    if not isinstance(answer, dict) or not isinstance(answer.get("devices"), list):
+    query = deviceview.Query(args.silent, args.rejected, args.key, args.sort, args.format)
+    path = stats_socket_path(args)
+    with _stats_socket(args, deviceview.request_line(query), "devices") as sock:
+        header = _devices_header(sock, path)
+        if args.key is not None and not header["devices"] and args.silent is None \
+                and not args.rejected:
+            raise AmproxyError("the server has no key %r (amproxy keys list shows the keys "
+                               "of its auth file)" % args.key)
+        _copy_to_stdout(sock, header.pop("rest"))
+    return 0
+
+
+def _receive(sock, received):
+    """What comes next; b"" at the end.  Linux resets the reader when the server
+    closes with the request unread (a server from before requests): then what it
+    sent before closing (``received``, a list of what came so far) is all there is."""
+    try:
+        return sock.recv(65536)
+    except ConnectionResetError:
+        if not any(received):
+            raise
+        return b""
+
+
+def _devices_header(sock, path):
+    """The answer's first line, as JSON (``rest``: what came after it in the read)."""
+    data = b""
+    while b"\n" not in data and len(data) < 65536:
+        chunk = _receive(sock, [data])
+        if not chunk:
+            break
+        data += chunk
+    line, _, rest = data.partition(b"\n")
+    try:
+        header = json.loads(line)
+    except ValueError:
+        header = None
+    if isinstance(header, dict) and header.get("error"):
+        raise AmproxyError("the server on %s says: %s" % (path, header["error"]))
+    if not isinstance(header, dict) or not isinstance(header.get("devices"), int):
         raise AmproxyError("the server on %s answered without a list of devices: it is an "
                            "amproxy from before 'amproxy devices' (upgrade and restart it)"
-                           % stats_socket_path(args))
-    if args.key is not None and not answer["devices"] and args.silent is None \
-            and not args.rejected:
-        raise AmproxyError("the server has no key %r (amproxy keys list shows the keys of "
-                           "its auth file)" % args.key)
-    now = answer.get("now")  # the server's clock, which set the times it sent
-    sys.stdout.write(deviceview.render(answer, time.time() if now is None else now,
-                                       order=args.sort, output=args.format,
-                                       silent_after=args.silent))
-    return 0
+                           % path)
+    header["rest"] = rest
+    return header
+
+
+def _copy_to_stdout(sock, data):
+    """What the server rendered, as it comes (a fleet's list is megabytes)."""
+    out = getattr(sys.stdout, "buffer", None)
+    decode = None if out is not None else codecs.getincrementaldecoder("utf-8")("replace").decode
+    while data:
+        if out is not None:
+            out.write(data)
+        else:
+            sys.stdout.write(decode(data))
+        data = sock.recv(1 << 20)
+    if out is not None:
+        out.flush()
 
 
 def cmd_route(argv):

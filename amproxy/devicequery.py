@@ -5,18 +5,23 @@ A query is answered in a child of the master, forked for it: a fleet's list is
 built and sent without holding up the master's loop.
 """
 
+import gc
 import json
 import logging
 import os
 import signal
 import time
 
+from .devices import DeviceState
+from .deviceview import parse_query, render
 from .links import fork_plain_child
 
 log = logging.getLogger("amproxy.master")
 
 # The longest a child may take to answer, however slowly its client reads.
 ANSWER_DEADLINE = 30
+# Children answering at once, at most: each holds a fleet's answer in memory.
+MAX_ANSWERING = 4
 
 
 class DeviceQueries:
@@ -24,6 +29,7 @@ class DeviceQueries:
         self.table = table  # devices.DeviceTable
         self.auth_file = auth_file  # its db: the keys there are now
         self.started = time.time()
+        self._answering = set()  # the children answering queries now
 
     def gauges(self, interval, silent_after):
         """devices.seen, devices.silent and devices.rejectedOnly, for an interval's end."""
@@ -33,14 +39,20 @@ class DeviceQueries:
                 "devices.rejectedOnly": rejected_only}
 
     def answer(self, conn, request, silent_after):
-        """Fork a child that sends the answer to ``request`` (b"devices {filters}") on
-        ``conn``; the master closes its copy and goes on."""
+        """Fork a child that sends the answer to ``request`` (b"devices {query}") on
+        ``conn``; the master closes its copy and goes on.  At most MAX_ANSWERING
+        children at once: past that the master answers that it is busy."""
+        if len(self._answering) >= MAX_ANSWERING:
+            _send_quietly(conn, _header(error="the server is answering %d devices queries "
+                                        "already; try again in a moment" % MAX_ANSWERING))
+            return
         try:
             pid = fork_plain_child()
         except OSError as e:
             log.error("cannot answer a devices query: %s", e.strerror or e)
             return
         if pid:
+            self._answering.add(pid)
             return
         status = 1
         try:
@@ -49,6 +61,7 @@ class DeviceQueries:
             os.closerange(3, conn.fileno())
             os.closerange(conn.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
             signal.alarm(ANSWER_DEADLINE)
+            gc.disable()  # a fleet's states are 100,000 objects; the child exits next
             conn.settimeout(ANSWER_DEADLINE)
             conn.sendall(self.document(request, silent_after))
             status = 0
@@ -57,57 +70,45 @@ class DeviceQueries:
         finally:
             os._exit(status)
 
+    def reaped(self, pid):
+        """The master reaped ``pid`` (any child of its)."""
+        self._answering.discard(pid)
+
     def document(self, request, silent_after):
-        """The JSON answer: the devices the filters select."""
+        """The header line, then the output the query asks for."""
         try:
-            filters = json.loads(request.partition(b" ")[2] or b"{}")
-        except ValueError:
-            filters = {}
+            query = parse_query(request.partition(b" ")[2].strip())
+        except (ValueError, TypeError) as e:
+            return _header(error="amproxy devices: %s" % e)
         now = time.time()
         db = self.auth_file.db
-        wanted = filters.get("key")
-        names = [wanted.encode()] if wanted and wanted.encode() in db.keys else \
-            [] if wanted else db.names()
+        if query.key is not None:
+            wanted = query.key.encode("utf-8", "surrogateescape")
+            names = [wanted] if wanted in db.keys else []
+        else:
+            names = db.names()
         devices = []
-        unseen = None if filters.get("rejected") else _NEVER_SEEN  # a never-seen key passes
-        for public_key in names:
-            state = self.table.read(public_key)
-            name = public_key.decode("utf-8", "replace")
+        for public_key, state in self.table.states(
+                names, None if query.silent is None else now - query.silent, query.rejected):
             if state is None:
-                if unseen is not None:  # the same entry but for the name: no dict, no dumps
-                    devices.append(unseen % _dumps(name))
-                continue
-            entry = state.as_json(name)
-            if not selected(entry, filters, now):
-                continue
-            # Only where the words need it: building a key from the file costs.
-            entry["previous_secret_expires"] = (db.get(public_key).previous_until or None) \
-                if entry["old_secret"] else None
-            devices.append(_dumps(entry))
-        return ('{"now":%s,"started":%s,"silent_after":%s,"devices":[%s]}' % (
-            _dumps(now), _dumps(self.started), _dumps(silent_after),
-            ",".join(devices))).encode()
+                state = DeviceState(public_key.decode("utf-8", "replace"),
+                                    tracked=self.table.tracked(public_key))
+            elif state.old_secret:  # the words need the rotation's end, from the file
+                state = state._replace(
+                    previous_secret_expires=db.get(public_key).previous_until or None)
+            devices.append(state)
+        return _header(now=now, started=self.started, silent_after=silent_after,
+                       devices=len(devices)) + render(
+            devices, query, now, self.started, silent_after).encode("utf-8", "replace")
 
 
-def _dumps(value):
-    return json.dumps(value, separators=(",", ":"))
+def _header(**fields):
+    return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
 
 
-# A key with no state (never seen since start, or since a reload dropped it), as JSON.
-_NEVER_SEEN = _dumps({
-    "key": "NAME", "accepted": 0, "last_accepted": None, "last_rejected": None,
-    "last_reason": None, "rejected_since": None, "rejected": {}, "skew": None,
-    "old_secret": False, "previous_secret_expires": None, "address": None, "listener": None,
-    "connected": False}).replace("%", "%%").replace('"NAME"', "%s", 1)
-
-
-def selected(entry, filters, now):
-    """Whether ``entry`` passes the filters: silent (nothing accepted for that long,
-    never seen included), rejected (its last line was rejected)."""
-    silent = filters.get("silent")
-    if silent is not None and entry["last_accepted"] is not None and \
-            now - entry["last_accepted"] < silent:
-        return False
-    if filters.get("rejected") and entry["rejected_since"] is None:
-        return False
-    return True
+def _send_quietly(conn, data):
+    try:
+        conn.settimeout(1)
+        conn.sendall(data)
+    except OSError:
+        pass

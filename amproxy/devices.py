@@ -47,6 +47,7 @@ import logging
 import math
 import mmap
 import os
+import socket
 import struct
 import time
 from typing import NamedTuple, Optional
@@ -112,17 +113,17 @@ def _packed_address(text):
     except ValueError:
         return None
     if address.version == 4:
-        return b"\0" * 10 + b"\xff\xff" + address.packed
+        return _IPV4_MAPPED + address.packed
     return address.packed
 
 
+_IPV4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
 def _address_text(packed):
-    address = ipaddress.IPv6Address(packed)
-    return str(address.ipv4_mapped or address)
-
-
-def _time(stored):
-    return float(stored) if stored else None
+    if packed[:12] == _IPV4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed)
 
 
 class Rejections:
@@ -159,31 +160,30 @@ class Rejections:
 
 
 class DeviceState(NamedTuple):
-    accepted: int
-    last_accepted: Optional[float]
-    last_rejected: Optional[float]
-    last_reason: Optional[str]
-    rejected_since: Optional[float]
-    rejected: dict
-    skew: Optional[int]
-    old_secret: bool
-    address: Optional[str]
-    listener: Optional[str]
-    connected: bool
-
-    def as_json(self, name):
-        return {"key": name, "accepted": self.accepted, "last_accepted": self.last_accepted,
-                "last_rejected": self.last_rejected, "last_reason": self.last_reason,
-                "rejected_since": self.rejected_since, "rejected": dict(self.rejected),
-                "skew": self.skew, "old_secret": self.old_secret, "address": self.address,
-                "listener": self.listener, "connected": self.connected}
+    """A key's state, as ``amproxy devices`` shows it (its fields are the JSON's, in order)."""
+    key: str  # the public key, as text
+    accepted: int = 0
+    last_accepted: Optional[float] = None
+    last_rejected: Optional[float] = None
+    last_reason: Optional[str] = None
+    rejected_since: Optional[float] = None
+    rejected: dict = {}  # reason -> lines; never changed in place
+    skew: Optional[int] = None
+    old_secret: bool = False
+    previous_secret_expires: Optional[float] = None  # from the auth file, not the table
+    address: Optional[str] = None
+    listener: Optional[str] = None
+    connected: bool = False
+    tracked: bool = True  # False: the table had no slot left for it (see "full")
 
 
 class SharedSlots:
     """Fixed-size slots in memory the workers share, found by a hash of the public key
     (linear probing), written under a lock that excludes the other workers."""
 
-    def __init__(self, expected_keys):
+    def __init__(self, expected_keys, known=()):
+        """Sized for ``expected_keys``; ``known``: keys to hash now (the master's, so that
+        a query's child, forked from it, hashes none)."""
         self.capacity = max(MIN_SLOTS, math.ceil(1.5 * expected_keys))
         self.size = self.capacity * SLOT_SIZE
         self.created = time.time()
@@ -203,10 +203,12 @@ class SharedSlots:
         self._u32 = self._bytes.cast("I")
         self._i32 = self._bytes.cast("i")
         # Per process (copied at fork, then each process's own).
-        self._hashes = {}  # public key -> hash
+        # Public key -> hash.
+        self._hashes = {public_key: _key_hash(public_key) for public_key in known}
         self._slots = {}  # public key -> slot it was found in
         self._marked = {}  # worker -> keys it marked connected at its last record
         self._addresses = {}  # address text -> packed (None: not an IP address)
+        self._address_texts = {}  # packed -> address text
         self._missed = {}  # public key -> when it last found the table full
 
     # -- slots
@@ -264,7 +266,9 @@ class SharedSlots:
         if self._full_logged_at is None or now - self._full_logged_at >= _FULL_LOG_INTERVAL:
             self._full_logged_at = now
             log.warning("the device table is full: keys without a slot are not tracked "
-                        "(their state is missing from device queries and self-metrics)",
+                        "(amproxy devices says which); it was sized for the auth file's "
+                        "keys at start: restart amproxy (or upgrade it in place, SIGUSR2) "
+                        "to size it for the keys added since",
                         extra={"slots": self.capacity, "misses": self.full_misses})
 
     # -- locking
@@ -498,24 +502,77 @@ class DeviceTable(SharedSlots):
 
     def read(self, public_key):
         """The key's :class:`DeviceState`, or None if not seen since start (or since forgotten)."""
-        slot = self._slot(public_key, False)
-        if slot is None:
-            return None
-        (found, accepted, last_accepted, since, last_rejected, skew, workers, reason,
-         listener, flags, address, *counts) = _SLOT.unpack_from(self._memory, slot * SLOT_SIZE)
-        if found != self._hash(public_key):
-            return None  # forgotten meanwhile
-        return DeviceState(
-            accepted=accepted, last_accepted=_time(last_accepted),
-            last_rejected=_time(last_rejected),
-            last_reason=REJECTION_REASONS[reason - 1] if reason else None,
-            rejected_since=_time(since),
-            rejected={r: n for r, n in zip(REJECTION_REASONS, counts) if n},
-            skew=skew if flags & _HAS_SKEW else None,
-            old_secret=bool(flags & _OLD_SECRET),
-            address=_address_text(address) if flags & _HAS_ADDRESS else None,
-            listener=_LISTENERS[listener] if listener < len(_LISTENERS) else None,
-            connected=workers != 0)
+        return next(self.states([public_key]))[1]
+
+    def states(self, public_keys, accepted_before=None, rejected_only=False):
+        """(public key, :class:`DeviceState` or None: never seen) for each key, in no
+        particular order.  Only keys with nothing accepted after ``accepted_before``
+        (epoch s; never-seen keys too), only those whose lines are all rejected since
+        their last acceptance (``rejected_only``): checked before a state is built.
+
+        The table is read a column at a time and walked in slot order: a fleet's query
+        costs one pass through memory, not a probe and an unpack a key."""
+        key_hashes = self._hashes
+        wanted = {key_hashes.get(public_key) or self._hash(public_key): public_key
+                  for public_key in public_keys}
+        u32, step = self._u32, _U32_PER_SLOT
+        columns = [self._q[::_Q_PER_SLOT].tolist(), self._Q[1::_Q_PER_SLOT].tolist()]
+        columns += [u32[column::step].tolist() for column in
+                    (_LAST_ACCEPTED, _REJECTED_SINCE, _LAST_REJECTED, _WORKERS)]
+        columns.append(self._i32[_SKEW_AT::step].tolist())
+        columns += [self._bytes[offset::SLOT_SIZE].tolist()
+                    for offset in (_REASON_OFFSET, _LISTENER_OFFSET, _FLAGS_OFFSET)]
+        columns.append(self._q[::_Q_PER_SLOT].tolist())  # a slot claimed meanwhile is skipped
+        for slot, (found, accepted, last_accepted, since, last_rejected, workers, skew, reason,
+                   listener, flag, still) in enumerate(zip(*columns)):
+            public_key = wanted.get(found)
+            if public_key is None or still != found:
+                continue
+            del wanted[found]
+            if rejected_only and not since or \
+                    accepted_before is not None and last_accepted > accepted_before:
+                continue
+            yield public_key, DeviceState(
+                public_key.decode("utf-8", "replace"), accepted,
+                float(last_accepted) if last_accepted else None,
+                float(last_rejected) if last_rejected else None,
+                REJECTION_REASONS[reason - 1] if reason else None,
+                float(since) if since else None,
+                self._counts(slot) if last_rejected else {},
+                skew if flag & _HAS_SKEW else None, bool(flag & _OLD_SECRET), None,
+                self._address(slot) if flag & _HAS_ADDRESS else None,
+                _LISTENERS[listener] if listener < len(_LISTENERS) else None, workers != 0)
+        if not rejected_only:  # never seen (or forgotten, or claimed again during this read)
+            for public_key in wanted.values():
+                yield public_key, None
+
+    def _counts(self, slot):
+        base = slot * _U32_PER_SLOT + _COUNTS
+        return {reason: lines for reason, lines in
+                zip(REJECTION_REASONS, self._u32[base:base + len(REJECTION_REASONS)]) if lines}
+
+    def _address(self, slot):
+        offset = slot * SLOT_SIZE + _ADDRESS_OFFSET
+        packed = self._memory[offset:offset + 16]
+        texts = self._address_texts
+        text = texts.get(packed)
+        if text is None:
+            if len(texts) > 100000:
+                texts.clear()
+            text = texts[packed] = _address_text(packed)
+        return text
+
+    def tracked(self, public_key):
+        """Whether the key has a slot or would find one: False when the table is full
+        for it (a reload added more keys than it was sized for)."""
+        wanted = self._hash(public_key)
+        start = wanted % self.capacity
+        q = self._q
+        for probe in range(_PROBES):
+            found = q[(start + probe) % self.capacity * _Q_PER_SLOT]
+            if found == 0 or found == _TOMBSTONE or found == wanted:
+                return True
+        return False
 
     def summary(self, public_keys, now, interval, silent_after):
         """(seen, silent, rejected_only), scanning the table once.

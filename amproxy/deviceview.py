@@ -1,37 +1,76 @@
 """``amproxy devices``: which devices are silent, and why, in words an operator acts on.
 
-The running server answers through its stats socket: the client sends one line,
-``devices <JSON filter>``, and reads a JSON document until the server closes
-(:func:`filter_request` makes the line; the reply is described in
-:func:`render_table`).  The server applies the filter; everything here sorts
-and renders what it sent, and takes ``now`` instead of reading the clock, so
-that it is tested without a server.
+The client sends one line on the stats socket, ``devices <JSON query>``
+(:func:`request_line`; the server reads it with :func:`parse_query`).  A child of
+the server's master answers with a header line (JSON: ``now``, ``started``,
+``silent_after`` and ``devices``, how many follow; or ``error``, one sentence)
+and then the output itself, which :func:`render` makes there: the client copies
+it, so a fleet's list costs one pass over the table and no decoding.  Everything
+here takes ``now`` instead of reading the clock, so that it is tested without a
+server.
 """
 
 import datetime
 import functools
 import json
+import operator
+from typing import NamedTuple, Optional
 
+from .devices import DeviceState
 from .protocol import (BAD_METRIC, BAD_SIGNATURE, BAD_VALUE, LINE_TOO_LONG, MALFORMED,
                        METRIC_NOT_ALLOWED, RATE_LIMITED, REPLAYED, SKEW)
 
 SORTS = ("key", "last-accepted", "last-rejected", "rejected")
 FORMATS = ("table", "json")
-DEFAULT_SILENT_AFTER = 3600  # when the reply does not say
 HEADINGS = ("KEY", "LAST ACCEPTED", "ACCEPTED", "CONNECTED", "WHY")
 
 _MALFORMED_REASONS = (BAD_METRIC, BAD_VALUE, MALFORMED, LINE_TOO_LONG)
 
 
-def filter_request(silent=None, rejected=False, key=None):
-    """The request line for the devices that match the filter: ``silent`` seconds
-    with nothing accepted (never-seen keys included), ``rejected`` (the last line
-    was rejected), ``key`` (that key only); None and False filter nothing."""
-    if silent is not None and float(silent).is_integer():
-        silent = int(silent)
-    body = json.dumps({"silent": silent, "rejected": bool(rejected), "key": key},
-                      sort_keys=True, separators=(",", ":"))
-    return b"devices " + body.encode() + b"\n"
+class Query(NamedTuple):
+    """What ``amproxy devices`` asks for: ``silent`` seconds with nothing accepted
+    (never-seen keys included; it is also the summary's window), ``rejected`` (the
+    last line was rejected), ``key`` (that key only); None and False filter nothing."""
+    silent: Optional[float] = None
+    rejected: bool = False
+    key: Optional[str] = None
+    sort: str = "key"
+    output: str = "table"
+
+
+def request_line(query):
+    """The line the client sends for ``query``: one line, whatever the key."""
+    fields = query._asdict()
+    if query.silent is not None and float(query.silent).is_integer():
+        fields["silent"] = int(query.silent)
+    return b"devices " + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode() \
+        + b"\n"
+
+
+def parse_query(body):
+    """The :class:`Query` of a request's JSON (bytes); ValueError, saying why, for one
+    that does not parse or asks for what amproxy does not know."""
+    try:
+        fields = json.loads(body or b"{}")
+    except ValueError:
+        raise ValueError("the request is not JSON") from None
+    if not isinstance(fields, dict) or not set(fields) <= set(Query._fields):
+        raise ValueError("the request must be an object with only the fields %s"
+                         % ", ".join(Query._fields))
+    query = Query(**fields)
+    silent, key = query.silent, query.key
+    if silent is not None and (isinstance(silent, bool) or not isinstance(silent, (int, float))
+                               or not 0 <= silent < float("inf")):
+        raise ValueError("silent must be seconds (a number, 0 or more)")
+    if not isinstance(query.rejected, bool):
+        raise ValueError("rejected must be true or false")
+    if key is not None and not isinstance(key, str):
+        raise ValueError("key must be a string")
+    if query.sort not in SORTS:
+        raise ValueError("sort must be one of %s" % ", ".join(SORTS))
+    if query.output not in FORMATS:
+        raise ValueError("output must be one of %s" % ", ".join(FORMATS))
+    return query
 
 
 def format_age(seconds, exact=False):
@@ -66,42 +105,44 @@ def _format_minute(minute):
 
 
 def total_rejected(device):
-    return sum((device.get("rejected") or {}).values())
+    return sum(device.rejected.values())
 
 
 def silent_for(device, now):
     """Seconds since the device's last accepted line; None if it never had one."""
-    last = device.get("last_accepted")
+    last = device.last_accepted
     return None if last is None else now - last
 
 
 def why(device, now, started, silent_after):
     """What is wrong with the device, in words that say what to do; "" when fine."""
-    since = device.get("rejected_since")
+    since = device.rejected_since
     if since is not None:
-        return _why_rejected(device, device.get("last_reason"), " since " + format_time(since))
+        return _why_rejected(device, device.last_reason, " since " + format_time(since))
     silent = silent_for(device, now)
     if silent is None:
-        if device.get("last_rejected") is None:
-            return "never seen since amproxy started %s ago" % format_age(now - started) \
-                if started is not None else "never seen since amproxy started"
+        if not device.tracked:
+            return ("not tracked: the device table is full (keys added since amproxy "
+                    "started); restart amproxy to size it for the auth file")
+        if device.last_rejected is None:
+            return "never seen since amproxy started %s ago" % format_age(now - started)
         return ""
     if silent >= silent_after:
         return "silent for %s; %s" % (format_age(silent), "connected but sending nothing"
-                                      if device.get("connected") else "not connected")
+                                      if device.connected else "not connected")
     return ""
 
 
 def _why_rejected(device, reason, since):
     if reason == SKEW:
-        skew = device.get("skew")
+        skew = device.skew
         if skew is None:
             return "clock too far off" + since
         return "clock %s %s%s" % (format_age(abs(skew)), "ahead" if skew >= 0 else "behind",
                                   since)
     if reason == BAD_SIGNATURE:
-        if device.get("old_secret"):
-            expires = device.get("previous_secret_expires")
+        if device.old_secret:
+            expires = device.previous_secret_expires
             return ("signs with its previous secret, which expired%s: give the device its "
                     "new secret (amproxy keys list shows the key's rotation)" % (
                         " " + format_time(expires) if expires is not None else ""))
@@ -120,15 +161,18 @@ def _why_rejected(device, reason, since):
 
 def connected_text(device):
     """yes from 203.0.113.7 (tls), no; last from 203.0.113.7 (plain), no."""
-    address, listener = device.get("address"), device.get("listener")
+    address, listener = device.address, device.listener
     where = ""
     if address:
         where = "from %s" % address
     if listener:
         where = "%s (%s)" % (where, listener) if where else "(%s)" % listener
-    if device.get("connected"):
+    if device.connected:
         return "yes " + where if where else "yes"
     return "no; last " + where if address else "no"
+
+
+_KEY = operator.attrgetter("key")
 
 
 def sort_devices(devices, order="key"):
@@ -140,21 +184,16 @@ def sort_devices(devices, order="key"):
     rejected: the most rejected lines first.
     """
     if order == "key":
-        return sorted(devices, key=lambda d: d["key"])
+        return sorted(devices, key=_KEY)
     if order == "last-accepted":
-        return sorted(devices, key=lambda d: (d.get("last_accepted") is not None,
-                                              d.get("last_accepted") or 0, d["key"]))
+        return sorted(devices, key=lambda d: (d.last_accepted is not None,
+                                              d.last_accepted or 0, d.key))
     if order == "last-rejected":
-        return sorted(devices, key=lambda d: (d.get("last_rejected") is None,
-                                              -(d.get("last_rejected") or 0), d["key"]))
+        return sorted(devices, key=lambda d: (d.last_rejected is None,
+                                              -(d.last_rejected or 0), d.key))
     if order == "rejected":
-        return sorted(devices, key=lambda d: (-total_rejected(d), d["key"]))
+        return sorted(devices, key=lambda d: (-total_rejected(d), d.key))
     raise ValueError("%r is not one of %s" % (order, ", ".join(SORTS)))
-
-
-def last_accepted_text(device, now):
-    silent = silent_for(device, now)
-    return "never" if silent is None else format_age(silent) + " ago"
 
 
 def summary(devices, now, silent_after):
@@ -166,7 +205,7 @@ def summary(devices, now, silent_after):
         silent = silent_for(device, now)
         if silent is not None and silent < silent_after:
             accepted += 1
-        elif device.get("rejected_since") is not None:
+        elif device.rejected_since is not None:
             rejected += 1
     count = len(devices)
     return "%d device%s: %d accepted within %s, %d silent, %d rejected only" % (
@@ -174,50 +213,81 @@ def summary(devices, now, silent_after):
         count - accepted - rejected, rejected)
 
 
-def _silent_after(reply, silent_after):
-    if silent_after is not None:
-        return silent_after
-    value = reply.get("silent_after")
-    return DEFAULT_SILENT_AFTER if value is None else value
-
-
-def render_table(reply, now, order="key", silent_after=None):
-    """The reply as aligned lines (KEY, LAST ACCEPTED, ACCEPTED, CONNECTED, WHY) and a
-    summary, as one string.
-
-    ``reply`` is the server's document: ``now``, ``started`` (epoch seconds),
-    ``silent_after`` (seconds; ``silent_after`` given here wins), and ``devices``,
-    each with ``key``, ``accepted``, ``last_accepted``, ``last_rejected``,
-    ``last_reason``, ``rejected_since``, ``rejected``, ``skew``, ``old_secret``,
-    ``previous_secret_expires``, ``address``, ``listener`` and ``connected``.
-    """
-    window = _silent_after(reply, silent_after)
-    started = reply.get("started")
-    devices = sort_devices(reply.get("devices") or [], order)
+def render_table(devices, now, started, silent_after, order="key"):
+    """The devices (:class:`amproxy.devices.DeviceState`) as aligned lines (KEY, LAST
+    ACCEPTED, ACCEPTED, CONNECTED, WHY) and a summary over ``silent_after`` s."""
+    devices = sort_devices(devices, order)
     rows = [HEADINGS]
-    rows.extend((d["key"], last_accepted_text(d, now), str(d.get("accepted") or 0),
-                 connected_text(d), why(d, now, started, window)) for d in devices)
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    rows.extend(_rows(devices, now, started, silent_after))
+    widths = [max(map(len, column)) for column in list(zip(*rows))[:4]]
     key_w, last_w, count_w, conn_w = widths
     lines = [("%-*s  %-*s  %*s  %-*s  %s" % (key_w, key, last_w, last, count_w, count,
                                             conn_w, conn, reason)).rstrip()
              for key, last, count, conn, reason in rows]
-    lines.append(summary(devices, now, window))
+    lines.append(summary(devices, now, silent_after))
     return "\n".join(lines) + "\n"
 
 
-def render_json(reply, order="key"):
-    """The devices of the reply, sorted, as one JSON document: a list, one device a
-    line (grep finds a key's line; the compact encoder is fast for a big fleet)."""
-    devices = sort_devices(reply.get("devices") or [], order)
+def _rows(devices, now, started, silent_after):
+    """The table's rows; a fleet's are 100,000, so the usual ones are made quickly."""
+    for d in devices:
+        last = d.last_accepted
+        if last is None:
+            last_text = "never"
+        else:
+            last_text = _ago(int(now - last))
+            if d.rejected_since is None and now - last < silent_after:  # fine: no words
+                yield d.key, last_text, str(d.accepted), connected_text(d), ""
+                continue
+        yield d.key, last_text, str(d.accepted), connected_text(d), why(d, now, started,
+                                                                        silent_after)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _ago(seconds):
+    return format_age(seconds) + " ago"
+
+
+def render_json(devices, order="key"):
+    """The devices, sorted, as one JSON document: a list, one device a line (grep
+    finds a key's line), each an object with every field of the state, as
+    ``json.dumps(device._asdict())`` writes it (a dict and an encoder a device cost
+    twice as much)."""
+    devices = sort_devices(devices, order)
     if not devices:
         return "[]\n"
-    encode = json.JSONEncoder().encode  # the fields in the order the server sent them
-    return "[\n" + ",\n".join(map(encode, devices)) + "\n]\n"
+    return "[\n" + ",\n".join(map(_device_json, devices)) + "\n]\n"
 
 
-def render(reply, now=None, order="key", output="table", silent_after=None):
-    """The command's output for ``reply``; ``now`` defaults to the reply's."""
-    if output == "json":
-        return render_json(reply, order)
-    return render_table(reply, reply["now"] if now is None else now, order, silent_after)
+_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str
+
+
+def _device_json(d):
+    return _DEVICE_JSON % (
+        _string(d.key), d.accepted, _number(d.last_accepted), _number(d.last_rejected),
+        _text(d.last_reason), _number(d.rejected_since),
+        json.dumps(d.rejected) if d.rejected else "{}", _number(d.skew),
+        "true" if d.old_secret else "false", _number(d.previous_secret_expires),
+        _text(d.address), _text(d.listener), "true" if d.connected else "false",
+        "true" if d.tracked else "false")
+
+
+def _number(value):
+    return "null" if value is None else repr(value)
+
+
+def _text(value):
+    return "null" if value is None else _string(value)
+
+
+_DEVICE_JSON = "{%s}" % ", ".join('"%s": %s' % (field, "%d" if field == "accepted" else "%s")
+                                  for field in DeviceState._fields)
+
+
+def render(devices, query, now, started, silent_after):
+    """The command's output for the devices the query selected; the summary's window
+    is the query's ``silent`` if it has one, else ``silent_after``."""
+    if query.output == "json":
+        return render_json(devices, query.sort)
+    window = query.silent if query.silent is not None else silent_after
+    return render_table(devices, now, started, window, query.sort)

@@ -126,7 +126,7 @@ class Master:
         self.auth_file = AuthFile(options.auth_file)
         db = self.auth_file.load()
         # What each key's lines became, shared by the workers; a revoked key's is dropped.
-        self.device_table = DeviceTable(len(db))
+        self.device_table = DeviceTable(len(db), db.names())
         self.auth_reloads = AuthReloads(self.auth_file, self._channels, lambda new: (
             self.device_table.forget_except(new.names())))
         self.listeners = open_listeners(options.addr, options.tls_addr,

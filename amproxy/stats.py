@@ -420,7 +420,10 @@ class StatsService:
             self.collector.flush(workers, int(time.time()), extra)
 
     def forget_worker(self, pid):
+        """The master reaped ``pid``: a worker, or a child answering a devices query."""
         self.collector.forget_worker(pid)
+        if self.devices is not None:
+            self.devices.reaped(pid)
 
     def close_in_worker(self):
         """In a forked worker: keep only the worker's ends of the channels."""

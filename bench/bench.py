@@ -38,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tools"))
 
 import fleet  # noqa: E402  (tools/fleet.py: the load of a fleet's connection shapes)
+import devices_shape  # noqa: E402  (bench/devices_shape.py: --devices)
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -813,6 +814,20 @@ def summarize(runs):
     return summary
 
 
+def _only(shape):
+    """Run one shape on its own sink; print its result."""
+    directory = tempfile.mkdtemp(prefix="amproxy-bench-")
+    sink = Sink()
+    try:
+        result = shape(sink, directory)
+        print(json.dumps(result), flush=True)
+        for field, value in result.items():
+            print("| %s | %s |" % (field, value), file=sys.stderr)
+        return 0
+    finally:
+        sink.stop()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=1000000)
@@ -859,8 +874,15 @@ def main():
     parser.add_argument("--before", metavar="PATH",
                         help="also run against the amproxy package in PATH (a checkout of "
                         "another commit), as amproxy-before, with the last --workers")
+    parser.add_argument("--devices", type=int, default=0, metavar="N",
+                        help="also time amproxy devices (a table, JSON, filters, a sort) "
+                        "for N keys, most seen, some rejected, some never seen")
+    parser.add_argument("--devices-only", action="store_true",
+                        help="run only --devices")
     parser.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args()
+    if args.devices_only:
+        return _only(lambda sink, directory: devices_shape.devices_shape(args, sink, directory))
     if args.fleet_only:
         directory = tempfile.mkdtemp(prefix="amproxy-bench-")
         sink = Sink()
@@ -938,6 +960,8 @@ def main():
             extra["routing_us_per_line"] = routing_cost()
         if args.flood:
             extra.update(flood_fairness(args, sink, directory))
+        if args.devices:
+            extra.update(devices_shape.devices_shape(args, sink, directory))
         if args.tls:
             extra["tls_handshakes_per_s_one_worker"] = tls_handshakes_per_second(
                 sink, auth_file, tls_cert, tls_key, tls)

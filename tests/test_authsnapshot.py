@@ -371,10 +371,26 @@ def test_the_key_cache_keeps_the_counts_of_the_key_objects_it_drops(monkeypatch)
     from amproxy import authsnapshot
     from amproxy.auth import AuthKey
     monkeypatch.setattr(authsnapshot, "MAX_CACHED_KEYS", 2)
-    cache = authsnapshot.KeyCache(lambda public_key: AuthKey(public_key.decode(), "s", ["m"]))
+    cache = authsnapshot.KeyCache(lambda public_key: AuthKey(public_key.decode(), "s", ["m"]),
+                                  lambda public_key: True)
     cache[b"a"].accepted += 3
     cache[b"b"].accepted += 1
     cache[b"c"].accepted += 2  # a full cache: a and b are dropped
     cache[b"a"].accepted += 1
     assert cache.take_counts() == {b"a": 4, b"b": 1, b"c": 2}
     assert cache.take_counts() == {}
+
+
+def test_asking_whether_a_key_exists_builds_no_key_object(tmp_path, monkeypatch):
+    """A worker's record asks of each connection's key once a second: with more
+    connections than the cache holds, building keys for it emptied the cache."""
+    from amproxy import authsnapshot
+    monkeypatch.setattr(authsnapshot, "MAX_CACHED_KEYS", 2)
+    snapshot = snapshot_of(b"apikeys:\n" + b"".join(
+        b"  k%d:\n    secret_key: s%d\n    metrics:\n      - m.%d\n" % (i, i, i)
+        for i in range(5)), tmp_path)
+    keys = snapshot.keys
+    keys[b"k0"].accepted += 1  # a line's key, cached
+    assert all(b"k%d" % i in keys for i in range(5)) and b"k9" not in keys
+    assert b"k0" in keys and list(keys) == [b"k0"]  # no key built, none dropped
+    assert keys.take_counts() == {b"k0": 1}

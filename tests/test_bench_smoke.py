@@ -56,3 +56,16 @@ def test_fleet_shapes_smoke_run():
     assert tls["tls13_resumed_resumed"] >= 40 - 8 and tls["tls12_resumed_resumed"] >= 40 - 8
     assert tls["tls13_full_resumed"] == tls["tls12_full_resumed"] == 0
     assert "| storm | amproxy | 2 |" in result.stderr
+
+
+def test_device_view_smoke_run():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--devices-only",
+         "--devices", "500", "--repeats", "1", "--workers", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["devices_keys"] == 500
+    for query in ("table", "json", "silent_1h", "rejected", "one_key",
+                  "sorted_last_accepted", "table_server"):
+        assert summary["devices_%s_s" % query] > 0

@@ -69,11 +69,11 @@ def test_a_keys_state_round_trips(table):
     assert state.old_secret is False
     assert state.address == "192.0.2.7" and state.listener == "tls"
     assert state.connected is False  # the second record did not list it
-    assert state.as_json("dev-name") == {
-        "key": "dev-name", "accepted": 7, "last_accepted": T0, "last_rejected": T0 + 1,
+    assert state._asdict() == {
+        "key": "dev", "accepted": 7, "last_accepted": T0, "last_rejected": T0 + 1,
         "last_reason": "skew", "rejected_since": T0, "rejected": {"malformed": 1, "skew": 1},
-        "skew": 42, "old_secret": False, "address": "192.0.2.7", "listener": "tls",
-        "connected": False}
+        "skew": 42, "old_secret": False, "previous_secret_expires": None,
+        "address": "192.0.2.7", "listener": "tls", "connected": False, "tracked": True}
     assert table.read(b"never") is None
 
 
@@ -278,6 +278,9 @@ def test_a_full_table_counts_misses_and_warns_once_a_minute(caplog):
             assert len(warnings) == 2
         tracked = sum(table.read(k) is not None for k in keys)
         assert tracked == 1100 - misses
+        # What a query says of a key without a slot: not tracked, not "never seen".
+        assert [k for k in keys if not table.tracked(k)] == \
+            [k for k in keys if table.read(k) is None]
     finally:
         table.close()
 
@@ -327,3 +330,30 @@ def test_the_counts_of_key_maps_two_reloads_replaced_are_kept():
     stats = types.SimpleNamespace(forwarded_per_key={})
     tally.record(types.SimpleNamespace(connections={}, departed={}), stats, maps[2])
     assert recorded == [{b"dev": 6}] and stats.forwarded_per_key == {b"dev": 6}
+
+
+def test_states_reads_every_key_once_and_filters_before_building(table):
+    table.record(0, T0, {b"fine": 1, b"quiet": 1}, {}, {})
+    table.record(0, T0 + 100, {b"fine": 1}, {b"stuck": tally((SKEW, T0 + 100, 9))}, {})
+    keys = [b"fine", b"quiet", b"stuck", b"never"]
+
+    def states(**filters):
+        return {k: (s and (s.key, s.accepted, s.rejected_since))
+                for k, s in table.states(keys, **filters)}
+
+    assert states() == {b"fine": ("fine", 2, None), b"quiet": ("quiet", 1, None),
+                        b"stuck": ("stuck", 0, T0 + 100), b"never": None}
+    # Nothing accepted after T0 + 50: the quiet, the stuck, the never seen.
+    assert set(states(accepted_before=T0 + 50)) == {b"quiet", b"stuck", b"never"}
+    assert set(states(accepted_before=T0)) == {b"quiet", b"stuck", b"never"}  # at T0: in
+    assert set(states(rejected_only=True)) == {b"stuck"}
+    assert states(accepted_before=T0 + 200, rejected_only=True) == {
+        b"stuck": ("stuck", 0, T0 + 100)}
+    assert dict(table.states([b"fine", b"fine"])).keys() == {b"fine"}
+
+
+def test_a_forgotten_key_reads_as_never_seen(table):
+    table.record(0, T0, {b"kept": 1, b"revoked": 1}, {}, {})
+    table.forget_except([b"kept"])
+    assert dict(table.states([b"kept", b"revoked"]))[b"revoked"] is None
+    assert table.read(b"kept").accepted == 1

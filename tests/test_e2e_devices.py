@@ -3,6 +3,7 @@ drifted clock, the old secret after a rotation's grace, a key never seen, one th
 moved behind the PROXY protocol; each shown by `amproxy devices` as it is, across
 a reload, and counted in the devices.* self-metrics."""
 import json
+import socket
 import subprocess
 import time
 
@@ -118,3 +119,17 @@ def test_drifted_rotated_never_seen_and_moved_devices_show_why(carbon, tmp_path,
              what="devices.rejectedOnly")
     assert 0.0 in metric("seen").values()
     assert set(metric("silent").values()) == {0.0}
+
+    # Its state went with it: given back, the key is a device never seen.
+    auth.write_text(auth_text(KEYS))
+    proxy.wait_log(r"auth file reloaded.* keys=6", count=2)
+    back = wait_for(lambda: devices(proxy).get("revoked"), 10, interval=0.2,
+                    what="the key given back")
+    assert back["accepted"] == 0 and back["last_accepted"] is None and back["address"] is None
+    # A request amproxy devices would not send is refused in a sentence, not answered.
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(stats_socket)
+        raw.sendall(b'devices {"silent": "an hour"}\n')
+        raw.shutdown(socket.SHUT_WR)
+        assert json.loads(raw.makefile("rb").read()) == {
+            "error": "amproxy devices: silent must be seconds (a number, 0 or more)"}

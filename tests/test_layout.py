@@ -18,13 +18,14 @@ FLOORS = [
     # senders and their backlog, the listeners, the links to the master, and the
     # client connections.
     ("parts", ["logs", "tls", "config", "links", "daemon", "balance", "ratelimit", "devices",
-               "buffer", "deadletter", "auth", "authscan", "authsnapshot", "devicequery", "stats",
+               "buffer", "deadletter", "auth", "authscan", "authsnapshot", "deviceview",
+               "devicequery", "stats",
                "carbon",
                "destinations", "listeners", "connections", "clients", "outcomes"]),
     ("worker", ["worker", "pool"]),
     ("master", ["handover", "master"]),
-    # Commands: the device client, the key tool, the devices view, the command line.
-    ("commands", ["client", "keytool", "deviceview", "cli", "__main__"]),
+    # Commands: the device client, the key tool, the command line.
+    ("commands", ["client", "keytool", "cli", "__main__"]),
 ]
 PACKAGE_DIR = os.path.dirname(amproxy.__file__)
 PLACE = {module: (floor, index) for floor, (_, modules) in enumerate(FLOORS)
