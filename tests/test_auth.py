@@ -368,3 +368,22 @@ def test_the_alias_bound_counts_bytes_and_deep_nesting_is_one_sentence(tmp_path)
     for load in (load_auth_file, keytool.check):
         with pytest.raises(AuthFileError, match="nests lists or mappings hundreds deep"):
             load(deep)
+
+
+def test_the_hot_paths_keys_have_no_getattr_hook(tmp_path):
+    """With a __getattr__ on the class, CPython does not specialize filter_lines'
+    attribute reads: 6% more instructions a line (callgrind)."""
+    from amproxy.auth import AuthKey, LazyAuthKey
+    from amproxy.authsnapshot import AuthSnapshot, write_snapshot
+    assert not any("__getattr__" in vars(cls) for cls in AuthKey.__mro__)
+    path = tmp_path / "auth.yaml"
+    path.write_text("apikeys:\n  k:\n    secret_key: s\n    metrics:\n      - a.b\n")
+    fd = os.memfd_create("test")
+    try:
+        write_snapshot(str(path), fd)
+        snapshot = AuthSnapshot(fd)
+    finally:
+        os.close(fd)
+    assert type(snapshot.keys[b"k"]) is AuthKey  # what the workers check lines with
+    lazy = LazyAuthKey("k", "s", ["a.b", "bad name"])
+    assert lazy.metrics == AuthKey("k", "s", ["a.b", "bad name"]).metrics == {b"a.b"}
