@@ -32,7 +32,7 @@ from .auth import AuthKey, KeyMap, split_patterns, parse_auth_file, parse_rfc333
     read_auth_file, warn_if_world_readable
 from .authscan import GLOB_BYTES, Layout, block_regex, entry_block, scan
 from .errors import AuthFileError
-from .links import Update, fork_plain_child
+from .links import NOT_FOR_A_CHILD, Update, fork_plain_child
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Compilation:
                 path, e.strerror or e)) from None
         try:
             read_end, write_end = os.pipe()
-            self.pid = fork_plain_child()
+            self.pid = fork_plain_child(ignore=NOT_FOR_A_CHILD)
         except OSError as e:
             os.close(self.fd)
             raise AuthFileError("auth file %s could not be read: no process for it: %s" % (

@@ -1,6 +1,5 @@
 """The ``amproxy`` command."""
 
-import codecs
 import contextlib
 import json
 import logging
@@ -266,12 +265,43 @@ def cmd_devices(argv):
     path = stats_socket_path(args)
     with _stats_socket(args, deviceview.request_line(query), "devices") as sock:
         header = _devices_header(sock, path)
-        if args.key is not None and not header["devices"] and args.silent is None \
-                and not args.rejected:
-            raise AmproxyError("the server has no key %r (amproxy keys list shows the keys "
-                               "of its auth file)" % args.key)
-        _copy_to_stdout(sock, header.pop("rest"))
+        # All of it before any is written: whoever reads our output must not hold up
+        # the server (which gives up after a while) nor get a cut answer.
+        body = _read_to_end(sock, header.pop("rest"))
+    if len(body) != header.get("bytes", len(body)):
+        raise AmproxyError("the answer from %s ended early (%d of %d bytes); try again"
+                           % (path, len(body), header["bytes"]))
+    if args.key is not None and not header["devices"] and args.silent is None \
+            and not args.rejected:
+        raise AmproxyError("the server has no key %r (amproxy keys list shows the keys "
+                           "of its auth file)" % args.key)
+    _write_out(body)
     return 0
+
+
+def _read_to_end(sock, data):
+    chunks = [data]
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _write_out(body):
+    """The answer to stdout; a reader that went away (| head) ends it quietly."""
+    try:
+        out = getattr(sys.stdout, "buffer", None)
+        if out is None:
+            sys.stdout.write(body.decode("utf-8", "replace"))
+        else:
+            out.write(body)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would say so again at exit, flushing: point stdout at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as e:
+        raise AmproxyError("cannot write the devices out: %s" % (e.strerror or e)) from None
 
 
 def _receive(sock, received):
@@ -295,6 +325,8 @@ def _devices_header(sock, path):
             break
         data += chunk
     line, _, rest = data.partition(b"\n")
+    if not data:
+        raise AmproxyError("the server on %s sent no answer (its log may say why)" % path)
     try:
         header = json.loads(line)
     except ValueError:
@@ -307,20 +339,6 @@ def _devices_header(sock, path):
                            % path)
     header["rest"] = rest
     return header
-
-
-def _copy_to_stdout(sock, data):
-    """What the server rendered, as it comes (a fleet's list is megabytes)."""
-    out = getattr(sys.stdout, "buffer", None)
-    decode = None if out is not None else codecs.getincrementaldecoder("utf-8")("replace").decode
-    while data:
-        if out is not None:
-            out.write(data)
-        else:
-            sys.stdout.write(decode(data))
-        data = sock.recv(1 << 20)
-    if out is not None:
-        out.flush()
 
 
 def cmd_route(argv):

@@ -14,12 +14,14 @@ import time
 
 from .devices import DeviceState
 from .deviceview import parse_query, render
-from .links import fork_plain_child
+from .links import NOT_FOR_A_CHILD, fork_plain_child
 
 log = logging.getLogger("amproxy.master")
 
-# The longest a child may take to answer, however slowly its client reads.
+# The longest a child may take to answer, however slowly its client reads; the master
+# kills one still there a moment later (a stopped child gets no alarm).
 ANSWER_DEADLINE = 30
+KILL_AFTER = ANSWER_DEADLINE + 5
 # Children answering at once, at most: each holds a fleet's answer in memory.
 MAX_ANSWERING = 4
 
@@ -29,12 +31,11 @@ class DeviceQueries:
         self.table = table  # devices.DeviceTable
         self.auth_file = auth_file  # its db: the keys there are now
         self.started = time.time()
-        self._answering = set()  # the children answering queries now
+        self._answering = {}  # pid -> when forked (monotonic): the children answering now
 
     def gauges(self, interval, silent_after):
         """devices.seen, devices.silent and devices.rejectedOnly, for an interval's end."""
-        seen, silent, rejected_only = self.table.summary(
-            list(self.auth_file.db.names()), time.time(), interval, silent_after)
+        seen, silent, rejected_only = self.table.summary(time.time(), interval, silent_after)
         return {"devices.seen": seen, "devices.silent": silent,
                 "devices.rejectedOnly": rejected_only}
 
@@ -47,17 +48,17 @@ class DeviceQueries:
                                         "already; try again in a moment" % MAX_ANSWERING))
             return
         try:
-            pid = fork_plain_child()
+            pid = fork_plain_child(ignore=NOT_FOR_A_CHILD)
         except OSError as e:
             log.error("cannot answer a devices query: %s", e.strerror or e)
             return
         if pid:
-            self._answering.add(pid)
+            self._answering[pid] = time.monotonic()
             return
         status = 1
         try:
-            # Nothing of the master's: not its port (a restart must be able to bind it);
-            # and never more than the deadline.
+            # Nothing of the master's: not its port (a restart must be able to bind it),
+            # not the signals meant for the service; and never more than the deadline.
             os.closerange(3, conn.fileno())
             os.closerange(conn.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
             signal.alarm(ANSWER_DEADLINE)
@@ -72,14 +73,33 @@ class DeviceQueries:
 
     def reaped(self, pid):
         """The master reaped ``pid`` (any child of its)."""
-        self._answering.discard(pid)
+        self._answering.pop(pid, None)
+
+    def kill_overdue(self):
+        """Kill the children past their deadline (the master reaps them)."""
+        now = time.monotonic()
+        for pid, forked in list(self._answering.items()):
+            if now - forked > KILL_AFTER:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def document(self, request, silent_after):
-        """The header line, then the output the query asks for."""
+        """The header line (with the body's length), then the output the query asks for;
+        or a header with the error, in a sentence."""
         try:
             query = parse_query(request.partition(b" ")[2].strip())
-        except (ValueError, TypeError) as e:
+        except ValueError as e:
             return _header(error="amproxy devices: %s" % e)
+        try:
+            return self._answer_to(query, silent_after)
+        except Exception:
+            log.exception("devices query failed")
+            return _header(error="amproxy devices: the server could not answer; its log "
+                           "says why")
+
+    def _answer_to(self, query, silent_after):
         now = time.time()
         db = self.auth_file.db
         if query.key is not None:
@@ -97,9 +117,10 @@ class DeviceQueries:
                 state = state._replace(
                     previous_secret_expires=db.get(public_key).previous_until or None)
             devices.append(state)
+        body = render(devices, query, now, self.started, silent_after).encode("utf-8",
+                                                                             "replace")
         return _header(now=now, started=self.started, silent_after=silent_after,
-                       devices=len(devices)) + render(
-            devices, query, now, self.started, silent_after).encode("utf-8", "replace")
+                       devices=len(devices), bytes=len(body)) + body
 
 
 def _header(**fields):

@@ -39,6 +39,7 @@ take 150,000 slots = 15,600,000 bytes)::
 Times are whole seconds (a record's time, or a rejection's, rounded down).
 """
 
+import array
 import fcntl
 import hashlib
 import ipaddress
@@ -72,6 +73,8 @@ _REASON_INDEX = {reason: index for index, reason in enumerate(REJECTION_REASONS)
 _MAX_COUNT = (1 << 32) - 1
 _SKEW_MIN, _SKEW_MAX = -(1 << 31), (1 << 31) - 1
 _FULL_LOG_INTERVAL = 60.0
+# A process remembers the hash and slot of at most this many keys (then starts again).
+_CACHED_KEYS = 20000
 # A key that found no slot is not looked for again (a full probe) for this long.
 _MISS_RETRY = 60.0
 
@@ -121,9 +124,9 @@ _IPV4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
 def _address_text(packed):
-    if packed[:12] == _IPV4_MAPPED:
+    if packed[:12] == _IPV4_MAPPED:  # most devices: the quick way
         return socket.inet_ntop(socket.AF_INET, packed[12:])
-    return socket.inet_ntop(socket.AF_INET6, packed)
+    return str(ipaddress.IPv6Address(packed))  # as the rest of amproxy writes it
 
 
 class Rejections:
@@ -181,9 +184,8 @@ class SharedSlots:
     """Fixed-size slots in memory the workers share, found by a hash of the public key
     (linear probing), written under a lock that excludes the other workers."""
 
-    def __init__(self, expected_keys, known=()):
-        """Sized for ``expected_keys``; ``known``: keys to hash now (the master's, so that
-        a query's child, forked from it, hashes none)."""
+    def __init__(self, expected_keys, public_keys=()):
+        """Sized for ``expected_keys``; ``public_keys``: the auth file's (see ``current``)."""
         self.capacity = max(MIN_SLOTS, math.ceil(1.5 * expected_keys))
         self.size = self.capacity * SLOT_SIZE
         self.created = time.time()
@@ -203,8 +205,11 @@ class SharedSlots:
         self._u32 = self._bytes.cast("I")
         self._i32 = self._bytes.cast("i")
         # Per process (copied at fork, then each process's own).
-        # Public key -> hash.
-        self._hashes = {public_key: _key_hash(public_key) for public_key in known}
+        # The hashes of the auth file's keys, as numbers (8 bytes a key, not a name and
+        # a number in a dict: 100,000 keys cost the master 12 MB more at each reload).
+        self.current = array.array("q", map(_key_hash, public_keys))
+        # This process's keys (a worker's: those it recorded), at most _CACHED_KEYS.
+        self._hashes = {}  # public key -> hash
         self._slots = {}  # public key -> slot it was found in
         self._marked = {}  # worker -> keys it marked connected at its last record
         self._addresses = {}  # address text -> packed (None: not an IP address)
@@ -216,6 +221,9 @@ class SharedSlots:
     def _hash(self, public_key):
         value = self._hashes.get(public_key)
         if value is None:
+            if len(self._hashes) >= _CACHED_KEYS:  # a fleet's keys, each worker seeing most
+                self._hashes.clear()
+                self._slots.clear()
             value = self._hashes[public_key] = _key_hash(public_key)
         return value
 
@@ -300,8 +308,8 @@ class SharedSlots:
         a second (without it, a worker writing into a slot being forgotten leaves
         values a claim clears).
         """
-        keep = {public_key: self._hash(public_key) for public_key in public_keys}
-        wanted = set(keep.values())
+        current = array.array("q", map(_key_hash, public_keys))
+        wanted = set(current)
         q = self._q
         view = self._bytes
         locked = self._lock_briefly()
@@ -317,8 +325,9 @@ class SharedSlots:
         finally:
             if locked:
                 self._unlock()
-        self._hashes = keep
-        self._slots = {k: s for k, s in self._slots.items() if k in keep}
+        self.current = current
+        self._hashes = {k: h for k, h in self._hashes.items() if h in wanted}
+        self._slots = {k: s for k, s in self._slots.items() if k in self._hashes}
         return forgotten
 
     def close(self):
@@ -513,7 +522,7 @@ class DeviceTable(SharedSlots):
         The table is read a column at a time and walked in slot order: a fleet's query
         costs one pass through memory, not a probe and an unpack a key."""
         key_hashes = self._hashes
-        wanted = {key_hashes.get(public_key) or self._hash(public_key): public_key
+        wanted = {key_hashes.get(public_key) or _key_hash(public_key): public_key
                   for public_key in public_keys}
         u32, step = self._u32, _U32_PER_SLOT
         columns = [self._q[::_Q_PER_SLOT].tolist(), self._Q[1::_Q_PER_SLOT].tolist()]
@@ -532,15 +541,18 @@ class DeviceTable(SharedSlots):
             if rejected_only and not since or \
                     accepted_before is not None and last_accepted > accepted_before:
                 continue
+            counts = self._counts(slot) if last_rejected else {}
+            address = self._address(slot) if flag & _HAS_ADDRESS else None
+            if self._q[slot * _Q_PER_SLOT] != found:  # forgotten while this read it
+                wanted[found] = public_key
+                continue
             yield public_key, DeviceState(
                 public_key.decode("utf-8", "replace"), accepted,
                 float(last_accepted) if last_accepted else None,
                 float(last_rejected) if last_rejected else None,
                 REJECTION_REASONS[reason - 1] if reason else None,
-                float(since) if since else None,
-                self._counts(slot) if last_rejected else {},
-                skew if flag & _HAS_SKEW else None, bool(flag & _OLD_SECRET), None,
-                self._address(slot) if flag & _HAS_ADDRESS else None,
+                float(since) if since else None, counts,
+                skew if flag & _HAS_SKEW else None, bool(flag & _OLD_SECRET), None, address,
                 _LISTENERS[listener] if listener < len(_LISTENERS) else None, workers != 0)
         if not rejected_only:  # never seen (or forgotten, or claimed again during this read)
             for public_key in wanted.values():
@@ -565,7 +577,7 @@ class DeviceTable(SharedSlots):
     def tracked(self, public_key):
         """Whether the key has a slot or would find one: False when the table is full
         for it (a reload added more keys than it was sized for)."""
-        wanted = self._hash(public_key)
+        wanted = _key_hash(public_key)
         start = wanted % self.capacity
         q = self._q
         for probe in range(_PROBES):
@@ -574,12 +586,13 @@ class DeviceTable(SharedSlots):
                 return True
         return False
 
-    def summary(self, public_keys, now, interval, silent_after):
-        """(seen, silent, rejected_only), scanning the table once.
+    def summary(self, now, interval, silent_after):
+        """(seen, silent, rejected_only) of the auth file's keys (``current``), scanning
+        the table once.
 
         seen: keys with a line accepted in the last ``interval`` s;
         rejected_only: keys with a line rejected and none accepted in it;
-        silent: keys of ``public_keys`` with no line accepted for more than
+        silent: keys with no line accepted for more than
         ``silent_after`` s (a key never seen is silent once the table is older
         than that).  Times are whole seconds: a line of the second the window
         begins in counts as in it.
@@ -588,10 +601,7 @@ class DeviceTable(SharedSlots):
         hashes = self._q[::_Q_PER_SLOT].tolist()
         accepted_at = u32[_LAST_ACCEPTED::_U32_PER_SLOT].tolist()
         rejected_at = u32[_LAST_REJECTED::_U32_PER_SLOT].tolist()
-        key_hashes = self._hashes
-        wanted = list(map(key_hashes.get, public_keys))
-        if None in wanted:  # keys this process has not hashed yet
-            wanted = [self._hash(public_key) for public_key in public_keys]
+        wanted = self.current
         # Only the keys of the file: a revoked key a worker still counted for is not.
         current = set(wanted)
         window = math.floor(now - interval)

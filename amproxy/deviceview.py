@@ -23,6 +23,9 @@ from .protocol import (BAD_METRIC, BAD_SIGNATURE, BAD_VALUE, LINE_TOO_LONG, MALF
 SORTS = ("key", "last-accepted", "last-rejected", "rejected")
 FORMATS = ("table", "json")
 HEADINGS = ("KEY", "LAST ACCEPTED", "ACCEPTED", "CONNECTED", "WHY")
+MAX_SILENT = 100 * 365 * 86400  # seconds: a century
+# The KEY column is at most this wide: a longer key overflows its own row only.
+MAX_KEY_WIDTH = 64
 
 _MALFORMED_REASONS = (BAD_METRIC, BAD_VALUE, MALFORMED, LINE_TOO_LONG)
 
@@ -52,7 +55,7 @@ def parse_query(body):
     that does not parse or asks for what amproxy does not know."""
     try:
         fields = json.loads(body or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError("the request is not JSON") from None
     if not isinstance(fields, dict) or not set(fields) <= set(Query._fields):
         raise ValueError("the request must be an object with only the fields %s"
@@ -60,17 +63,25 @@ def parse_query(body):
     query = Query(**fields)
     silent, key = query.silent, query.key
     if silent is not None and (isinstance(silent, bool) or not isinstance(silent, (int, float))
-                               or not 0 <= silent < float("inf")):
-        raise ValueError("silent must be seconds (a number, 0 or more)")
+                               or not 0 <= silent <= MAX_SILENT):
+        raise ValueError("silent must be seconds (a number from 0 to %d)" % MAX_SILENT)
     if not isinstance(query.rejected, bool):
         raise ValueError("rejected must be true or false")
-    if key is not None and not isinstance(key, str):
+    if key is not None and not (isinstance(key, str) and _encodes(key)):
         raise ValueError("key must be a string")
     if query.sort not in SORTS:
         raise ValueError("sort must be one of %s" % ", ".join(SORTS))
     if query.output not in FORMATS:
         raise ValueError("output must be one of %s" % ", ".join(FORMATS))
     return query
+
+
+def _encodes(key):
+    try:
+        key.encode("utf-8", "surrogateescape")  # as the server looks it up
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def format_age(seconds, exact=False):
@@ -220,6 +231,7 @@ def render_table(devices, now, started, silent_after, order="key"):
     rows = [HEADINGS]
     rows.extend(_rows(devices, now, started, silent_after))
     widths = [max(map(len, column)) for column in list(zip(*rows))[:4]]
+    widths[0] = min(widths[0], MAX_KEY_WIDTH)
     key_w, last_w, count_w, conn_w = widths
     lines = [("%-*s  %-*s  %*s  %-*s  %s" % (key_w, key, last_w, last, count_w, count,
                                             conn_w, conn, reason)).rstrip()

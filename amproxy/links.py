@@ -27,21 +27,30 @@ SIGNALS = [getattr(signal, "SIG%s" % name) for name in
 SIGNAL_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 
 
-def fork_plain_child():
-    """``os.fork()`` for a child that is not a worker: it starts with default handlers.
+# What an admin sends every process of the service (systemctl kill, pkill) to reload,
+# reopen logs, change the workers or upgrade: by default these stop (TTIN, TTOU) or
+# end a process; a child that does not exec ignores them.
+NOT_FOR_A_CHILD = [getattr(signal, "SIG%s" % name)
+                   for name in "HUP TTIN TTOU USR1 USR2".split()]
+
+
+def fork_plain_child(ignore=()):
+    """``os.fork()`` for a child that is not a worker: it starts with default handlers
+    (none for the signals in ``ignore``).
 
     The signals stay blocked across the fork until then, so that one sent to the child
-    at once takes its default action instead of reaching the master's handler in the
+    at once takes its own action instead of reaching the master's handler in the
     child, where it would be lost (a stop sent to a new master before its exec was)."""
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
         pid = os.fork()
         if pid == 0:
             for sig in SIGNALS:
-                signal.signal(sig, signal.SIG_DFL)
+                signal.signal(sig, signal.SIG_IGN if sig in ignore else signal.SIG_DFL)
         return pid
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
 
 class SignalQueue:
     """Signals a process handles in its loop, not in the handler: the handler queues

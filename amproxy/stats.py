@@ -406,7 +406,9 @@ class StatsService:
                 pass
 
     def tick(self, workers):
-        """Send the interval's metrics if it has ended."""
+        """Send the interval's metrics if it has ended (and stop overdue queries)."""
+        if self.devices is not None:
+            self.devices.kill_overdue()
         interval = self.options.stats_interval
         if not interval:
             return

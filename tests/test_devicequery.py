@@ -2,12 +2,14 @@
 refusals in a sentence, and at most a few children answering at once."""
 import json
 import os
+import signal
 import socket
 import time
 
 import pytest
 
-from amproxy.devicequery import MAX_ANSWERING, DeviceQueries
+from amproxy import devicequery
+from amproxy.devicequery import KILL_AFTER, MAX_ANSWERING, DeviceQueries
 from amproxy.devices import DeviceTable, Rejections
 from amproxy.deviceview import Query, request_line
 from amproxy.protocol import BAD_SIGNATURE, SKEW
@@ -82,12 +84,35 @@ def test_filters_and_json(queries):
     assert ask(queries, Query(key="nobody"))[0]["devices"] == 0
 
 
-def test_a_request_that_does_not_parse_gets_a_sentence(queries):
-    answer = queries.document(b'devices {"sort": "age"}\n', 3600)
-    assert answer == b'{"error":"amproxy devices: sort must be one of key, last-accepted, ' \
-        b'last-rejected, rejected"}\n'
-    assert json.loads(queries.document(b"devices {\n", 3600))["error"] == \
-        "amproxy devices: the request is not JSON"
+@pytest.mark.parametrize("body, says", [
+    (b'{"sort": "age"}', "sort must be one of key, last-accepted, last-rejected, rejected"),
+    (b"{", "the request is not JSON"),
+    (b"[" * 60000, "the request is not JSON"),
+    (b'{"silent": 1' + b"0" * 400 + b"}", "silent must be seconds"),
+    (b'{"silent": NaN}', "silent must be seconds"),
+    (b'{"key": "\\ud800"}', "key must be a string"),
+])
+def test_a_request_that_does_not_parse_gets_a_sentence(queries, body, says):
+    answer = queries.document(b"devices " + body + b"\n", 3600)
+    assert answer.endswith(b"\n") and answer.count(b"\n") == 1
+    assert json.loads(answer) == {"error": "amproxy devices: " + says + (
+        " (a number from 0 to %d)" % (100 * 365 * 86400) if "silent" in says else "")}
+
+
+def test_a_query_that_fails_is_an_error_header_not_a_silence(queries, monkeypatch,
+                                                              caplog):
+    def broken(*args):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(queries.table, "states", broken)
+    answer = json.loads(queries.document(request_line(Query()), 3600))
+    assert answer == {"error": "amproxy devices: the server could not answer; its log says "
+                      "why"}
+    assert "a bug" in caplog.text
+
+
+def test_the_header_gives_the_bodys_length(queries):
+    header, body = ask(queries, Query(output="json"))
+    assert header["bytes"] == len(body.encode())
 
 
 def test_a_child_answers_and_the_master_goes_on(queries):
@@ -104,7 +129,7 @@ def test_a_child_answers_and_the_master_goes_on(queries):
 
 
 def test_past_the_children_allowed_the_master_says_it_is_busy(queries):
-    queries._answering.update(range(1, MAX_ANSWERING + 1))  # as if answering still
+    queries._answering.update(dict.fromkeys(range(1, MAX_ANSWERING + 1), time.monotonic()))
     ours, theirs = socket.socketpair()
     with ours, theirs:
         queries.answer(theirs, request_line(Query()), 3600)
@@ -115,3 +140,41 @@ def test_past_the_children_allowed_the_master_says_it_is_busy(queries):
     assert len(queries._answering) == MAX_ANSWERING  # no child forked
     queries.reaped(1)
     assert len(queries._answering) == MAX_ANSWERING - 1
+
+
+def test_a_child_past_its_deadline_is_killed_even_stopped(queries):
+    pid = os.fork()
+    if pid == 0:
+        os.kill(os.getpid(), signal.SIGSTOP)  # as a TTIN did to a child with no handler
+        os._exit(0)
+    try:
+        queries._answering[pid] = time.monotonic()
+        queries.kill_overdue()
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # not yet overdue
+        queries._answering[pid] = time.monotonic() - KILL_AFTER - 1
+        queries.kill_overdue()
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_query_child_ignores_what_is_sent_to_the_whole_service(queries, monkeypatch):
+    """systemctl kill -s TTIN (or HUP, USR1, USR2) reaches every process of the unit."""
+    def slow_document(request, silent_after):
+        os.kill(os.getpid(), signal.SIGTTIN)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return b"answered\n"
+    monkeypatch.setattr(queries, "document", slow_document)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        queries.answer(theirs, request_line(Query()), 3600)
+        [pid] = queries._answering
+        theirs.close()
+        ours.settimeout(10)
+        assert ours.makefile("rb").read() == b"answered\n"
+        _, status = os.waitpid(pid, 0)
+    assert status == 0

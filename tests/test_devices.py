@@ -237,13 +237,33 @@ def test_summary_counts_seen_silent_and_rejected_only(table):
                                   b"new-failing": tally((BAD_SIGNATURE, now - 5))}, {})
     table.record(0, now - 200, {b"quiet": 1}, {}, {})
     keys = [b"fresh", b"stale", b"failing", b"new-failing", b"quiet", b"never"]
+    table.forget_except(keys)  # the auth file's keys, as at a reload
     # silent (> 300 s): stale, failing, new-failing (never accepted), never
-    assert table.summary(keys, now, 60, 300) == (1, 4, 2)
-    assert table.summary(keys, now, 600, 300) == (4, 4, 1)  # failing, stale, quiet seen too
+    assert table.summary(now, 60, 300) == (1, 4, 2)
+    assert table.summary(now, 600, 300) == (4, 4, 1)  # failing, stale, quiet seen too
     table.created = now - 100  # too young for a key never seen to be silent
-    assert table.summary(keys, now, 60, 300) == (1, 2, 2)
+    assert table.summary(now, 60, 300) == (1, 2, 2)
     table.forget_except([b"fresh"])
-    assert table.summary([b"fresh"], now, 60, 300) == (1, 0, 0)
+    assert table.summary(now, 60, 300) == (1, 0, 0)
+
+
+def test_the_current_keys_are_numbers_and_a_process_remembers_a_bounded_few(monkeypatch):
+    from amproxy import devices
+    monkeypatch.setattr(devices, "_CACHED_KEYS", 100)
+    keys = [b"device-%d" % i for i in range(1000)]
+    table = DeviceTable(len(keys), keys)
+    try:
+        assert len(table.current) == 1000 and table.current.itemsize == 8
+        assert table.summary(T0, 60, 300) == (0, 0, 0)  # no key silent yet: a new table
+        for start in range(0, 1000, 50):
+            table.record(0, T0, {k: 1 for k in keys[start:start + 50]}, {}, {})
+        assert len(table._hashes) <= 100 and len(table._slots) <= 100
+        assert all(table.read(k).accepted == 1 for k in keys)
+        table.record(0, T0 + 1, {k: 1 for k in keys}, {}, {})
+        assert all(table.read(k).accepted == 2 for k in keys)
+        assert table.full_misses == 0
+    finally:
+        table.close()
 
 
 def test_unknown_keys_claim_no_slot(table):
@@ -357,3 +377,20 @@ def test_a_forgotten_key_reads_as_never_seen(table):
     table.forget_except([b"kept"])
     assert dict(table.states([b"kept", b"revoked"]))[b"revoked"] is None
     assert table.read(b"kept").accepted == 1
+
+
+def test_a_key_forgotten_and_its_slot_claimed_while_a_query_reads_is_not_mixed_up(
+        table, monkeypatch):
+    """A query reads a column at a time, then a slot's counts and address: a reload
+    that forgets the key and a worker that claims its slot for another key in between
+    must not lend the new key's values to the old one."""
+    table.record(0, T0, {}, {b"old": tally((SKEW, T0, 5))}, {b"old": ("192.0.2.1", False)})
+    read_counts = table._counts
+
+    def claimed_meanwhile(slot):
+        counts = read_counts(slot)
+        table.forget_except([])
+        table._q[slot * (SLOT_SIZE // 8)] = 12345  # another key's hash, as a claim writes
+        return counts
+    monkeypatch.setattr(table, "_counts", claimed_meanwhile)
+    assert dict(table.states([b"old"])) == {b"old": None}  # forgotten: never seen

@@ -2,7 +2,9 @@
 formats, the request line, and the command against a fake server on a Unix socket."""
 import io
 import json
+import os
 import socket
+import subprocess
 import threading
 import time
 from contextlib import redirect_stderr, redirect_stdout
@@ -258,6 +260,7 @@ class FakeServer:
     """A Unix socket that reads one request (to the client's half-close) and answers."""
 
     def __init__(self, path, answer, read=True):
+        """``answer``: bytes, or a list of bytes sent 0.3 s apart."""
         self.path, self.answer, self.read = path, answer, read
         self.requests = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -278,7 +281,11 @@ class FakeServer:
                         break
                     data += chunk
                 self.requests.append(data)
-            conn.sendall(self.answer)
+            parts = self.answer if isinstance(self.answer, list) else [self.answer]
+            for n, part in enumerate(parts):
+                if n:
+                    time.sleep(0.3)
+                conn.sendall(part)
 
     def close(self):
         self.thread.join(5)
@@ -302,9 +309,55 @@ def socket_path(tmp_path, monkeypatch):
 
 def answer(body, **header):
     """What the server's child sends: the header line, then the output it rendered."""
-    fields = dict({"now": NOW, "started": STARTED, "silent_after": HOUR, "devices": 1},
-                  **header)
+    fields = dict({"now": NOW, "started": STARTED, "silent_after": HOUR, "devices": 1,
+                   "bytes": len(body.encode())}, **header)
     return json.dumps(fields).encode() + b"\n" + body.encode()
+
+
+def test_a_body_that_comes_after_the_header_is_read_whole(socket_path):
+    body = table(device("late"))
+    server = FakeServer(socket_path, answer(body).split(b"\n", 1)[0] + b"\n",
+                        read=True)
+    server.answer = [server.answer, body.encode()[:10], body.encode()[10:]]
+    status, out, err = run(["devices", "--stats-socket", socket_path])
+    server.close()
+    assert (status, out, err) == (0, body, "")
+
+
+def test_an_answer_cut_short_is_an_error_not_a_partial_table(socket_path):
+    body = table(device("cut"))
+    server = FakeServer(socket_path, answer(body)[:-5])
+    status, out, err = run(["devices", "--stats-socket", socket_path])
+    server.close()
+    assert (status, out) == (1, "")
+    assert "ended early (%d of %d bytes)" % (len(body) - 5, len(body)) in err
+
+
+def test_a_server_that_sends_nothing_is_said_so(socket_path):
+    server = FakeServer(socket_path, b"")
+    status, out, err = run(["devices", "--stats-socket", socket_path])
+    server.close()
+    assert (status, out) == (1, "")
+    assert err == "amproxy: error: the server on %s sent no answer (its log may say " \
+        "why)\n" % socket_path
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(socket_path):
+    from conftest import AMPROXY
+    body = table(*(device("sensor%05d" % i) for i in range(20000)))
+    server = FakeServer(socket_path, answer(body, devices=20000))
+    result = subprocess.run("%s devices --stats-socket %s | head -1" % (AMPROXY, socket_path),
+                            shell=True, capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, AMPROXY_CONFIG="/dev/null"))
+    server.close()
+    assert result.stdout.startswith("KEY") and result.stderr == ""
+
+
+def test_a_long_key_overflows_its_own_row_only():
+    text = table(device("k" * 500), device("short", accepted=1, last_accepted=NOW - 5))
+    lines = text.splitlines()
+    assert lines[2].startswith("short" + " " * 61)  # the column is 64 wide
+    assert len(lines[2]) < 200 and lines[1].startswith("k" * 500 + "  never")
 
 
 def test_the_command_asks_the_server_and_prints_what_it_rendered(socket_path):
