@@ -109,6 +109,9 @@ def _key_hash(public_key):
     return value
 
 
+_IPV4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
 def _packed_address(text):
     """16 bytes for an address's text, or None when it is not an IP address."""
     try:
@@ -118,9 +121,6 @@ def _packed_address(text):
     if address.version == 4:
         return _IPV4_MAPPED + address.packed
     return address.packed
-
-
-_IPV4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
 def _address_text(packed):
@@ -510,7 +510,8 @@ class DeviceTable(SharedSlots):
     # -- readers
 
     def read(self, public_key):
-        """The key's :class:`DeviceState`, or None if not seen since start (or since forgotten)."""
+        """The key's :class:`DeviceState`, or None if not seen since start (or since
+        forgotten).  It reads the whole table, as :meth:`states` does for many keys."""
         return next(self.states([public_key]))[1]
 
     def states(self, public_keys, accepted_before=None, rejected_only=False):

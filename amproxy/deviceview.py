@@ -3,9 +3,10 @@
 The client sends one line on the stats socket, ``devices <JSON query>``
 (:func:`request_line`; the server reads it with :func:`parse_query`).  A child of
 the server's master answers with a header line (JSON: ``now``, ``started``,
-``silent_after`` and ``devices``, how many follow; or ``error``, one sentence)
-and then the output itself, which :func:`render` makes there: the client copies
-it, so a fleet's list costs one pass over the table and no decoding.  Everything
+``silent_after``, ``devices``, how many follow, and ``bytes``, the output's
+length; or ``error``, one sentence) and then the output itself, which
+:func:`render` makes there: the client checks its length and prints it, so a
+fleet's list costs one pass over the table and no decoding.  Everything
 here takes ``now`` instead of reading the clock, so that it is tested without a
 server.
 """
