@@ -20,12 +20,14 @@ VERSION := $(shell sed -n 's/^version *= *//p' setup.cfg)
 
 all: venv
 
-# One virtualenv with amproxy (editable), the test tools and a real carbon-cache.
-# GRAPHITE_NO_PREFIX keeps carbon inside the virtualenv instead of /opt/graphite.
-$(VENV)/.installed: setup.cfg setup.py requirements-test.txt
+# One virtualenv with amproxy (editable), the test tools, a real carbon-cache
+# and graphite-web (make run's graphs; it needs Debian's libcairo2 to draw them).
+# GRAPHITE_NO_PREFIX keeps carbon and graphite-web inside the virtualenv instead
+# of /opt/graphite.
+$(VENV)/.installed: setup.cfg setup.py requirements-test.txt requirements-demo.txt
 	$(PYTHON) -m venv $(VENV)
 	GRAPHITE_NO_PREFIX=True $(BIN)/pip install --quiet --disable-pip-version-check \
-		-e . -r requirements-test.txt
+		-e . -r requirements-test.txt -r requirements-demo.txt
 	touch $@
 
 venv: $(VENV)/.installed

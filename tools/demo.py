@@ -25,7 +25,7 @@ BIN = os.path.dirname(sys.executable)
 # The dashboard make run prints: the shipped one, with the demo device's graph first
 # and a short time range, since everything here has just started.
 DEMO_DASHBOARD = "amproxy-demo"
-DEMO_RANGE_MINUTES = 10
+DEMO_RANGE_MINUTES = 5
 DEVICE_METRIC = "metric1"
 
 
