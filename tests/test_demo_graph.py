@@ -207,10 +207,8 @@ def test_the_demo_page_shows_its_graphs_in_a_browser(running_demo, tmp_path):
 
     # The page, in chromium.
     with Chromium(width=1280, height=900) as browser:
-        started = time.monotonic()
         browser.navigate(url)
         images = browser.wait_images("/render?", len(graphs), timeout=30)
-        loaded_in = time.monotonic() - started
         assert len(images) == len(graphs), images
         # It refreshes itself, every 10 s, as the shipped dashboard says.
         assert browser.evaluate("Ext.getCmp('auto-refresh-button').pressed") is True
@@ -235,4 +233,3 @@ def test_the_demo_page_shows_its_graphs_in_a_browser(running_demo, tmp_path):
             title = urllib.parse.parse_qs(urllib.parse.urlsplit(image["src"]).query)["title"]
             assert swatches, "%s: no legend, no series (graphite's No Data image?)" % title
             assert columns >= 5, "%s: a legend but no line plotted (%d columns)" % (title, columns)
-    assert loaded_in < 30

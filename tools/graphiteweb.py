@@ -16,6 +16,7 @@ runs under gunicorn or uWSGI behind a web server.
 """
 
 import configparser
+import importlib
 import json
 import os
 import secrets
@@ -71,12 +72,12 @@ def data_dir():
 def missing_requirement():
     """A sentence saying what graphite-web lacks to render PNGs here, or None."""
     try:
-        import graphite  # noqa: F401
-        import django  # noqa: F401
+        importlib.import_module("graphite")
+        importlib.import_module("django")
     except ImportError as e:
         return "graphite-web is not installed in %s (%s): run make venv" % (sys.prefix, e)
     try:
-        import cairocffi  # noqa: F401
+        importlib.import_module("cairocffi")  # loads libcairo.so.2
     except (ImportError, OSError) as e:
         return ("graphite-web needs Debian's cairo library to draw graphs (%s): "
                 "apt-get install %s" % (e, DEBIAN_PACKAGES))
@@ -84,19 +85,23 @@ def missing_requirement():
 
 
 def local_time_zone():
-    """The host's time zone name (Europe/Paris), for the graphs' time axis; UTC if unknown."""
-    if os.environ.get("TZ", "").lstrip(":"):
-        return os.environ["TZ"].lstrip(":")
+    """The host's time zone name (Europe/Paris), for the graphs' time axis; UTC when
+    it has none that Django would take."""
+    import pytz
+    names = [os.environ.get("TZ", "").lstrip(":")]
     try:
         with open("/etc/timezone") as f:
-            return f.read().strip() or "UTC"
+            names.append(f.read().strip())
     except OSError:
         pass
     try:
-        link = os.readlink("/etc/localtime")
-        return link.split("zoneinfo/", 1)[1]
+        names.append(os.readlink("/etc/localtime").split("zoneinfo/", 1)[1])
     except (OSError, IndexError):
-        return "UTC"
+        pass
+    for name in names:
+        if name in pytz.all_timezones_set:
+            return name
+    return "UTC"
 
 
 class GraphiteWeb:
@@ -111,7 +116,6 @@ class GraphiteWeb:
         self.env = dict(os.environ, PYTHONPATH=self.directory,
                         DJANGO_SETTINGS_MODULE="demo_settings",
                         GRAPHITE_SETTINGS_MODULE="local_settings")
-        self.env.pop("PYTHONSTARTUP", None)
 
     @property
     def url(self):
@@ -148,6 +152,7 @@ class GraphiteWeb:
 
     def _django(self, *args, timeout=120):
         out = subprocess.run([sys.executable, "-m", "django"] + list(args), env=self.env,
+                             cwd=self.directory,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, timeout=timeout)
         if out.returncode != 0:
@@ -165,7 +170,8 @@ class GraphiteWeb:
         out = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "django", "runserver", "--noreload", "--insecure",
-             "127.0.0.1:%d" % self.port], env=self.env, stdout=out, stderr=subprocess.STDOUT,
+             "127.0.0.1:%d" % self.port], env=self.env, cwd=self.directory,
+            stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True)
         out.close()
         wait_for(lambda: self.process.poll() is not None or port_open(self.port), timeout,
