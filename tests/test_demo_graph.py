@@ -161,6 +161,7 @@ def plotted_lines(rows):
 
 def test_the_demo_page_shows_its_graphs_in_a_browser(running_demo, tmp_path):
     url, run_dir, output = running_demo
+    assert re.findall(r"https?://\S+", output()) == [url], "make run prints one URL"
     base = url.split("dashboard/")[0]
     state = demo.demo_dashboard()
     graphs = state["graphs"]

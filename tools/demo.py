@@ -131,7 +131,7 @@ def main(argv=None):
               "The points land in %s\n"
               "Read them with: %s/whisper-fetch.py --from=$(( $(date +%%s) - 300 )) %s\n"
               "Ctrl-C stops everything.\n" % (
-                  carbon.address, proxy_port, graphite.url, DEVICE_METRIC, args.interval,
+                  carbon.address, proxy_port, "127.0.0.1:%d" % graphite.port, DEVICE_METRIC, args.interval,
                   args.bad_interval, args.stats_interval, graphite.dashboard_url(DEMO_DASHBOARD),
                   carbon.whisper_path(DEVICE_METRIC), BIN,
                   carbon.whisper_path(DEVICE_METRIC)), flush=True)
