@@ -3,12 +3,11 @@
 tools/demo.py (what make run runs) starts in a temporary directory with short
 intervals; Debian's headless chromium opens the one URL it prints, waits for
 the dashboard's graph images, and the test reads the very bytes the browser
-got: PNGs of the dashboard's size, each with lines plotted in the colours of
-its legend (not graphite-web's "No Data" image). The render API must return
+got: PNGs of the dashboard's size, each with a legend and coloured lines
+plotted above it (not graphite-web's "No Data" image). The render API must return
 the points the demo's device sent, and the rejections the demo provoked.
 """
 import json
-from collections import Counter
 import os
 import re
 import signal
@@ -19,6 +18,7 @@ import time
 import urllib.parse
 import urllib.request
 import zlib
+from collections import Counter
 
 import pytest
 import whisper
