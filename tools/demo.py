@@ -125,14 +125,16 @@ def main(argv=None):
                          daemon=True).start()
         print("\ncarbon-cache listens on %s, amproxy on 127.0.0.1:%d, graphite-web on %s\n"
               "The test client sends %s every %s; every %g s a broken device sends three\n"
-              "lines amproxy rejects (bad signature, clock an hour ahead, a metric not its key's).\n"
+              "lines amproxy rejects (bad signature, clock an hour ahead, a metric not its\n"
+              "key's).\n"
               "amproxy sends its self-metrics every %s. See it all, refreshed every 10 s, at\n\n"
               "    %s\n\n"
               "The points land in %s\n"
               "Read them with: %s/whisper-fetch.py --from=$(( $(date +%%s) - 300 )) %s\n"
               "Ctrl-C stops everything.\n" % (
-                  carbon.address, proxy_port, "127.0.0.1:%d" % graphite.port, DEVICE_METRIC, args.interval,
-                  args.bad_interval, args.stats_interval, graphite.dashboard_url(DEMO_DASHBOARD),
+                  carbon.address, proxy_port, "127.0.0.1:%d" % graphite.port, DEVICE_METRIC,
+                  args.interval, args.bad_interval, args.stats_interval,
+                  graphite.dashboard_url(DEMO_DASHBOARD),
                   carbon.whisper_path(DEVICE_METRIC), BIN,
                   carbon.whisper_path(DEVICE_METRIC)), flush=True)
         while proxy.poll() is None and client.poll() is None:
