@@ -6,12 +6,13 @@ import logging
 import os
 import socket
 import ssl
+import stat
 import sys
 import time
 
 from . import __version__
 from . import deviceview, handover, keytool
-from .auth import format_rfc3339, warn_if_world_readable
+from .auth import format_rfc3339, shown, warn_if_world_readable
 from .client import Client, format_address, run_test_client
 from .config import (AUTH_FILE, CLIENT_TLS_OPTIONS, KEY_PRIVATE, KEY_PUBLIC, PIDFILE, ROUTE_OPTIONS, SERVER_ADDR,
                      STATS_SOCKET, TEST_CLIENT_OPTIONS, build_parser, config_parser, duration,
@@ -215,8 +216,17 @@ def _stats_socket(options, request, what):
                 pass
             yield sock
     except OSError as e:
-        raise AmproxyError("cannot read %s from %s: %s" % (what, path, e.strerror or e)) \
-            from None
+        raise AmproxyError("cannot read %s from %s: %s%s" % (
+            what, path, e.strerror or e, _socket_hint(path, e))) from None
+
+
+def _socket_hint(path, error):
+    """What an operator checks next, for a stats socket that does not answer."""
+    if isinstance(error, (FileNotFoundError, ConnectionRefusedError)):
+        if os.path.exists(path) and not stat.S_ISSOCK(os.stat(path).st_mode):
+            return " (it is not a socket: is that the stats socket's path?)"
+        return " (is amproxy running, with this stats socket?)"
+    return ""
 
 
 def _read_totals(options):
@@ -249,7 +259,8 @@ def cmd_devices(argv):
                         "5m0s, 1h30m, 7d), those never seen since the server started "
                         "included; it is also the window of the summary line")
     parser.add_argument("--rejected", action="store_true",
-                        help="only the keys whose last line was rejected")
+                        help="only the keys failing now: every line since their last "
+                        "accepted one was rejected")
     parser.add_argument("--key", metavar="KEY", help="only this key")
     parser.add_argument("--sort", choices=deviceview.SORTS, default="key",
                         help="the order (default: key): key, by name; last-accepted, "
@@ -261,6 +272,8 @@ def cmd_devices(argv):
                         "summary line; json, the list of devices as one JSON document, "
                         "one device a line, each with every field of its state")
     args = parser.parse_args(argv)
+    if args.silent is not None and args.silent > deviceview.MAX_SILENT:
+        parser.error("argument --silent: at most %dd" % (deviceview.MAX_SILENT // 86400))
     query = deviceview.Query(args.silent, args.rejected, args.key, args.sort, args.format)
     path = stats_socket_path(args)
     with _stats_socket(args, deviceview.request_line(query), "devices") as sock:
@@ -273,8 +286,8 @@ def cmd_devices(argv):
                            % (path, len(body), header["bytes"]))
     if args.key is not None and not header["devices"] and args.silent is None \
             and not args.rejected:
-        raise AmproxyError("the server has no key %r (amproxy keys list shows the keys "
-                           "of its auth file)" % args.key)
+        raise AmproxyError("the server has no key %s (amproxy keys list shows the keys "
+                           "of its auth file)" % shown(args.key))
     _write_out(body)
     return 0
 

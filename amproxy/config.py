@@ -188,7 +188,8 @@ STATS_SOCKET = Option("--stats-socket", "",
                       "a Unix socket where 'amproxy stats' reads the current totals "
                       "(default: beside the pidfile, if there is one)",
                       env="AMPROXY_STATS_SOCKET")
-PIDFILE = Option("--pidfile", "", "write the master's pid here", env="AMPROXY_PIDFILE")
+PIDFILE = Option("--pidfile", "", "the master's pid file: the server writes its pid there; "
+                 "stats and devices find the stats socket beside it", env="AMPROXY_PIDFILE")
 
 SERVER_OPTIONS = [
     # The original's options: same flags, variables and defaults.

@@ -57,7 +57,10 @@ from .protocol import BAD_SIGNATURE, REJECTION_REASONS, SKEW, UNKNOWN_KEY
 
 log = logging.getLogger(__name__)
 
-MIN_SLOTS = 1024
+# At least 65,536 slots (6.8 MB): a package starts with no key, and the keys added
+# after the start must find room (about 43,000 at 2/3 load); a bigger file gets
+# 1.5 slots a key at the start.
+MIN_SLOTS = 1 << 16
 # Linear probing at 2/3 load displaces some of 100,000 keys by more than 64 slots
 # (51 to 83 in simulations): 256 leaves room.
 _PROBES = 256
@@ -511,8 +514,12 @@ class DeviceTable(SharedSlots):
 
     def read(self, public_key):
         """The key's :class:`DeviceState`, or None if not seen since start (or since
-        forgotten).  It reads the whole table, as :meth:`states` does for many keys."""
-        return next(self.states([public_key]))[1]
+        forgotten)."""
+        slot = self._slot(public_key, False)
+        if slot is None:
+            return None
+        wanted = {self._hash(public_key): public_key}
+        return next(self._states_in(wanted, slot, slot + 1, None, False), (None, None))[1]
 
     def states(self, public_keys, accepted_before=None, rejected_only=False):
         """(public key, :class:`DeviceState` or None: never seen) for each key, in no
@@ -525,16 +532,25 @@ class DeviceTable(SharedSlots):
         key_hashes = self._hashes
         wanted = {key_hashes.get(public_key) or _key_hash(public_key): public_key
                   for public_key in public_keys}
-        u32, step = self._u32, _U32_PER_SLOT
-        columns = [self._q[::_Q_PER_SLOT].tolist(), self._Q[1::_Q_PER_SLOT].tolist()]
-        columns += [u32[column::step].tolist() for column in
+        yield from self._states_in(wanted, 0, self.capacity, accepted_before, rejected_only)
+        if not rejected_only:  # never seen (or forgotten, or claimed again during this read)
+            for public_key in wanted.values():
+                yield public_key, None
+
+    def _states_in(self, wanted, first, end, accepted_before, rejected_only):
+        """The states of the slots from ``first`` to ``end`` that hold a key of ``wanted``
+        (hash -> public key), which loses each key found."""
+        def column(view, per_slot, index):
+            return view[first * per_slot + index:end * per_slot:per_slot].tolist()
+        columns = [column(self._q, _Q_PER_SLOT, 0), column(self._Q, _Q_PER_SLOT, 1)]
+        columns += [column(self._u32, _U32_PER_SLOT, index) for index in
                     (_LAST_ACCEPTED, _REJECTED_SINCE, _LAST_REJECTED, _WORKERS)]
-        columns.append(self._i32[_SKEW_AT::step].tolist())
-        columns += [self._bytes[offset::SLOT_SIZE].tolist()
+        columns.append(column(self._i32, _U32_PER_SLOT, _SKEW_AT))
+        columns += [column(self._bytes, SLOT_SIZE, offset)
                     for offset in (_REASON_OFFSET, _LISTENER_OFFSET, _FLAGS_OFFSET)]
-        columns.append(self._q[::_Q_PER_SLOT].tolist())  # a slot claimed meanwhile is skipped
+        columns.append(column(self._q, _Q_PER_SLOT, 0))  # a slot claimed meanwhile is skipped
         for slot, (found, accepted, last_accepted, since, last_rejected, workers, skew, reason,
-                   listener, flag, still) in enumerate(zip(*columns)):
+                   listener, flag, still) in enumerate(zip(*columns), first):
             public_key = wanted.get(found)
             if public_key is None or still != found:
                 continue
@@ -555,9 +571,6 @@ class DeviceTable(SharedSlots):
                 float(since) if since else None, counts,
                 skew if flag & _HAS_SKEW else None, bool(flag & _OLD_SECRET), None, address,
                 _LISTENERS[listener] if listener < len(_LISTENERS) else None, workers != 0)
-        if not rejected_only:  # never seen (or forgotten, or claimed again during this read)
-            for public_key in wanted.values():
-                yield public_key, None
 
     def _counts(self, slot):
         base = slot * _U32_PER_SLOT + _COUNTS

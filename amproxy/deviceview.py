@@ -142,7 +142,22 @@ def why(device, now, started, silent_after):
     if silent >= silent_after:
         return "silent for %s; %s" % (format_age(silent), "connected but sending nothing"
                                       if device.connected else "not connected")
+    if device.last_rejected is not None and now - device.last_rejected < silent_after:
+        # Accepted, and some lines rejected lately: a metric it was not given, say.
+        rejected = total_rejected(device)
+        return "%d line%s rejected, the last %s ago: %s" % (
+            rejected, "" if rejected == 1 else "s", format_age(now - device.last_rejected),
+            _REJECTED_LINES.get(device.last_reason, device.last_reason))
     return ""
+
+
+# What a device's rejected lines are, by reason, in an operator's words.
+_REJECTED_LINES = {
+    SKEW: "its clock is off", BAD_SIGNATURE: "the signature fails (wrong secret?)",
+    METRIC_NOT_ALLOWED: "metrics its key may not write", RATE_LIMITED: "over its max_rate",
+    REPLAYED: "lines already accepted, sent again", BAD_METRIC: "metric names Carbon refuses",
+    BAD_VALUE: "values that are not numbers", MALFORMED: "lines not in the wire format",
+    LINE_TOO_LONG: "lines longer than --max-line-length"}
 
 
 def _why_rejected(device, reason, since):
@@ -160,14 +175,14 @@ def _why_rejected(device, reason, since):
                         " " + format_time(expires) if expires is not None else ""))
         return "signature fails%s: wrong secret, or the line is altered on the way" % since
     if reason == METRIC_NOT_ALLOWED:
-        return ("sends metrics its key may not write,%s (amproxy keys list shows what it "
+        return ("sends metrics its key may not write%s (amproxy keys list shows what it "
                 "may write)" % since)
     if reason == RATE_LIMITED:
         return "over its max_rate" + since
     if reason == REPLAYED:
         return "resends lines already accepted (a replay?)" + since
     if reason in _MALFORMED_REASONS:
-        return "sends malformed lines (%s)%s" % (reason, since)
+        return "sends %s%s" % (_REJECTED_LINES[reason], since)
     return "its lines are rejected (%s)%s" % (reason or "reason unknown", since)
 
 
@@ -209,20 +224,23 @@ def sort_devices(devices, order="key"):
 
 
 def summary(devices, now, silent_after):
-    """N devices: A accepted within 1h, S silent, R rejected only.  Each device is
-    counted once: accepted within the window; else rejected only (its lines since
-    the last accepted one were all rejected); else silent (never-seen included)."""
-    accepted = rejected = 0
+    """N devices: R rejected only, A accepted within 1h, S silent, V never seen.  Each
+    device is counted once, as its WHY says: rejected only (its lines since the last
+    accepted one were all rejected); else accepted within the window; else never
+    seen (no line at all since amproxy started); else silent."""
+    accepted = rejected = never = 0
     for device in devices:
         silent = silent_for(device, now)
-        if silent is not None and silent < silent_after:
-            accepted += 1
-        elif device.rejected_since is not None:
+        if device.rejected_since is not None:
             rejected += 1
+        elif silent is not None and silent < silent_after:
+            accepted += 1
+        elif silent is None and device.last_rejected is None:
+            never += 1
     count = len(devices)
-    return "%d device%s: %d accepted within %s, %d silent, %d rejected only" % (
-        count, "" if count == 1 else "s", accepted, format_age(silent_after, exact=True),
-        count - accepted - rejected, rejected)
+    return "%d device%s: %d rejected only, %d accepted within %s, %d silent, %d never seen" % (
+        count, "" if count == 1 else "s", rejected, accepted,
+        format_age(silent_after, exact=True), count - accepted - rejected - never, never)
 
 
 def render_table(devices, now, started, silent_after, order="key"):
@@ -249,7 +267,9 @@ def _rows(devices, now, started, silent_after):
             last_text = "never"
         else:
             last_text = _ago(int(now - last))
-            if d.rejected_since is None and now - last < silent_after:  # fine: no words
+            if d.rejected_since is None and now - last < silent_after and (
+                    d.last_rejected is None or now - d.last_rejected >= silent_after):
+                # Fine: no words.
                 yield d.key, last_text, str(d.accepted), connected_text(d), ""
                 continue
         yield d.key, last_text, str(d.accepted), connected_text(d), why(d, now, started,

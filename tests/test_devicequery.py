@@ -68,7 +68,8 @@ def test_the_header_then_the_table(queries):
     assert "yes from 192.0.2.1 (plain)" in lines[2]
     assert lines[3].endswith("never seen since amproxy started 0s ago")
     assert "signs with its previous secret, which expired 2026-11-30" in lines[4]
-    assert lines[-1] == "4 devices: 1 accepted within 1h, 1 silent, 2 rejected only"
+    assert lines[-1] == "4 devices: 2 rejected only, 1 accepted within 1h, 0 silent, " \
+        "1 never seen"
 
 
 def test_filters_and_json(queries):

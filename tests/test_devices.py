@@ -280,7 +280,20 @@ def test_rejection_counts_saturate(table):
         rejections.add("noSuchReason", T0)
 
 
-def test_a_full_table_counts_misses_and_warns_once_a_minute(caplog):
+def test_a_small_table_has_room_for_the_keys_added_after_the_start():
+    table = DeviceTable(0)  # a package's first start: no key yet
+    try:
+        assert table.capacity == 65536  # about 43,000 keys at 2/3 load
+        keys = [b"added-%d" % i for i in range(40000)]
+        table.record(0, T0, {k: 1 for k in keys}, {}, {})
+        assert table.full_misses == 0 and table.read(keys[-1]).accepted == 1
+    finally:
+        table.close()
+
+
+def test_a_full_table_counts_misses_and_warns_once_a_minute(caplog, monkeypatch):
+    from amproxy import devices
+    monkeypatch.setattr(devices, "MIN_SLOTS", 1024)
     table = DeviceTable(0)
     try:
         assert table.capacity == 1024

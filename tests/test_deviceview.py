@@ -93,17 +93,17 @@ def test_a_key_never_seen_says_since_when_amproxy_runs():
 
 def test_metrics_not_allowed_points_at_keys_list():
     d = rejected("s1", "metricNotAllowed", 60)
-    assert explain(d) == ("sends metrics its key may not write, since %s (amproxy keys "
+    assert explain(d) == ("sends metrics its key may not write since %s (amproxy keys "
                           "list shows what it may write)" % format_time(NOW - 60))
 
 
 @pytest.mark.parametrize("reason, text", [
     ("rateLimited", "over its max_rate since "),
     ("replayed", "resends lines already accepted (a replay?) since "),
-    ("badMetric", "sends malformed lines (badMetric) since "),
-    ("badValue", "sends malformed lines (badValue) since "),
-    ("malformed", "sends malformed lines (malformed) since "),
-    ("lineTooLong", "sends malformed lines (lineTooLong) since ")])
+    ("badMetric", "sends metric names Carbon refuses since "),
+    ("badValue", "sends values that are not numbers since "),
+    ("malformed", "sends lines not in the wire format since "),
+    ("lineTooLong", "sends lines longer than --max-line-length since ")])
 def test_the_other_reasons(reason, text):
     assert explain(rejected("s1", reason, 60)) == text + format_time(NOW - 60)
 
@@ -119,8 +119,22 @@ def test_silent_but_connected_and_silent_and_gone():
 def test_a_device_that_is_fine_has_no_words():
     fine = device("s1", accepted=10, last_accepted=NOW - 30, connected=True)
     assert explain(fine) == ""
-    # Rejected once, accepted since: fine again.
-    assert explain(fine._replace(last_rejected=NOW - 60, last_reason="skew", skew=999)) == ""
+    # Rejected, accepted since, the rejection older than the window: fine again.
+    assert explain(fine._replace(last_rejected=NOW - HOUR - 1, last_reason="skew",
+                                 rejected={"skew": 1})) == ""
+
+
+def test_a_device_whose_lines_are_partly_rejected_says_so():
+    """One allowed and one disallowed metric, or over its rate now and then: its lines
+    are accepted, so it is not failing, but some are lost and the operator must know."""
+    mixed = device("s1", accepted=10, last_accepted=NOW - 5, last_rejected=NOW - 125,
+                   last_reason="metricNotAllowed", rejected={"metricNotAllowed": 3,
+                                                             "skew": 1})
+    assert explain(mixed) == ("4 lines rejected, the last 2m5s ago: metrics its key may "
+                              "not write")
+    assert table(mixed).splitlines()[1].endswith("metrics its key may not write")
+    once = mixed._replace(rejected={"rateLimited": 1}, last_reason="rateLimited")
+    assert explain(once) == "1 line rejected, the last 2m5s ago: over its max_rate"
 
 
 def test_the_silence_window_is_the_querys_or_the_servers():
@@ -160,7 +174,8 @@ def test_the_table_is_aligned_and_ends_with_the_summary():
     counts = [line[lines[0].index("CONNECTED") - 2 - len("ACCEPTED"):
                    lines[0].index("CONNECTED") - 2] for line in lines[1:5]]
     assert counts == ["    1234", "       5", "      50", "       0"]  # right-aligned
-    assert lines[-1] == "4 devices: 1 accepted within 1h, 2 silent, 1 rejected only"
+    assert lines[-1] == "4 devices: 1 rejected only, 1 accepted within 1h, 1 silent, " \
+        "1 never seen"
     assert not any(line.endswith(" ") for line in lines)
 
 
@@ -170,11 +185,11 @@ def test_the_summary_counts_each_device_once():
                rejected("stuck", "badSignature", 5 * HOUR),
                device("quiet", accepted=1, last_accepted=NOW - 5 * HOUR), device("never")]
     assert summary(devices, NOW, 1800) == \
-        "5 devices: 2 accepted within 30m, 2 silent, 1 rejected only"
+        "5 devices: 2 rejected only, 1 accepted within 30m, 1 silent, 1 never seen"
     assert summary(devices[:1], NOW, HOUR) == \
-        "1 device: 1 accepted within 1h, 0 silent, 0 rejected only"
-    assert summary([], NOW, HOUR) == "0 devices: 0 accepted within 1h, 0 silent, " \
-        "0 rejected only"
+        "1 device: 0 rejected only, 1 accepted within 1h, 0 silent, 0 never seen"
+    assert summary([], NOW, HOUR) == "0 devices: 0 rejected only, 0 accepted within 1h, " \
+        "0 silent, 0 never seen"
 
 
 # -- orders and formats ------------------------------------------------------------
@@ -353,6 +368,13 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(socket_path):
     assert result.stdout.startswith("KEY") and result.stderr == ""
 
 
+def test_silent_past_a_century_is_refused_before_asking(socket_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["devices", "--stats-socket", socket_path, "--silent", "999999d"])
+    assert exit.value.code == 2
+    assert "argument --silent: at most 36500d" in capsys.readouterr().err
+
+
 def test_a_long_key_overflows_its_own_row_only():
     text = table(device("k" * 500), device("short", accepted=1, last_accepted=NOW - 5))
     lines = text.splitlines()
@@ -399,7 +421,12 @@ def test_a_missing_socket_is_one_sentence(socket_path):
     status, out, err = run(["devices", "--stats-socket", socket_path])
     assert (status, out) == (1, "")
     assert err == "amproxy: error: cannot read devices from %s: No such file or " \
-        "directory\n" % socket_path
+        "directory (is amproxy running, with this stats socket?)\n" % socket_path
+    with open(socket_path, "w"):
+        pass
+    status, out, err = run(["devices", "--stats-socket", socket_path])
+    assert status == 1 and err.endswith("Connection refused (it is not a socket: is that "
+                                        "the stats socket's path?)\n")
     status, _, err = run(["devices"])
     assert status == 1 and err == "amproxy: error: no stats socket: pass --stats-socket " \
         "or --pidfile (or set them in the config file)\n"

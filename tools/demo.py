@@ -131,12 +131,14 @@ def main(argv=None):
               "    %s\n\n"
               "The points land in %s\n"
               "Read them with: %s/whisper-fetch.py --from=$(( $(date +%%s) - 300 )) %s\n"
+              "Its devices and totals: %s/amproxy devices --stats-socket %s (or stats)\n"
               "Ctrl-C stops everything.\n" % (
                   carbon.address, proxy_port, "127.0.0.1:%d" % graphite.port, DEVICE_METRIC,
                   args.interval, args.bad_interval, args.stats_interval,
                   graphite.dashboard_url(DEMO_DASHBOARD),
                   carbon.whisper_path(DEVICE_METRIC), BIN,
-                  carbon.whisper_path(DEVICE_METRIC)), flush=True)
+                  carbon.whisper_path(DEVICE_METRIC), BIN,
+                  os.path.join(run_dir, "amproxy.stats.sock")), flush=True)
         while proxy.poll() is None and client.poll() is None:
             if graphite.process.poll() is not None:
                 print("graphite-web exited (status %d); see %s" % (
