@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-import bench
+import harness
 
 # The queries an operator runs, by name.
 QUERIES = {
@@ -33,19 +33,19 @@ SEEN, REJECTED = 0.90, 0.05  # of the keys; the rest were never seen
 
 def devices_shape(args, sink, directory):
     count = args.devices
-    keys = bench.make_fleet_keys(count, 1)
+    keys = harness.make_fleet_keys(count, 1)
     path = os.path.join(directory, "devices-auth.yaml")
-    bench.write_auth(path, keys)
+    harness.write_auth(path, keys)
     stats_socket = os.path.join(directory, "devices-stats.sock")
-    proxy = bench.Proxy(None, sink, path, args.workers[0],
+    proxy = harness.Proxy(None, sink, path, args.workers[0],
                         ["--stats-socket", stats_socket, "--skew", "10m"])
     try:
         seen = keys[:int(count * SEEN)]
         skewed = keys[len(seen):len(seen) + int(count * REJECTED)]
         sink.reset()
-        blobs, good = bench.generate(seen, len(seen), 4, 0)
-        bench.send_all(proxy.port, blobs + [_ahead(skewed, 3600)])
-        bench.settle([sink], good, args.timeout)
+        blobs, good = harness.generate(seen, len(seen), 4, 0)
+        harness.send_all(proxy.port, blobs + [_ahead(skewed, 3600)])
+        harness.settle([sink], good, args.timeout)
         command = [os.path.join(os.path.dirname(sys.executable), "amproxy"), "devices",
                    "--stats-socket", stats_socket]
         _wait_recorded(command, len(seen), len(skewed))
@@ -82,7 +82,7 @@ def _wait_recorded(command, seen, rejected):
         devices = json.loads(out)
         return (sum(1 for d in devices if d["accepted"]) == seen
                 and sum(1 for d in devices if d["rejected_since"]) == rejected)
-    bench.wait_for(recorded, 60, "the device table to hold every line", interval=0.5)
+    harness.wait_for(recorded, 60, "the device table to hold every line", interval=0.5)
 
 
 def _timed(argv):
