@@ -145,9 +145,11 @@ def why(device, now, started, silent_after):
     if device.last_rejected is not None and now - device.last_rejected < silent_after:
         # Accepted, and some lines rejected lately: a metric it was not given, say.
         rejected = total_rejected(device)
-        return "%d line%s rejected, the last %s ago: %s" % (
+        reasons = sorted(device.rejected.items(), key=lambda item: (-item[1], item[0]))
+        return "%d line%s rejected since amproxy started, the last %s ago: %s" % (
             rejected, "" if rejected == 1 else "s", format_age(now - device.last_rejected),
-            _REJECTED_LINES.get(device.last_reason, device.last_reason))
+            ", ".join("%s (%d)" % (_REJECTED_LINES.get(reason, reason), lines)
+                      for reason, lines in reasons))
     return ""
 
 

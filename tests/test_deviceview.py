@@ -130,11 +130,12 @@ def test_a_device_whose_lines_are_partly_rejected_says_so():
     mixed = device("s1", accepted=10, last_accepted=NOW - 5, last_rejected=NOW - 125,
                    last_reason="metricNotAllowed", rejected={"metricNotAllowed": 3,
                                                              "skew": 1})
-    assert explain(mixed) == ("4 lines rejected, the last 2m5s ago: metrics its key may "
-                              "not write")
-    assert table(mixed).splitlines()[1].endswith("metrics its key may not write")
+    assert explain(mixed) == ("4 lines rejected since amproxy started, the last 2m5s ago: "
+                              "metrics its key may not write (3), its clock is off (1)")
+    assert table(mixed).splitlines()[1].endswith("its clock is off (1)")
     once = mixed._replace(rejected={"rateLimited": 1}, last_reason="rateLimited")
-    assert explain(once) == "1 line rejected, the last 2m5s ago: over its max_rate"
+    assert explain(once) == ("1 line rejected since amproxy started, the last 2m5s ago: "
+                             "over its max_rate (1)")
 
 
 def test_the_silence_window_is_the_querys_or_the_servers():

@@ -40,15 +40,20 @@ def demo_dashboard():
     return state
 
 
+# The broken device has a key of its own: amproxy devices shows it failing, and the
+# devices.rejectedOnly series counts it, while the test client's key stays clean.
+BROKEN_KEY, BROKEN_SECRET = "my_public_key2", "my_secret_key2"
+
+
 def bad_lines(now):
     """Three lines amproxy rejects, one per reason: what a broken device sends."""
     return [
         # A signature made with the wrong secret: badSignature.
-        signed_line("not_my_secret_key", "metric1", 1, now, "my_public_key"),
+        signed_line("not_my_secret_key", "metric3", 1, now, BROKEN_KEY),
         # A clock an hour ahead (more than --skew, 5 min): skew.
-        signed_line("my_secret_key", "metric1", 1, now + 3600, "my_public_key"),
-        # A metric of another key (my_public_key2's): metricNotAllowed.
-        signed_line("my_secret_key", "metric3", 1, now, "my_public_key"),
+        signed_line(BROKEN_SECRET, "metric3", 1, now + 3600, BROKEN_KEY),
+        # A metric of another key (my_public_key's): metricNotAllowed.
+        signed_line(BROKEN_SECRET, "metric1", 1, now, BROKEN_KEY),
     ]
 
 
@@ -85,8 +90,10 @@ def main(argv=None):
     problem = missing_requirement()
     if problem:
         raise SystemExit("make run: " + problem)
-    # A SIGTERM (kill, a test's cleanup) stops everything as Ctrl-C does.
+    # A SIGTERM (kill, a test's cleanup) or a SIGHUP (the terminal closed) stops
+    # everything as Ctrl-C does: the servers run in sessions of their own.
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
     run_dir = os.path.abspath(args.run_dir)
     carbon = CarbonCache(os.path.join(run_dir, "carbon"),
                          line_port=int(os.environ.get("CARBON_PORT", 0)) or None).start()
@@ -145,10 +152,12 @@ def main(argv=None):
                     graphite.process.returncode, graphite.log_path), flush=True)
                 break
             time.sleep(1)
+        failed = "a part of the demo stopped on its own (its error is above)"
     except KeyboardInterrupt:
-        pass
+        failed = None
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop at a time
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # one stop at a time
         stop_bad.set()
         for process in (client, proxy):
             if process is not None and process.poll() is None:
@@ -157,6 +166,8 @@ def main(argv=None):
         graphite.stop()
         carbon.stop()
         print("stopped; the whisper files stay in %s" % carbon.whisper_dir, flush=True)
+    if failed:
+        raise SystemExit("make run: " + failed)
 
 
 if __name__ == "__main__":
