@@ -130,7 +130,12 @@ def why(device, now, started, silent_after):
     """What is wrong with the device, in words that say what to do; "" when fine."""
     since = device.rejected_since
     if since is not None:
-        return _why_rejected(device, device.last_reason, " since " + format_time(since))
+        words = _why_rejected(device, device.last_reason, " since " + format_time(since))
+        others = [(reason, lines) for reason, lines in device.rejected.items()
+                  if reason != device.last_reason]
+        if others:  # a device broken in more ways than one
+            words += "; also rejected since amproxy started: " + _reasons_text(others)
+        return words
     silent = silent_for(device, now)
     if silent is None:
         if not device.tracked:
@@ -145,12 +150,16 @@ def why(device, now, started, silent_after):
     if device.last_rejected is not None and now - device.last_rejected < silent_after:
         # Accepted, and some lines rejected lately: a metric it was not given, say.
         rejected = total_rejected(device)
-        reasons = sorted(device.rejected.items(), key=lambda item: (-item[1], item[0]))
         return "%d line%s rejected since amproxy started, the last %s ago: %s" % (
             rejected, "" if rejected == 1 else "s", format_age(now - device.last_rejected),
-            ", ".join("%s (%d)" % (_REJECTED_LINES.get(reason, reason), lines)
-                      for reason, lines in reasons))
+            _reasons_text(device.rejected.items()))
     return ""
+
+
+def _reasons_text(counts):
+    """metrics its key may not write (3), its clock is off (1): the most first."""
+    return ", ".join("%s (%d)" % (_REJECTED_LINES.get(reason, reason), lines)
+                     for reason, lines in sorted(counts, key=lambda item: (-item[1], item[0])))
 
 
 # What a device's rejected lines are, by reason, in an operator's words.

@@ -124,6 +124,15 @@ def test_a_device_that_is_fine_has_no_words():
                                  rejected={"skew": 1})) == ""
 
 
+def test_a_failing_device_with_other_reasons_names_them_too():
+    d = rejected("s1", "metricNotAllowed", 60, rejected={"metricNotAllowed": 2, "skew": 2,
+                                                        "badSignature": 3})
+    assert explain(d) == (
+        "sends metrics its key may not write since %s (amproxy keys list shows what it may "
+        "write); also rejected since amproxy started: the signature fails (wrong secret?) "
+        "(3), its clock is off (2)" % format_time(NOW - 60))
+
+
 def test_a_device_whose_lines_are_partly_rejected_says_so():
     """One allowed and one disallowed metric, or over its rate now and then: its lines
     are accepted, so it is not failing, but some are lost and the operator must know."""
