@@ -68,6 +68,18 @@ def send_bad_lines(port, interval, stop):
         stop.wait(interval)
 
 
+def demo_running(stats_socket):
+    """Whether an amproxy answers on the demo's stats socket (before anything else
+    rewrites the running demo's files)."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(2)
+            sock.connect(stats_socket)
+            return True
+    except OSError:
+        return False
+
+
 def interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -95,6 +107,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGHUP, interrupt)
     run_dir = os.path.abspath(args.run_dir)
+    if demo_running(os.path.join(run_dir, "amproxy.stats.sock")):
+        raise SystemExit("make run: a demo is already running in %s; stop it (Ctrl-C where "
+                         "it runs) or give this one another --run-dir" % run_dir)
     carbon = CarbonCache(os.path.join(run_dir, "carbon"),
                          line_port=int(os.environ.get("CARBON_PORT", 0)) or None).start()
     graphite = GraphiteWeb(os.path.join(run_dir, "graphite"), carbon,
