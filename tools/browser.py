@@ -16,11 +16,13 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from devcarbon import stop_group_of  # noqa: E402
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 
@@ -103,15 +105,7 @@ class Chromium:
         return self
 
     def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-            except ProcessLookupError:
-                pass
+        stop_group_of(self.process, 10)
         for fd in ("_to_chrome", "_from_chrome"):
             if getattr(self, fd, None) is not None:
                 os.close(getattr(self, fd))

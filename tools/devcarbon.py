@@ -89,6 +89,21 @@ def port_open(port, host="127.0.0.1"):
         return False
 
 
+def stop_group_of(process, timeout=20):
+    """SIGTERM to the group ``process`` leads (a Popen started in a session of its own),
+    SIGKILL after ``timeout``, and wait for it."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout)
+    except ProcessLookupError:
+        pass
+
+
 class CarbonCache:
     def __init__(self, directory, line_port=None):
         self.directory = os.path.abspath(directory)
@@ -128,14 +143,7 @@ class CarbonCache:
 
     def stop(self, timeout=20):
         """SIGTERM (carbon-cache exits -15 even when it stops cleanly) and wait."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout)
+        stop_group_of(self.process, timeout)
 
     def whisper_path(self, metric):
         return os.path.join(self.whisper_dir, *metric.split(".")) + ".wsp"

@@ -20,7 +20,6 @@ import importlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -28,7 +27,7 @@ import urllib.parse
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from devcarbon import free_port, port_open, wait_for  # noqa: E402
+from devcarbon import free_port, port_open, stop_group_of, wait_for  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD_FILE = os.path.join(ROOT, "etc", "graphite-dashboard.json")
@@ -203,11 +202,4 @@ class GraphiteWeb:
         return self.url + "dashboard/" + urllib.parse.quote(name)
 
     def stop(self, timeout=20):
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout)
+        stop_group_of(self.process, timeout)
